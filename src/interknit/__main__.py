@@ -1,0 +1,3 @@
+from interknit.cli import main
+
+main()

@@ -1,0 +1,332 @@
+"""The ``interknit`` command. Exit status: 0 success, 1 a failed operation, 2 bad usage or a bad
+config; errors go to stderr as one sentence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from interknit.config import ConfigError, load_config
+
+DEFAULT_API = "http://127.0.0.1:7470"
+HEALTH_STYLE = {
+    "passing": "green",
+    "warning": "yellow",
+    "critical": "red",
+    "draining": "blue",
+    "maintenance": "bright_black",
+}
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"interknit: {message}", err=True)
+    sys.exit(code)
+
+
+class Api:
+    """A small synchronous client for the node's HTTP API, for the CLI."""
+
+    def __init__(self, base: str, token: str | None) -> None:
+        self.base = base.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error") or exc.reason
+            except (ValueError, AttributeError):
+                message = exc.reason
+            fail(f"{message} (HTTP {exc.code})")
+        except urllib.error.URLError as exc:
+            fail(f"cannot reach the node at {self.base}: {exc.reason}")
+        except (TimeoutError, ConnectionError) as exc:
+            fail(f"cannot reach the node at {self.base}: {exc}")
+
+
+pass_api = click.make_pass_decorator(Api)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--api",
+    envvar="INTERKNIT_API",
+    default=DEFAULT_API,
+    show_default=True,
+    help="The node to talk to (also INTERKNIT_API).",
+)
+@click.option(
+    "--token", envvar="INTERKNIT_TOKEN", default=None, help="Bearer token (INTERKNIT_TOKEN)."
+)
+@click.version_option(package_name="interknit")
+@click.pass_context
+def main(ctx: click.Context, api: str, token: str | None) -> None:
+    """interknit: service registry, health checks, load balancing and DNS in one node."""
+    ctx.obj = Api(api, token)
+
+
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="interknit.toml (defaults: every key's default).",
+)
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def up(config_path: str | None, log_json: bool, log_level: str) -> None:
+    """Run a node until SIGINT or SIGTERM."""
+    from interknit.logs import setup_logging
+    from interknit.node import Node, NodeStartError
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    setup_logging(log_level, log_json)
+
+    def started(node: Node) -> None:
+        click.echo(
+            f"interknit node {config.node.name} is up (store: {config.registry.backend},"
+            f" data in {config.node.data_dir})"
+        )
+        for part, where in node.listen.items():
+            click.echo(f"  {part:<8} {where}")
+        click.echo("  status   " + node.listen.get("api", "") + "/")
+        click.echo("Stop with Ctrl-C (SIGINT) or SIGTERM.")
+
+    node = Node(config)
+    try:
+        run(node.run(started))
+    except NodeStartError as exc:
+        fail(str(exc), 2)
+
+
+def run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
+        return asyncio.run(coro)
+
+
+def _emit(data: Any, as_json: bool, table: Table | None) -> None:
+    if as_json or table is None:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        Console().print(table)
+
+
+@main.command()
+@click.argument("service")
+@click.argument("instance_id", metavar="ID")
+@click.option("--address", required=True, help="IP address or host name of the instance.")
+@click.option("--port", required=True, type=click.IntRange(1, 65535))
+@click.option("--ttl", default=None, help="A TTL check: renew with heartbeats (e.g. 10s).")
+@click.option("--http-check", default=None, metavar="PATH", help="An HTTP check: GET PATH.")
+@click.option("--tcp-check", is_flag=True, help="A TCP check: connect to the port.")
+@click.option("--interval", default=None, help="Check interval (default 2s).")
+@click.option("--deregister-after", default=None, help="Remove after critical this long.")
+@click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
+@click.option("--zone", default=None)
+@click.option("--region", default=None)
+@click.option("--weight", default=1, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@pass_api
+def register(
+    api: Api,
+    service: str,
+    instance_id: str,
+    address: str,
+    port: int,
+    ttl: str | None,
+    http_check: str | None,
+    tcp_check: bool,
+    interval: str | None,
+    deregister_after: str | None,
+    tags: tuple[str, ...],
+    zone: str | None,
+    region: str | None,
+    weight: int,
+    meta: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Register (or update) an instance of SERVICE."""
+    kinds = [k for k in (ttl, http_check, tcp_check or None) if k]
+    if len(kinds) > 1:
+        raise click.UsageError("give at most one of --ttl, --http-check and --tcp-check")
+    body: dict[str, Any] = {"address": address, "port": port, "weight": weight, "tags": list(tags)}
+    if zone:
+        body["zone"] = zone
+    if region:
+        body["region"] = region
+    if meta:
+        pairs = {}
+        for item in meta:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise click.UsageError(f"--meta {item!r} must be KEY=VALUE")
+            pairs[key] = value
+        body["meta"] = pairs
+    check: dict[str, Any] = {}
+    if ttl:
+        check["ttl"] = ttl
+    elif http_check:
+        check["http"] = http_check
+    elif tcp_check:
+        check["tcp"] = True
+    if (interval or deregister_after) and not check:
+        raise click.UsageError("--interval and --deregister-after need a check")
+    if interval:
+        check["interval"] = interval
+    if deregister_after:
+        check["deregister_after"] = deregister_after
+    if check:
+        body["check"] = check
+    path = f"/v1/services/{_q(service)}/instances/{_q(instance_id)}"
+    result = api.call("PUT", path, body)
+    if as_json:
+        _emit(result, True, None)
+    else:
+        click.echo(
+            f"registered {service}/{instance_id} at {address}:{port}: "
+            f"{result['health']} (revision {result['revision']})"
+        )
+
+
+@main.command()
+@click.argument("service")
+@click.argument("instance_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+@pass_api
+def deregister(api: Api, service: str, instance_id: str, as_json: bool) -> None:
+    """Remove an instance of SERVICE."""
+    result = api.call("DELETE", f"/v1/services/{_q(service)}/instances/{_q(instance_id)}")
+    if as_json:
+        _emit(result, True, None)
+    else:
+        click.echo(f"deregistered {service}/{instance_id} (revision {result['revision']})")
+
+
+@main.command()
+@click.argument("service")
+@click.argument("instance_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+@pass_api
+def heartbeat(api: Api, service: str, instance_id: str, as_json: bool) -> None:
+    """Renew the TTL of an instance."""
+    result = api.call("PUT", f"/v1/services/{_q(service)}/instances/{_q(instance_id)}/heartbeat")
+    if as_json:
+        _emit(result, True, None)
+    else:
+        click.echo(f"renewed {service}/{instance_id}: {result['health']}")
+
+
+@main.command()
+@click.argument("service")
+@click.argument("instance_id", metavar="ID")
+@click.option(
+    "--maintenance", "status", flag_value="maintenance", help="Take it out of every answer instead."
+)
+@click.option("--undo", "status", flag_value="passing", help="Give it work again.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_api
+def drain(api: Api, service: str, instance_id: str, status: str | None, as_json: bool) -> None:
+    """Send an instance no new work (existing work finishes)."""
+    status = status or "draining"
+    path = f"/v1/services/{_q(service)}/instances/{_q(instance_id)}/health"
+    result = api.call("PUT", path, {"status": status})
+    if as_json:
+        _emit(result, True, None)
+    else:
+        click.echo(f"{service}/{instance_id} is now {result['health']}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_api
+def services(api: Api, as_json: bool) -> None:
+    """List services with their instance counts."""
+    result = api.call("GET", "/v1/services")
+    table = Table(title=f"services (revision {result['revision']})")
+    for column in ("service", "instances", "passing"):
+        table.add_column(column)
+    for name, info in result["services"].items():
+        style = (
+            "green"
+            if info["passing"] == info["instances"]
+            else ("red" if info["passing"] == 0 else "yellow")
+        )
+        table.add_row(name, str(info["instances"]), f"[{style}]{info['passing']}[/]")
+    _emit(result, as_json, table)
+
+
+@main.command()
+@click.argument("service")
+@click.option("--healthy", is_flag=True, help="Only passing instances.")
+@click.option("--tag", default=None, help="Only instances with this tag.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_api
+def instances(api: Api, service: str, healthy: bool, tag: str | None, as_json: bool) -> None:
+    """List the instances of SERVICE."""
+    query = {}
+    if healthy:
+        query["healthy"] = "1"
+    if tag:
+        query["tag"] = tag
+    qs = ("?" + urllib.parse.urlencode(query)) if query else ""
+    result = api.call("GET", f"/v1/services/{_q(service)}{qs}")
+    table = Table(
+        title=f"{service} (revision {result['revision']})"
+        + (" [red]STALE[/]" if result.get("stale") else "")
+    )
+    for column in ("id", "address", "health", "zone", "weight", "tags"):
+        table.add_column(column)
+    for inst in result["instances"]:
+        style = HEALTH_STYLE.get(inst["health"], "white")
+        table.add_row(
+            inst["id"],
+            f"{inst['address']}:{inst['port']}",
+            f"[{style}]{inst['health']}[/]",
+            inst.get("zone") or "-",
+            str(inst["weight"]),
+            ",".join(inst["tags"]),
+        )
+    _emit(result, as_json, table)
+
+
+def _q(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

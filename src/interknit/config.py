@@ -1,0 +1,267 @@
+"""interknit.toml: every key has a default; an unknown key or a bad value names its full path.
+
+The models here describe the file's shape (DESIGN.md, "Config"). Components get plain values
+from them; nothing below the node reads TOML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from interknit.durations import parse_duration
+from interknit.registry.model import is_hostname, is_label
+from interknit.registry.schema import field_path
+
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A config problem, in one sentence that names the key."""
+
+
+def _to_seconds(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a duration such as '250ms', '5s' or '1m'")
+    raise ValueError(f"must be a duration string such as '{value}s', not a bare number")
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:7470"`` or ``"[::1]:7470"`` -> (host, port)."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value)
+    if not match:
+        raise ValueError(f"{value!r} must be host:port, such as '127.0.0.1:7470'")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0-65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not is_hostname(host):
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+    return host, port
+
+
+def _hostport(value: str) -> str:
+    split_hostport(value)
+    return value
+
+
+def _label(value: str) -> str:
+    if not is_label(value):
+        raise ValueError("must be a DNS label: lowercase letters, digits and '-'")
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_to_seconds)]
+HostPort = Annotated[str, AfterValidator(_hostport)]
+Label = Annotated[str, AfterValidator(_label)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class NodeSection(Section):
+    name: str = "node-1"
+    data_dir: str = ".interknit"
+
+
+class TokensSection(Section):
+    read: list[Annotated[str, Field(min_length=8, max_length=256)]] = Field(default_factory=list)
+    write: list[Annotated[str, Field(min_length=8, max_length=256)]] = Field(default_factory=list)
+
+
+class RegistrySection(Section):
+    listen: HostPort = "127.0.0.1:7470"
+    backend: Literal["embedded", "etcd"] = "embedded"
+    etcd: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    tokens: TokensSection = Field(default_factory=TokensSection)
+    history: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
+
+
+class DnsSection(Section):
+    enabled: bool = True
+    listen: HostPort = "127.0.0.1:7453"
+    zone: str = "ik.internal."
+    ttl: Seconds = 5.0
+    max_answers: Annotated[int, Field(ge=1, le=64)] = 8
+    regions: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _zone(self) -> DnsSection:
+        zone = self.zone
+        if not zone.endswith(".") or not is_hostname(zone):
+            raise ValueError(
+                "zone must be a fully qualified name ending in '.', like 'ik.internal.'"
+            )
+        return self
+
+
+class CheckSection(Section):
+    http: str | None = None
+    tcp: bool | None = None
+    ttl: Seconds | None = None
+    interval: Seconds = 2.0
+    timeout: Seconds = 1.0
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    deregister_after: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CheckSection:
+        kinds = [k for k in ("http", "tcp", "ttl") if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError("check needs exactly one of http, tcp or ttl")
+        return self
+
+
+class ServiceSection(Section):
+    name: Label
+    instances: list[HostPort] = Field(default_factory=list)
+    check: CheckSection | None = None
+    tags: list[Label] = Field(default_factory=list)
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    zone: Label | None = None
+    region: Label | None = None
+    ttl: Seconds | None = None  # DNS TTL for this service
+
+
+class MatchSection(Section):
+    host: str | None = None
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    method: str | list[str] | None = None
+    headers: dict[str, str | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _regex(self) -> MatchSection:
+        if self.path_regex is not None:
+            try:
+                re.compile(self.path_regex)
+            except re.error as exc:
+                raise ValueError(f"path_regex is not a valid regular expression: {exc}") from None
+        return self
+
+
+class StickySection(Section):
+    cookie: str
+
+
+class RetriesSection(Section):
+    attempts: Annotated[int, Field(ge=0, le=10)] = 2
+    budget: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+
+
+class DemandSection(Section):
+    concurrency: Literal["adaptive"] | Annotated[int, Field(ge=1)] | None = None
+    limit: Literal["gradient", "aimd", "fixed"] | None = None
+    queue: Annotated[int, Field(ge=0)] = 64
+    queue_timeout: Seconds = 0.1
+    rate: str | None = None
+    burst: Annotated[int, Field(ge=1)] | None = None
+    rate_key: str | None = None
+    priority: Literal["critical", "default", "sheddable"] = "default"
+
+
+Balance = Literal["round_robin", "least_requests", "random", "ring_hash", "maglev", "source_ip"]
+
+
+class RouteSection(Section):
+    match: MatchSection | None = None
+    service: Label | None = None
+    servers: list[HostPort] = Field(default_factory=list)
+    balance: Balance = "round_robin"
+    hash_on: str | None = None  # "header:X-User", "cookie:session" or "source"
+    sticky: StickySection | None = None
+    retries: RetriesSection = Field(default_factory=RetriesSection)
+    timeout: Seconds | None = None
+    connect_timeout: Seconds = 1.0
+    slow_start: Seconds | None = None
+    panic_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    demand: DemandSection | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> RouteSection:
+        if (self.service is None) == (not self.servers):
+            raise ValueError("a route names either service or servers, not both and not neither")
+        return self
+
+
+class ListenerSection(Section):
+    name: str
+    listen: HostPort
+    protocol: Literal["http", "tcp"] = "http"
+    max_connections: Annotated[int, Field(ge=1)] = 10_000
+    header_timeout: Seconds = 10.0
+    routes: list[RouteSection] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _tcp_routes(self) -> ListenerSection:
+        if self.protocol == "tcp" and (len(self.routes) != 1 or self.routes[0].match):
+            raise ValueError("a tcp listener has exactly one route, without match")
+        return self
+
+
+class Config(Section):
+    node: NodeSection = Field(default_factory=NodeSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
+    dns: DnsSection = Field(default_factory=DnsSection)
+    services: list[ServiceSection] = Field(default_factory=list)
+    listeners: list[ListenerSection] = Field(default_factory=list)
+
+
+def _describe(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    loc = tuple(
+        p for p in err["loc"] if not (isinstance(p, str) and ("function-" in p or "[" in p))
+    )
+    # Literal/union errors carry the member type in the path; keep only real keys.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("int", "str", "float")))
+    path = field_path(loc) or "config"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    return f"{path}: {message}"
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; ``None`` gives every default."""
+    if path is None:
+        return Config()
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {file} is larger than 1 MiB")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    return parse_config(data)

@@ -1,0 +1,198 @@
+"""One running ``interknit up``: wires the registry, its API, the status page and the other
+components together, and takes them down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import re
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from interknit import __version__
+from interknit.admin.app import Panels, Tokens, build_app
+from interknit.config import Config, ServiceSection, split_hostport
+from interknit.registry.api import RegistryApi
+from interknit.registry.metrics import RegistryMetrics, StateCollector
+from interknit.registry.model import Check, InstanceSpec
+from interknit.registry.registry import Registry
+from interknit.registry.state import RegistryError
+from interknit.registry.store import SqliteStore, StoreError
+
+log = logging.getLogger("interknit.node")
+
+
+class NodeStartError(Exception):
+    """The node cannot start (a busy port, an unreadable store); one sentence for the operator."""
+
+
+def static_instance_id(hostport: str) -> str:
+    """A DNS-label id for a static instance: ``127.0.0.1:9001`` -> ``127-0-0-1-9001``."""
+    label = re.sub(r"[^a-z0-9]+", "-", hostport.lower()).strip("-")
+    return label[:63].strip("-") or "instance"
+
+
+def service_spec(section: ServiceSection, hostport: str) -> InstanceSpec:
+    host, port = split_hostport(hostport)
+    check = None
+    if section.check is not None:
+        c = section.check
+        check = Check(
+            http=c.http,
+            tcp=bool(c.tcp),
+            ttl=c.ttl,
+            interval=c.interval,
+            timeout=c.timeout,
+            rise=c.rise,
+            fall=c.fall,
+            deregister_after=c.deregister_after,
+        )
+    return InstanceSpec(
+        address=host,
+        port=port,
+        zone=section.zone,
+        region=section.region,
+        weight=section.weight,
+        tags=tuple(section.tags),
+        check=check,
+    )
+
+
+class Node:
+    def __init__(self, config: Config, *, drain_timeout: float = 10.0) -> None:
+        self.config = config
+        self.drain_timeout = drain_timeout
+        self.metrics = CollectorRegistry(auto_describe=True)
+        self.registry_metrics = RegistryMetrics(self.metrics)
+        self.registry = Registry(
+            SqliteStore(config.node.data_dir),
+            history_size=config.registry.history,
+            metrics=self.registry_metrics,
+        )
+        self.metrics.register(
+            StateCollector(lambda: self.registry.state, lambda: self.registry.stale)
+        )
+        self.panels: Panels = {}
+        self.listen: dict[str, str] = {}
+        self._runner: web.AppRunner | None = None
+        self._ready = False
+        self._stopping = False
+        self._stop_hooks: list[Callable[[], Any]] = []
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.config.node.name,
+            "version": __version__,
+            "revision": self.registry.state.revision,
+            "stale": self.registry.stale,
+            "backend": self.config.registry.backend,
+            "listen": self.listen,
+        }
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "stopping"
+        if not self._ready:
+            return False, "starting"
+        return True, "ready"
+
+    async def start(self) -> None:
+        try:
+            await self.registry.start()
+        except StoreError as exc:
+            raise NodeStartError(str(exc)) from None
+        tokens = self.config.registry.tokens
+        api = RegistryApi(self.registry, self.registry_metrics)
+        app = build_app(
+            api,
+            self.metrics,
+            Tokens(tokens.read, tokens.write),
+            self.info,
+            self.panels,
+            self.readiness,
+        )
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.drain_timeout)
+        await runner.setup()
+        self._runner = runner
+        host, port = split_hostport(self.config.registry.listen)
+        sock = bind_tcp(host, port, "the registry API")
+        site = web.SockSite(runner, sock)
+        await site.start()
+        bound = sock.getsockname()
+        self.listen["api"] = f"http://{_hostport(host, bound[1])}"
+        await self._register_static_services()
+        self._ready = True
+        log.info("node started", extra={"event": "node.started", **self.listen})
+
+    async def _register_static_services(self) -> None:
+        for section in self.config.services:
+            for hostport in section.instances:
+                spec = service_spec(section, hostport)
+                try:
+                    await self.registry.register(section.name, static_instance_id(hostport), spec)
+                except RegistryError as exc:
+                    raise NodeStartError(
+                        f"cannot register static instance {hostport} of {section.name}: {exc}"
+                    ) from None
+
+    def on_stop(self, hook: Callable[[], Any]) -> None:
+        self._stop_hooks.append(hook)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, close the store."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("node stopping", extra={"event": "node.stopping"})
+        for hook in reversed(self._stop_hooks):
+            result = hook()
+            if asyncio.iscoroutine(result):
+                await result
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.registry.close()
+        log.info("node stopped", extra={"event": "node.stopped"})
+
+    async def run(self, started: Callable[[Node], None] | None = None) -> None:
+        """Start, run until SIGINT or SIGTERM, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            if started is not None:
+                started(self)
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_tcp(host: str, port: int, what: str, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket, or a NodeStartError that says which part could not listen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise NodeStartError(
+            f"cannot listen on {_hostport(host, port)} for {what}: {reason}"
+        ) from None
+    return sock

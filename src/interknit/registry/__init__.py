@@ -1,0 +1,1 @@
+"""The service registry: the one source of truth for which instances of which services exist."""

@@ -1,0 +1,311 @@
+"""The registry's HTTP API (DESIGN.md, "HTTP API"), on aiohttp.
+
+Lookups are served from memory; the JSON of a service's instance list is cached per
+(service, filter) and rebuilt only when that service's revision moves, so a hot lookup costs a
+dictionary read and a write to the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+from aiohttp import web
+
+from interknit.durations import parse_duration
+from interknit.registry.metrics import RegistryMetrics
+from interknit.registry.model import Instance
+from interknit.registry.registry import Registry
+from interknit.registry.schema import (
+    MAX_BODY,
+    HealthBody,
+    RegisterBody,
+    check_name,
+    parse_body,
+)
+from interknit.registry.state import NotFound, RegistryError
+
+MAX_WAIT = 300.0
+DEFAULT_WAIT = 300.0
+KEEPALIVE_EVERY = 15.0
+REGISTRY_KEY = web.AppKey("registry", Registry)
+WATCHES_KEY = web.AppKey("watches", set[asyncio.Task[Any]])
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def revision_headers(registry: Registry) -> dict[str, str]:
+    headers = {"X-Interknit-Revision": str(registry.state.revision)}
+    if registry.stale:
+        headers["X-Interknit-Stale"] = "1"
+    return headers
+
+
+def json_response(registry: Registry, body: bytes, status: int = 200) -> web.Response:
+    return web.Response(
+        body=body,
+        status=status,
+        content_type="application/json",
+        headers=revision_headers(registry),
+    )
+
+
+def error_response(status: int, message: str, detail: Any = None) -> web.Response:
+    return web.Response(
+        body=dumps({"error": message, "detail": detail}),
+        status=status,
+        content_type="application/json",
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, refusing more than MAX_BODY bytes before reading them."""
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=length)
+    chunks = []
+    size = 0
+    while True:
+        chunk = await request.content.read(16384)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=size)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise RegistryError("body: a JSON object is required", [{"field": "body"}])
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"body: malformed JSON ({exc})", [{"field": "body"}]) from None
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return False
+    if value in ("", "1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise RegistryError(f"{name}: must be 1 or 0", [{"field": name}])
+
+
+def _int_param(request: web.Request, name: str) -> int | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 19:
+        raise RegistryError(f"{name}: must be a non-negative integer", [{"field": name}])
+    return int(value)
+
+
+def _wait_param(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        wait = DEFAULT_WAIT
+    else:
+        try:
+            wait = parse_duration(raw)
+        except ValueError as exc:
+            raise RegistryError(f"wait: {exc}", [{"field": "wait"}]) from None
+    wait = min(wait, MAX_WAIT)
+    # A little jitter, as Consul does, so that many clients that started together do not all
+    # come back in the same instant.
+    return wait + random.uniform(0, wait / 16)
+
+
+class RegistryApi:
+    def __init__(self, registry: Registry, metrics: RegistryMetrics | None = None) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self._cache: dict[tuple[str, bool, str | None], tuple[int, bytes]] = {}
+
+    def add_routes(self, app: web.Application) -> None:
+        base = "/v1/services/{service}/instances/{id}"
+        app.router.add_get("/v1/services", self.list_services)
+        app.router.add_get("/v1/services/{service}", self.list_instances)
+        app.router.add_put(base, self.register)
+        app.router.add_delete(base, self.deregister)
+        app.router.add_get(base, self.get_instance)
+        app.router.add_put(base + "/heartbeat", self.heartbeat)
+        app.router.add_put(base + "/health", self.set_health)
+        app.router.add_get("/v1/watch", self.watch)
+
+    # ------------------------------------------------------------------ reads
+
+    async def list_services(self, request: web.Request) -> web.Response:
+        state = self.registry.state
+        services = {
+            name: {"instances": s.instances, "passing": s.passing}
+            for name, s in state.services().items()
+        }
+        body = {"revision": state.revision, "stale": self.registry.stale, "services": services}
+        return json_response(self.registry, dumps(body))
+
+    async def list_instances(self, request: web.Request) -> web.Response:
+        service = check_name("service", request.match_info["service"])
+        healthy = _flag(request, "healthy")
+        tag = request.query.get("tag")
+        if tag is not None:
+            check_name("tag", tag)
+        index = _int_param(request, "index")
+        registry = self.registry
+        if index is not None:
+            wait = _wait_param(request)
+            if self.metrics is not None:
+                gauge = self.metrics.watchers.labels("blocking")
+                gauge.inc()
+                try:
+                    await registry.wait_for_change(service, index, wait)
+                finally:
+                    gauge.dec()
+            else:
+                await registry.wait_for_change(service, index, wait)
+        state = registry.state
+        if not state.has_service(service) and index is None:
+            raise NotFound(f"service {service!r} is not registered", {"service": service})
+        items = self._instances_json(service, healthy, tag)
+        stale = b"true" if registry.stale else b"false"
+        body = b'{"revision":%d,"stale":%s,"instances":%s}' % (state.revision, stale, items)
+        return json_response(registry, body)
+
+    def _instances_json(self, service: str, healthy: bool, tag: str | None) -> bytes:
+        state = self.registry.state
+        rev = state.service_revision(service)
+        key = (service, healthy, tag)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == rev:
+            return cached[1]
+        instances = state.instances(service)
+        if healthy:
+            instances = [i for i in instances if i.passing]
+        if tag is not None:
+            instances = [i for i in instances if tag in i.tags]
+        items = dumps([i.to_json() for i in instances])
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (rev, items)
+        return items
+
+    async def get_instance(self, request: web.Request) -> web.Response:
+        inst = self._require(request)
+        return json_response(self.registry, dumps(self._instance_body(inst)))
+
+    def _require(self, request: web.Request) -> Instance:
+        service = check_name("service", request.match_info["service"])
+        instance_id = check_name("id", request.match_info["id"])
+        inst = self.registry.state.get(service, instance_id)
+        if inst is None:
+            raise NotFound(
+                f"instance {instance_id!r} of service {service!r} is not registered",
+                {"service": service, "id": instance_id},
+            )
+        return inst
+
+    def _instance_body(self, inst: Instance, revision: int | None = None) -> dict[str, Any]:
+        body = dict(inst.to_json())
+        body["revision"] = self.registry.state.revision if revision is None else revision
+        return body
+
+    # ------------------------------------------------------------------ writes
+
+    async def register(self, request: web.Request) -> web.Response:
+        service = check_name("service", request.match_info["service"])
+        instance_id = check_name("id", request.match_info["id"])
+        body: RegisterBody = parse_body(RegisterBody, await read_json(request))
+        inst, revision = await self.registry.register(service, instance_id, body.to_spec())
+        return json_response(self.registry, dumps(self._instance_body(inst, revision)))
+
+    async def deregister(self, request: web.Request) -> web.Response:
+        service = check_name("service", request.match_info["service"])
+        instance_id = check_name("id", request.match_info["id"])
+        revision = await self.registry.deregister(service, instance_id)
+        body = {"service": service, "id": instance_id, "revision": revision}
+        return json_response(self.registry, dumps(body))
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        service = check_name("service", request.match_info["service"])
+        instance_id = check_name("id", request.match_info["id"])
+        inst, revision = await self.registry.heartbeat(service, instance_id)
+        return json_response(self.registry, dumps(self._instance_body(inst, revision)))
+
+    async def set_health(self, request: web.Request) -> web.Response:
+        service = check_name("service", request.match_info["service"])
+        instance_id = check_name("id", request.match_info["id"])
+        body: HealthBody = parse_body(HealthBody, await read_json(request))
+        inst, revision = await self.registry.set_operator(service, instance_id, body.status)
+        return json_response(self.registry, dumps(self._instance_body(inst, revision)))
+
+    # ------------------------------------------------------------------ watch (SSE)
+
+    async def watch(self, request: web.Request) -> web.StreamResponse:
+        registry = self.registry
+        service = request.query.get("service")
+        if service is not None:
+            check_name("service", service)
+        since = _int_param(request, "since")
+        last_id = request.headers.get("Last-Event-ID")
+        if since is None and last_id is not None and last_id.isdigit():
+            since = int(last_id)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **revision_headers(registry),
+            }
+        )
+        await response.prepare(request)
+        watches = request.app[WATCHES_KEY]
+        task = asyncio.current_task()
+        assert task is not None
+        watches.add(task)
+        gauge = self.metrics.watchers.labels("watch") if self.metrics is not None else None
+        if gauge is not None:
+            gauge.inc()
+        try:
+            if since is None:
+                since = await self._send_resync(response, service)
+            while True:
+                got = registry.state.events_since(since, service)
+                if got is None:
+                    since = await self._send_resync(response, service)
+                    continue
+                events, upto = got
+                if events:
+                    parts = []
+                    for event in events:
+                        data = dumps(event.to_json()).decode()
+                        parts.append(f"id: {event.revision}\nevent: {event.type}\ndata: {data}\n\n")
+                    await response.write("".join(parts).encode())
+                since = upto
+                if not await registry.wait_for_change(service, since, KEEPALIVE_EVERY):
+                    await response.write(b": keepalive\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            watches.discard(task)
+            if gauge is not None:
+                gauge.dec()
+        return response
+
+    async def _send_resync(self, response: web.StreamResponse, service: str | None) -> int:
+        state = self.registry.state
+        if service is None:
+            instances = list(state.all_instances())
+        else:
+            instances = state.instances(service)
+        data = {
+            "revision": state.revision,
+            "stale": self.registry.stale,
+            "instances": [i.to_json() for i in instances],
+        }
+        payload = f"id: {state.revision}\nevent: resync\ndata: {dumps(data).decode()}\n\n"
+        await response.write(payload.encode())
+        return state.revision

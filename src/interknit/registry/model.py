@@ -1,0 +1,278 @@
+"""The registry's data: instances, their checks and health, and the events that change them.
+
+These are plain frozen values. The registry's state machine (``state.py``) produces new ones;
+every consumer (API, DNS, proxy, client) reads them and never mutates them, so a snapshot can
+be shared across tasks without copying.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from interknit.durations import format_duration
+
+HealthStatus = Literal["passing", "warning", "critical", "draining", "maintenance"]
+CheckStatus = Literal["passing", "warning", "critical"]
+OperatorStatus = Literal["draining", "maintenance"]
+EventType = Literal["put", "delete"]
+
+HEALTH_STATES: tuple[HealthStatus, ...] = (
+    "passing",
+    "warning",
+    "critical",
+    "draining",
+    "maintenance",
+)
+
+# A service name, an instance id, a tag-free DNS label: what DNS can answer for.
+LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def is_label(value: str) -> bool:
+    return LABEL_RE.fullmatch(value) is not None
+
+
+def is_hostname(value: str) -> bool:
+    """RFC 1123 host name (a trailing dot allowed); at most 253 characters."""
+    name = value[:-1] if value.endswith(".") else value
+    if not name or len(name) > 253:
+        return False
+    return all(_HOST_LABEL_RE.fullmatch(label) for label in name.split("."))
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """How an instance proves it is alive: exactly one of ``http``, ``tcp`` or ``ttl``."""
+
+    http: str | None = None
+    tcp: bool = False
+    ttl: float | None = None
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    deregister_after: float | None = None
+
+    @property
+    def kind(self) -> Literal["http", "tcp", "ttl"]:
+        if self.http is not None:
+            return "http"
+        if self.tcp:
+            return "tcp"
+        return "ttl"
+
+    @property
+    def active(self) -> bool:
+        """True for checks that the node runs itself (HTTP, TCP) rather than waits for (TTL)."""
+        return self.kind != "ttl"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.http is not None:
+            out["http"] = self.http
+        elif self.tcp:
+            out["tcp"] = True
+        elif self.ttl is not None:
+            out["ttl"] = format_duration(self.ttl)
+        if self.active:
+            out["interval"] = format_duration(self.interval)
+            out["timeout"] = format_duration(self.timeout)
+            out["rise"] = self.rise
+            out["fall"] = self.fall
+        out["deregister_after"] = (
+            None if self.deregister_after is None else format_duration(self.deregister_after)
+        )
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Check:
+        """Read back what ``to_json`` wrote (trusted input: the store)."""
+        from interknit.durations import parse_duration
+
+        def dur(key: str, default: float | None) -> float | None:
+            raw = data.get(key)
+            return default if raw is None else parse_duration(raw)
+
+        return cls(
+            http=data.get("http"),
+            tcp=bool(data.get("tcp", False)),
+            ttl=dur("ttl", None),
+            interval=dur("interval", 2.0) or 2.0,
+            timeout=dur("timeout", 1.0) or 1.0,
+            rise=int(data.get("rise", 2)),
+            fall=int(data.get("fall", 3)),
+            deregister_after=dur("deregister_after", None),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    """What a registration says about an instance; re-registering the same spec is a no-op."""
+
+    address: str
+    port: int
+    zone: str | None = None
+    region: str | None = None
+    weight: int = 1
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+    check: Check | None = None
+
+    @property
+    def meta_dict(self) -> dict[str, str]:
+        return dict(self.meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One running copy of a service as the registry knows it now."""
+
+    service: str
+    id: str
+    spec: InstanceSpec
+    check_status: CheckStatus = "passing"
+    operator: OperatorStatus | None = None
+    output: str = ""
+    ejected_until: float | None = None
+    critical_since: float | None = None
+    create_revision: int = 0
+    mod_revision: int = 0
+    # Cached JSON form; built once per value because lookups serve it many times.
+    _json: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.service, self.id)
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    @property
+    def port(self) -> int:
+        return self.spec.port
+
+    @property
+    def weight(self) -> int:
+        return self.spec.weight
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return self.spec.tags
+
+    @property
+    def zone(self) -> str | None:
+        return self.spec.zone
+
+    @property
+    def region(self) -> str | None:
+        return self.spec.region
+
+    @property
+    def check(self) -> Check | None:
+        return self.spec.check
+
+    @property
+    def health(self) -> HealthStatus:
+        """What consumers act on: an operator's word overrides the checks."""
+        return self.operator if self.operator is not None else self.check_status
+
+    @property
+    def passing(self) -> bool:
+        return self.health == "passing"
+
+    def evolve(self, **changes: Any) -> Instance:
+        changes.setdefault("_json", None)
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's instance object (DESIGN.md); cached, so callers must not mutate it."""
+        cached = self._json
+        if cached is None:
+            spec = self.spec
+            cached = {
+                "service": self.service,
+                "id": self.id,
+                "address": spec.address,
+                "port": spec.port,
+                "zone": spec.zone,
+                "region": spec.region,
+                "weight": spec.weight,
+                "tags": list(spec.tags),
+                "meta": dict(spec.meta),
+                "check": None if spec.check is None else spec.check.to_json(),
+                "health": self.health,
+                "ejected_until": self.ejected_until,
+                "output": self.output,
+                "revision": self.mod_revision,
+            }
+            object.__setattr__(self, "_json", cached)
+        return cached
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything the store keeps about an instance (a superset of the API object)."""
+        record = dict(self.to_json())
+        record["check_status"] = self.check_status
+        record["operator"] = self.operator
+        record["critical_since"] = self.critical_since
+        record["create_revision"] = self.create_revision
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Instance:
+        check = record.get("check")
+        spec = InstanceSpec(
+            address=record["address"],
+            port=int(record["port"]),
+            zone=record.get("zone"),
+            region=record.get("region"),
+            weight=int(record.get("weight", 1)),
+            tags=tuple(record.get("tags", ())),
+            meta=tuple(sorted(record.get("meta", {}).items())),
+            check=None if check is None else Check.from_json(check),
+        )
+        return cls(
+            service=record["service"],
+            id=record["id"],
+            spec=spec,
+            check_status=record.get("check_status", "passing"),
+            operator=record.get("operator"),
+            output=record.get("output", ""),
+            ejected_until=record.get("ejected_until"),
+            critical_since=record.get("critical_since"),
+            create_revision=int(record.get("create_revision", 0)),
+            mod_revision=int(record.get("revision", 0)),
+        )
+
+
+# register/update: a registration; health: a check result or an operator's word; lease: a TTL
+# ran out (health turns critical); eject: outlier detection; deregister: by request; expire:
+# critical for longer than deregister_after.
+EventReason = Literal["register", "update", "health", "lease", "eject", "deregister", "expire"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change of the registry. Each event has its own revision, one more than the last."""
+
+    revision: int
+    type: EventType
+    reason: EventReason
+    instance: Instance  # the new value for "put", the removed value for "delete"
+
+    @property
+    def service(self) -> str:
+        return self.instance.service
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "type": self.type,
+            "reason": self.reason,
+            "service": self.instance.service,
+            "id": self.instance.id,
+            "instance": self.instance.to_json(),
+        }

@@ -1,0 +1,187 @@
+"""Validation of what callers send the registry: API bodies, path names, query parameters.
+
+Each rejection names the field it is about, in the words of the API (``check.interval``,
+``tags[2]``), so an operator can fix the request without reading the source.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from interknit.durations import parse_duration
+from interknit.registry.model import Check, InstanceSpec, is_hostname, is_label
+from interknit.registry.state import RegistryError
+
+MAX_BODY = 64 * 1024
+LABEL_HINT = "must be a DNS label: lowercase letters, digits and '-', 1 to 63 characters"
+_META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_PATH = re.compile(r"/[\x21-\x7e]{0,1023}")
+
+
+def _label(value: str) -> str:
+    if not is_label(value):
+        raise ValueError(LABEL_HINT)
+    return value
+
+
+def _address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not is_hostname(value):
+        raise ValueError("must be an IP address or a host name")
+    return value
+
+
+def _duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+def _http_path(value: str) -> str:
+    if not _PATH.fullmatch(value):
+        raise ValueError("must be a path starting with '/', printable ASCII, at most 1024 bytes")
+    return value
+
+
+def _meta(value: dict[str, str]) -> dict[str, str]:
+    for key, item in value.items():
+        if not _META_KEY.fullmatch(key):
+            raise ValueError(f"key {key[:40]!r} must be 1-128 of letters, digits, '_', '.', '-'")
+        if len(item) > 512:
+            raise ValueError(f"value of {key!r} is longer than 512 characters")
+    return value
+
+
+Label = Annotated[str, AfterValidator(_label)]
+Duration = Annotated[str, AfterValidator(_duration)]
+
+
+class CheckBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    http: Annotated[str, AfterValidator(_http_path)] | None = None
+    tcp: bool | None = None
+    ttl: Duration | None = None
+    interval: Duration | None = None
+    timeout: Duration | None = None
+    rise: Annotated[int, Field(ge=1, le=100)] | None = None
+    fall: Annotated[int, Field(ge=1, le=100)] | None = None
+    deregister_after: Duration | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CheckBody:
+        kinds = [k for k in ("http", "tcp", "ttl") if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError("needs exactly one of http, tcp or ttl")
+        for key in ("interval", "timeout", "ttl"):
+            raw = getattr(self, key)
+            if raw is not None and parse_duration(raw) < 0.01:
+                raise ValueError(f"{key} must be at least 10ms")
+        return self
+
+    def to_check(self) -> Check:
+        def dur(raw: str | None, default: float | None) -> float | None:
+            return default if raw is None else parse_duration(raw)
+
+        return Check(
+            http=self.http,
+            tcp=bool(self.tcp),
+            ttl=dur(self.ttl, None),
+            interval=dur(self.interval, 2.0) or 2.0,
+            timeout=dur(self.timeout, 1.0) or 1.0,
+            rise=self.rise or 2,
+            fall=self.fall or 3,
+            deregister_after=dur(self.deregister_after, None),
+        )
+
+
+class RegisterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    address: Annotated[str, AfterValidator(_address)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    zone: Label | None = None
+    region: Label | None = None
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    tags: Annotated[list[Label], Field(max_length=64)] = Field(default_factory=list)
+    meta: Annotated[dict[str, str], Field(max_length=64), AfterValidator(_meta)] = Field(
+        default_factory=dict
+    )
+    check: CheckBody | None = None
+
+    def to_spec(self) -> InstanceSpec:
+        return InstanceSpec(
+            address=self.address,
+            port=self.port,
+            zone=self.zone,
+            region=self.region,
+            weight=self.weight,
+            tags=tuple(dict.fromkeys(self.tags)),
+            meta=tuple(sorted(self.meta.items())),
+            check=None if self.check is None else self.check.to_check(),
+        )
+
+
+class HealthBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    status: str
+
+    @model_validator(mode="after")
+    def _known(self) -> HealthBody:
+        if self.status not in ("draining", "maintenance", "passing"):
+            raise ValueError("status must be one of draining, maintenance, passing")
+        return self
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("tags", 2)`` -> ``tags[2]``; ``("check", "interval")`` -> ``check.interval``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += part if not out else f".{part}"
+    return out
+
+
+def validation_error(exc: ValidationError) -> RegistryError:
+    details = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-after"))
+        path = field_path(loc) or "body"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "is not a known field"
+        details.append({"field": path, "message": message})
+    first = details[0]
+    return RegistryError(f"{first['field']}: {first['message']}", details)
+
+
+def parse_body(model: type[BaseModel], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise RegistryError("body: must be a JSON object", [{"field": "body"}])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def check_name(field: str, value: str) -> str:
+    if not is_label(value):
+        raise RegistryError(f"{field}: {LABEL_HINT}", [{"field": field}])
+    return value
