@@ -67,17 +67,8 @@ async def read_json(request: web.Request) -> Any:
     length = request.content_length
     if length is not None and length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=length)
-    chunks = []
-    size = 0
-    while True:
-        chunk = await request.content.read(16384)
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=size)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    # The application's client_max_size (MAX_BODY) bounds a chunked body as it is read.
+    raw = await request.read()
     if not raw.strip():
         raise RegistryError("body: a JSON object is required", [{"field": "body"}])
     try:
@@ -188,7 +179,7 @@ class RegistryApi:
             instances = [i for i in instances if i.passing]
         if tag is not None:
             instances = [i for i in instances if tag in i.tags]
-        items = dumps([i.to_json() for i in instances])
+        items = b"[" + b",".join([i.json_bytes() for i in instances]) + b"]"
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[key] = (rev, items)
@@ -196,7 +187,7 @@ class RegistryApi:
 
     async def get_instance(self, request: web.Request) -> web.Response:
         inst = self._require(request)
-        return json_response(self.registry, dumps(self._instance_body(inst)))
+        return json_response(self.registry, self._instance_body(inst))
 
     def _require(self, request: web.Request) -> Instance:
         service = check_name("service", request.match_info["service"])
@@ -209,10 +200,10 @@ class RegistryApi:
             )
         return inst
 
-    def _instance_body(self, inst: Instance, revision: int | None = None) -> dict[str, Any]:
-        body = dict(inst.to_json())
-        body["revision"] = self.registry.state.revision if revision is None else revision
-        return body
+    def _instance_body(self, inst: Instance, revision: int | None = None) -> bytes:
+        """The instance object with the registry's revision after the request."""
+        rev = self.registry.state.revision if revision is None else revision
+        return b'{"revision":%d,%s' % (rev, inst.json_bytes()[1:])
 
     # ------------------------------------------------------------------ writes
 
@@ -221,7 +212,7 @@ class RegistryApi:
         instance_id = check_name("id", request.match_info["id"])
         body: RegisterBody = parse_body(RegisterBody, await read_json(request))
         inst, revision = await self.registry.register(service, instance_id, body.to_spec())
-        return json_response(self.registry, dumps(self._instance_body(inst, revision)))
+        return json_response(self.registry, self._instance_body(inst, revision))
 
     async def deregister(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
@@ -234,14 +225,14 @@ class RegistryApi:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
         inst, revision = await self.registry.heartbeat(service, instance_id)
-        return json_response(self.registry, dumps(self._instance_body(inst, revision)))
+        return json_response(self.registry, self._instance_body(inst, revision))
 
     async def set_health(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
         body: HealthBody = parse_body(HealthBody, await read_json(request))
         inst, revision = await self.registry.set_operator(service, instance_id, body.status)
-        return json_response(self.registry, dumps(self._instance_body(inst, revision)))
+        return json_response(self.registry, self._instance_body(inst, revision))
 
     # ------------------------------------------------------------------ watch (SSE)
 
@@ -281,9 +272,12 @@ class RegistryApi:
                 if events:
                     parts = []
                     for event in events:
-                        data = dumps(event.to_json()).decode()
-                        parts.append(f"id: {event.revision}\nevent: {event.type}\ndata: {data}\n\n")
-                    await response.write("".join(parts).encode())
+                        parts.append(
+                            b"id: %d\nevent: %s\ndata: " % (event.revision, event.type.encode())
+                        )
+                        parts.append(event.json_bytes())
+                        parts.append(b"\n\n")
+                    await response.write(b"".join(parts))
                 since = upto
                 if not await registry.wait_for_change(service, since, KEEPALIVE_EVERY):
                     await response.write(b": keepalive\n\n")
@@ -301,11 +295,16 @@ class RegistryApi:
             instances = list(state.all_instances())
         else:
             instances = state.instances(service)
-        data = {
-            "revision": state.revision,
-            "stale": self.registry.stale,
-            "instances": [i.to_json() for i in instances],
-        }
-        payload = f"id: {state.revision}\nevent: resync\ndata: {dumps(data).decode()}\n\n"
-        await response.write(payload.encode())
+        items = b",".join([i.json_bytes() for i in instances])
+        stale = b"true" if self.registry.stale else b"false"
+        payload = (
+            b'id: %d\nevent: resync\ndata: {"revision":%d,"stale":%s,"instances":[%s]}\n\n'
+            % (
+                state.revision,
+                state.revision,
+                stale,
+                items,
+            )
+        )
+        await response.write(payload)
         return state.revision

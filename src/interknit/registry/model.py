@@ -7,6 +7,7 @@ be shared across tasks without copying.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -140,8 +141,9 @@ class Instance:
     critical_since: float | None = None
     create_revision: int = 0
     mod_revision: int = 0
-    # Cached JSON form; built once per value because lookups serve it many times.
+    # Cached JSON forms; built once per value because lookups and watches serve them many times.
     _json: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    _json_bytes: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -186,7 +188,16 @@ class Instance:
 
     def evolve(self, **changes: Any) -> Instance:
         changes.setdefault("_json", None)
+        changes.setdefault("_json_bytes", None)
         return replace(self, **changes)
+
+    def json_bytes(self) -> bytes:
+        """``to_json()`` encoded, cached: the hot lookup path splices these bytes together."""
+        cached = self._json_bytes
+        if cached is None:
+            cached = json.dumps(self.to_json(), separators=(",", ":")).encode()
+            object.__setattr__(self, "_json_bytes", cached)
+        return cached
 
     def to_json(self) -> dict[str, Any]:
         """The API's instance object (DESIGN.md); cached, so callers must not mutate it."""
@@ -207,22 +218,28 @@ class Instance:
                 "health": self.health,
                 "ejected_until": self.ejected_until,
                 "output": self.output,
-                "revision": self.mod_revision,
+                "mod_revision": self.mod_revision,
             }
             object.__setattr__(self, "_json", cached)
         return cached
 
-    def to_record(self) -> dict[str, Any]:
-        """Everything the store keeps about an instance (a superset of the API object)."""
-        record = dict(self.to_json())
-        record["check_status"] = self.check_status
-        record["operator"] = self.operator
-        record["critical_since"] = self.critical_since
-        record["create_revision"] = self.create_revision
-        return record
+    def to_record(self) -> bytes:
+        """Everything the store keeps about an instance: the API object and the state behind it."""
+        state = {
+            "check_status": self.check_status,
+            "operator": self.operator,
+            "critical_since": self.critical_since,
+            "create_revision": self.create_revision,
+        }
+        return b'{"instance":%s,"state":%s}' % (
+            self.json_bytes(),
+            json.dumps(state, separators=(",", ":")).encode(),
+        )
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Instance:
+    def from_record(cls, raw: bytes | str) -> Instance:
+        data = json.loads(raw)
+        record, state = data["instance"], data["state"]
         check = record.get("check")
         spec = InstanceSpec(
             address=record["address"],
@@ -238,13 +255,13 @@ class Instance:
             service=record["service"],
             id=record["id"],
             spec=spec,
-            check_status=record.get("check_status", "passing"),
-            operator=record.get("operator"),
+            check_status=state.get("check_status", "passing"),
+            operator=state.get("operator"),
             output=record.get("output", ""),
             ejected_until=record.get("ejected_until"),
-            critical_since=record.get("critical_since"),
-            create_revision=int(record.get("create_revision", 0)),
-            mod_revision=int(record.get("revision", 0)),
+            critical_since=state.get("critical_since"),
+            create_revision=int(state.get("create_revision", 0)),
+            mod_revision=int(record.get("mod_revision", 0)),
         )
 
 
@@ -276,3 +293,13 @@ class Event:
             "id": self.instance.id,
             "instance": self.instance.to_json(),
         }
+
+    def json_bytes(self) -> bytes:
+        """``to_json()`` encoded; names are DNS labels and reasons are fixed words, so they
+        need no escaping, and the instance's cached bytes are reused."""
+        inst = self.instance
+        head = (
+            f'{{"revision":{self.revision},"type":"{self.type}","reason":"{self.reason}",'
+            f'"service":"{inst.service}","id":"{inst.id}","instance":'
+        )
+        return head.encode() + inst.json_bytes() + b"}"

@@ -238,14 +238,23 @@ class Registry:
     def _publish(self, events: list[Event]) -> None:
         if self._metrics is not None:
             self._metrics.observe(events)
+        # Registrations are routine and can come thousands a second: debug. Health changes,
+        # expiries and ejections are what an operator looks for: info.
+        debug = log.isEnabledFor(logging.DEBUG)
         for event in events:
-            log.info(
+            routine = event.reason in ("register", "update", "deregister")
+            if routine and not debug:
+                continue
+            inst = event.instance
+            log.log(
+                logging.DEBUG if routine else logging.INFO,
                 "registry change",
                 extra={
                     "event": f"registry.{event.reason}",
-                    "service": event.instance.service,
-                    "instance": event.instance.id,
-                    "health": event.instance.health,
+                    "service": inst.service,
+                    "instance": inst.id,
+                    "health": inst.health,
+                    "output": inst.output,
                     "revision": event.revision,
                 },
             )

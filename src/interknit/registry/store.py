@@ -10,7 +10,6 @@ disk into the next commit, so concurrent writers share one fsync instead of weak
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     service TEXT NOT NULL,
     id TEXT NOT NULL,
-    record TEXT NOT NULL,
+    record BLOB NOT NULL,
     PRIMARY KEY (service, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
@@ -86,7 +85,7 @@ class SqliteStore:
             rev_row = db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the store at {self.path}: {exc}") from exc
-        instances = [Instance.from_record(json.loads(row[0])) for row in rows]
+        instances = [Instance.from_record(row[0]) for row in rows]
         revision = int(rev_row[0]) if rev_row else 0
         return Snapshot(instances=instances, revision=revision)
 
@@ -99,7 +98,7 @@ class SqliteStore:
         for event in events:
             last[event.instance.key] = event
         upserts = [
-            (e.instance.service, e.instance.id, json.dumps(e.instance.to_record()))
+            (e.instance.service, e.instance.id, e.instance.to_record())
             for e in last.values()
             if e.type == "put"
         ]

@@ -1,0 +1,308 @@
+"""A pool: one service's endpoints, which of them may take work now, and its balancer.
+
+Rules of this file:
+
+* A pool is sans-IO. It learns about instances from the registry's values (``update`` with a
+  full set, ``apply`` with one event) or, for static servers, from ``set_health``; every method
+  that depends on time takes ``now`` (wall-clock seconds, the registry's ``ejected_until``
+  clock).
+* An endpoint is **usable** when its health is ``passing`` or ``warning`` and it is not ejected
+  at ``now``. ``draining`` and ``maintenance`` endpoints take no new work.
+* **Panic** (Envoy's panic threshold): when fewer than ``panic_threshold`` of the endpoints that
+  are not in maintenance are usable, the health information is more likely wrong than half the
+  fleet dead, and concentrating all traffic on the few left would finish them off. The pool
+  then balances over every endpoint not in maintenance and not draining, and says so in
+  ``panic``.
+* One key, one ``Endpoint`` object for as long as the key stays in the pool, whatever its
+  health does: the proxy's in-flight counters live on it.
+* ``since`` is when an endpoint last became usable (slow start ramps from it). Endpoints usable
+  in the pool's first view have been "usable forever": a restarted node has no reason to ramp.
+* The balancer is handed the selected endpoints (sorted by key) only when that set, or a
+  weight or ``since`` in it, changes; never per request.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Container, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from interknit.balance.base import Balancer, Endpoint
+from interknit.balance.least_requests import LeastRequests
+from interknit.balance.maglev import Maglev
+from interknit.balance.random_choice import RandomChoice
+from interknit.balance.ring_hash import RingHash
+from interknit.balance.round_robin import RoundRobin
+from interknit.balance.source_ip import SourceIp
+from interknit.registry.model import Event, HealthStatus, Instance
+
+# Below this share of usable endpoints the pool balances over all of them (Envoy's 50%).
+PANIC_THRESHOLD = 0.5
+USABLE_HEALTH: frozenset[HealthStatus] = frozenset({"passing", "warning"})
+
+POLICIES = ("round_robin", "least_requests", "random", "ring_hash", "maglev", "source_ip")
+# The policies whose pick depends on ``hash_key``; the proxy builds a key only for these.
+HASHING_POLICIES = frozenset({"ring_hash", "maglev", "source_ip"})
+
+
+def make_balancer(name: str, rng: random.Random | None = None, slow_start: float = 0.0) -> Balancer:
+    """A new balancer for the policy ``name``. Hashing policies ignore ``slow_start``."""
+    if name == "round_robin":
+        return RoundRobin(slow_start=slow_start, rng=rng if rng is not None else random.Random())
+    if name == "least_requests":
+        return LeastRequests(rng=rng, slow_start=slow_start)
+    if name == "random":
+        return RandomChoice(rng=rng, slow_start=slow_start)
+    if name == "ring_hash":
+        return RingHash(rng=rng)
+    if name == "maglev":
+        return Maglev(rng=rng)
+    if name == "source_ip":
+        return SourceIp(rng=rng)
+    raise ValueError(f"unknown balance policy {name!r}; expected one of {', '.join(POLICIES)}")
+
+
+def parse_server(server: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` to ``(host, port)``; ValueError names what is wrong."""
+    host, sep, port_text = server.rpartition(":")
+    if not sep or not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"{server!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{server!r}: write an IPv6 address in brackets, as [::1]:80")
+    if not host:
+        raise ValueError(f"{server!r} has no host")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{server!r}: port must be 1-65535")
+    return host, port
+
+
+@dataclass(slots=True, eq=False)
+class _Member:
+    endpoint: Endpoint
+    health: HealthStatus = "passing"
+    ejected_until: float | None = None
+    usable: bool = False
+
+
+class Pool:
+    def __init__(
+        self,
+        name: str,
+        balancer: Balancer,
+        panic_threshold: float = PANIC_THRESHOLD,
+    ) -> None:
+        if not 0.0 <= panic_threshold <= 1.0:
+            raise ValueError("panic_threshold must be between 0 and 1")
+        # Global: what the pool is.
+        self.name = name
+        self.balancer = balancer
+        self.panic_threshold = panic_threshold
+        # Membership, by endpoint key.
+        self._members: dict[str, _Member] = {}
+        # Derived by _evaluate: what the balancer sees, and when that must be recomputed.
+        self._evaluated = False
+        self._selected: list[Endpoint] = []
+        self._usable_count = 0
+        self._total = 0
+        self._panic = False
+        self._signature: tuple[tuple[int, int, float], ...] | None = None
+        self._next_expiry = math.inf
+
+    @classmethod
+    def for_servers(
+        cls,
+        servers: Iterable[str],
+        balancer: Balancer,
+        now: float,
+        name: str = "static",
+        panic_threshold: float = PANIC_THRESHOLD,
+    ) -> Pool:
+        """A pool of static ``host:port`` servers, all passing until told otherwise."""
+        pool = cls(name, balancer, panic_threshold)
+        for server in servers:
+            host, port = parse_server(server)
+            key = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+            if key in pool._members:
+                raise ValueError(f"{server!r} is listed twice")
+            pool._members[key] = _Member(Endpoint(key=key, address=host, port=port))
+        pool._evaluate(now)
+        return pool
+
+    # Reading.
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """Every endpoint the pool knows, whatever its health, sorted by key."""
+        return [self._members[key].endpoint for key in sorted(self._members)]
+
+    @property
+    def selected(self) -> Sequence[Endpoint]:
+        """What the balancer balances over: the usable endpoints, or more in panic."""
+        return self._selected
+
+    @property
+    def panic(self) -> bool:
+        return self._panic
+
+    @property
+    def usable_count(self) -> int:
+        return self._usable_count
+
+    @property
+    def total(self) -> int:
+        """Endpoints not in maintenance: the denominator of the panic threshold."""
+        return self._total
+
+    def get(self, key: str) -> Endpoint | None:
+        member = self._members.get(key)
+        return None if member is None else member.endpoint
+
+    def health(self, key: str) -> HealthStatus | None:
+        member = self._members.get(key)
+        return None if member is None else member.health
+
+    def is_usable(self, endpoint: Endpoint) -> bool:
+        member = self._members.get(endpoint.key)
+        return member is not None and member.endpoint is endpoint and member.usable
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready view of the pool for the status page and the admin API."""
+        selected = {id(ep) for ep in self._selected}
+        rows = []
+        for key in sorted(self._members):
+            member = self._members[key]
+            ep = member.endpoint
+            rows.append(
+                {
+                    "key": key,
+                    "address": ep.address,
+                    "port": ep.port,
+                    "weight": ep.weight,
+                    "health": member.health,
+                    "ejected_until": member.ejected_until,
+                    "usable": member.usable,
+                    "selected": id(ep) in selected,
+                    "inflight": ep.inflight,
+                }
+            )
+        return {
+            "name": self.name,
+            "panic": self._panic,
+            "usable": self._usable_count,
+            "total": self._total,
+            "endpoints": rows,
+        }
+
+    # Changing.
+
+    def update(self, instances: Iterable[Instance], now: float) -> None:
+        """Replace the membership with ``instances`` (the service's full current set)."""
+        seen: set[str] = set()
+        for instance in instances:
+            key = f"{instance.service}/{instance.id}"
+            seen.add(key)
+            self._put(key, instance)
+        for key in [key for key in self._members if key not in seen]:
+            del self._members[key]
+        self._evaluate(now)
+
+    def apply(self, event: Event, now: float) -> None:
+        """Apply one registry event (put or delete) for this pool's service.
+
+        Load the initial set with ``update``: endpoints usable in the pool's first view skip
+        slow start, and with events one at a time only the first would.
+        """
+        instance = event.instance
+        key = f"{instance.service}/{instance.id}"
+        if event.type == "delete":
+            self._members.pop(key, None)
+        else:
+            self._put(key, instance)
+        self._evaluate(now)
+
+    def set_health(
+        self,
+        key: str,
+        now: float,
+        health: HealthStatus | None = None,
+        ejected_until: float | None = None,
+    ) -> None:
+        """Set an endpoint's health and ejection directly (static servers, passive checks).
+
+        ``health=None`` leaves the health as it is; ``ejected_until`` is always replaced.
+        """
+        member = self._members.get(key)
+        if member is None:
+            raise KeyError(key)
+        if health is not None:
+            member.health = health
+        member.ejected_until = ejected_until
+        self._evaluate(now)
+
+    def refresh(self, now: float) -> None:
+        """Re-evaluate once an ejection has run out; cheap when nothing is due."""
+        if now >= self._next_expiry:
+            self._evaluate(now)
+
+    def pick(
+        self, hash_key: bytes | None, now: float, exclude: Container[Endpoint] = ()
+    ) -> Endpoint | None:
+        if now >= self._next_expiry:
+            self._evaluate(now)
+        return self.balancer.pick(hash_key, now, exclude)
+
+    # Internals.
+
+    def _put(self, key: str, instance: Instance) -> None:
+        member = self._members.get(key)
+        if member is None:
+            endpoint = Endpoint(key=key, address=instance.address, port=instance.port)
+            member = self._members[key] = _Member(endpoint)
+        endpoint = member.endpoint
+        endpoint.address = instance.address
+        endpoint.port = instance.port
+        endpoint.weight = instance.weight
+        endpoint.zone = instance.zone
+        endpoint.meta = dict(instance.spec.meta)
+        member.health = instance.health
+        member.ejected_until = instance.ejected_until
+
+    def _evaluate(self, now: float) -> None:
+        usable: list[Endpoint] = []
+        fallback: list[Endpoint] = []
+        total = 0
+        next_expiry = math.inf
+        for key in sorted(self._members):
+            member = self._members[key]
+            endpoint = member.endpoint
+            until = member.ejected_until
+            ejected = False
+            if until is not None and until > now:
+                ejected = True
+                next_expiry = min(next_expiry, until)
+            ok = member.health in USABLE_HEALTH and not ejected
+            if ok and not member.usable:
+                endpoint.since = now if self._evaluated else -math.inf
+            member.usable = ok
+            if member.health == "maintenance":
+                continue
+            total += 1
+            if ok:
+                usable.append(endpoint)
+            if member.health != "draining":
+                fallback.append(endpoint)
+        self._evaluated = True
+        self._total = total
+        self._usable_count = len(usable)
+        self._next_expiry = next_expiry
+        self._panic = total > 0 and len(usable) < self.panic_threshold * total
+        self._selected = fallback if self._panic else usable
+        signature = tuple((id(ep), ep.weight, ep.since) for ep in self._selected)
+        if signature != self._signature:
+            self._signature = signature
+            self.balancer.set_endpoints(self._selected, now)
