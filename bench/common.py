@@ -51,16 +51,17 @@ def machine() -> str:
 def wait_http(url: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status < 500:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
+            if r.status < 500:
+                return
         time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up")
 
 
 @contextlib.contextmanager
-def process(args: list[str], cwd: Path | None = None, log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], cwd: Path | None = None, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -100,12 +101,21 @@ def etcd_member() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="etcd-bench-") as tmp:
         client, peer = free_port(), free_port()
         args = [
-            etcd, "--name", "bench", "--data-dir", f"{tmp}/data",
-            "--listen-client-urls", f"http://127.0.0.1:{client}",
-            "--advertise-client-urls", f"http://127.0.0.1:{client}",
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"bench=http://127.0.0.1:{peer}",
+            etcd,
+            "--name",
+            "bench",
+            "--data-dir",
+            f"{tmp}/data",
+            "--listen-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"bench=http://127.0.0.1:{peer}",
         ]
         with process(args, log=Path(tmp) / "log"):
             wait_http(f"http://127.0.0.1:{client}/health")

@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import aetcd  # noqa: E402
-import aiohttp  # noqa: E402
-import uvloop  # noqa: E402
-from common import etcd_member, interknit_node, machine, median, percentile  # noqa: E402
+import aetcd
+import aiohttp
+import uvloop
+
+from common import etcd_member, interknit_node, machine, median, percentile
 
 IN_FLIGHT = 32
 BODY = {"address": "127.0.0.1", "port": 9000, "tags": ["bench"], "check": {"ttl": "30s"}}
@@ -56,13 +57,17 @@ async def bench_interknit(url: str, seconds: float) -> dict[str, float]:
 
         async def register(i: int) -> None:
             body = payload.replace(b"9000", str(1 + i % 60000).encode())
-            async with http.put(f"/v1/services/reg/instances/i{i}", data=body, headers=headers) as r:
+            async with http.put(
+                f"/v1/services/reg/instances/i{i}", data=body, headers=headers
+            ) as r:
                 assert r.status == 200, await r.text()
                 await r.read()
 
         regs = await closed_loop(seconds, register)
         for i in range(100):
-            async with http.put(f"/v1/services/look/instances/i{i}", data=payload, headers=headers) as r:
+            async with http.put(
+                f"/v1/services/look/instances/i{i}", data=payload, headers=headers
+            ) as r:
                 assert r.status == 200
 
         async def lookup(i: int) -> None:
@@ -72,8 +77,12 @@ async def bench_interknit(url: str, seconds: float) -> dict[str, float]:
 
         looks = await closed_loop(seconds, lookup)
         latencies = await watch_latency_interknit(http)
-    return {"writes": regs, "reads": looks, "watch_p50": percentile(latencies, 50),
-            "watch_p99": percentile(latencies, 99)}
+    return {
+        "writes": regs,
+        "reads": looks,
+        "watch_p50": percentile(latencies, 50),
+        "watch_p99": percentile(latencies, 99),
+    }
 
 
 async def watch_latency_interknit(http: aiohttp.ClientSession, n: int = 300) -> list[float]:
@@ -126,8 +135,12 @@ async def bench_etcd(endpoint: str, seconds: float) -> dict[str, float]:
 
         ranges = await closed_loop(seconds, rng)
         latencies = await watch_latency_etcd(client, value)
-    return {"writes": puts, "reads": ranges, "watch_p50": percentile(latencies, 50),
-            "watch_p99": percentile(latencies, 99)}
+    return {
+        "writes": puts,
+        "reads": ranges,
+        "watch_p50": percentile(latencies, 50),
+        "watch_p99": percentile(latencies, 99),
+    }
 
 
 async def watch_latency_etcd(client: aetcd.Client, value: bytes, n: int = 300) -> list[float]:
@@ -170,24 +183,31 @@ def main() -> None:
             etcd_runs.append(uvloop.run(bench_etcd(endpoint, args.seconds)))
         with interknit_node() as url:
             ik_runs.append(uvloop.run(bench_interknit(url, args.seconds)))
-        print(f"run {run + 1}: interknit {fmt(ik_runs[-1])} | etcd {fmt(etcd_runs[-1])}",
-              flush=True)
+        print(
+            f"run {run + 1}: interknit {fmt(ik_runs[-1])} | etcd {fmt(etcd_runs[-1])}", flush=True
+        )
     ik = {k: median([r[k] for r in ik_runs]) for k in ik_runs[0]}
     et = {k: median([r[k] for r in etcd_runs]) for k in etcd_runs[0]}
     print()
     print(f"{'figure':<34}{'interknit':>12}{'etcd 3.4':>12}{'ratio':>8}")
-    print(f"{'registrations/s vs puts/s':<34}{ik['writes']:>12,.0f}{et['writes']:>12,.0f}"
-          f"{ik['writes'] / et['writes']:>7.2f}x")
-    print(f"{'lookups/s (100 instances)':<34}{ik['reads']:>12,.0f}{et['reads']:>12,.0f}"
-          f"{ik['reads'] / et['reads']:>7.2f}x")
+    print(
+        f"{'registrations/s vs puts/s':<34}{ik['writes']:>12,.0f}{et['writes']:>12,.0f}"
+        f"{ik['writes'] / et['writes']:>7.2f}x"
+    )
+    print(
+        f"{'lookups/s (100 instances)':<34}{ik['reads']:>12,.0f}{et['reads']:>12,.0f}"
+        f"{ik['reads'] / et['reads']:>7.2f}x"
+    )
     for q in ("p50", "p99"):
         a, b = ik[f"watch_{q}"] * 1000, et[f"watch_{q}"] * 1000
         print(f"{'watch propagation ' + q + ' (ms)':<34}{a:>12.2f}{b:>12.2f}{a / b:>7.2f}x")
 
 
 def fmt(r: dict[str, float]) -> str:
-    return (f"writes {r['writes']:,.0f}/s reads {r['reads']:,.0f}/s "
-            f"watch p50 {r['watch_p50'] * 1000:.2f}ms p99 {r['watch_p99'] * 1000:.2f}ms")
+    return (
+        f"writes {r['writes']:,.0f}/s reads {r['reads']:,.0f}/s "
+        f"watch p50 {r['watch_p50'] * 1000:.2f}ms p99 {r['watch_p99'] * 1000:.2f}ms"
+    )
 
 
 if __name__ == "__main__":

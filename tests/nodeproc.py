@@ -116,7 +116,9 @@ listen = "127.0.0.1:{self.dns_port}"
                 self.proc.wait(5)
         self.client.close()
 
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         full_env = {**os.environ, "INTERKNIT_API": self.url, **(env or {})}
         return subprocess.run(
             [INTERKNIT, *args], capture_output=True, text=True, env=full_env, timeout=30
@@ -129,7 +131,9 @@ listen = "127.0.0.1:{self.dns_port}"
 
 
 @contextlib.contextmanager
-def running_node(workdir: Path, extra_config: str = "", name: str = "node-1") -> Iterator[NodeProcess]:
+def running_node(
+    workdir: Path, extra_config: str = "", name: str = "node-1"
+) -> Iterator[NodeProcess]:
     node = NodeProcess(workdir, extra_config, name).start()
     try:
         yield node

@@ -22,8 +22,20 @@ def test_register_lookup_and_revision_header(node: NodeProcess) -> None:
     body = r.json()
     assert body["health"] == "passing"
     assert body["revision"] == 1
-    for key in ("service", "id", "address", "port", "zone", "region", "weight", "tags", "meta",
-                "check", "health", "ejected_until"):
+    for key in (
+        "service",
+        "id",
+        "address",
+        "port",
+        "zone",
+        "region",
+        "weight",
+        "tags",
+        "meta",
+        "check",
+        "health",
+        "ejected_until",
+    ):
         assert key in body
     node.register("search", "s2", port=9002, check={"http": "/health"})
     r = node.client.get("/v1/services/search")
@@ -145,6 +157,7 @@ def test_oversized_body_is_413(node: NodeProcess) -> None:
     body = {**GOOD, "meta": {"k": "v" * 70000}}
     r = node.client.put("/v1/services/web/instances/a", json=body)
     assert r.status_code == 413
+
     # Chunked, with no Content-Length up front: still refused by size.
     def gen() -> Any:
         yield b'{"address": "127.0.0.1", "port": 80, "meta": {"k": "'
@@ -196,12 +209,18 @@ def test_blocking_query_times_out_with_wait(node: NodeProcess) -> None:
     assert node.client.get("/v1/services/a?index=1&wait=forever").status_code == 400
 
 
-def read_sse(node: NodeProcess, query: str, count: int, headers: dict[str, str] | None = None,
-             timeout: float = 10) -> list[tuple[str, dict[str, Any]]]:
+def read_sse(
+    node: NodeProcess,
+    query: str,
+    count: int,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> list[tuple[str, dict[str, Any]]]:
     events: list[tuple[str, dict[str, Any]]] = []
-    with httpx.Client(base_url=node.url, timeout=timeout) as c, c.stream(
-        "GET", f"/v1/watch{query}", headers=headers or {}
-    ) as r:
+    with (
+        httpx.Client(base_url=node.url, timeout=timeout) as c,
+        c.stream("GET", f"/v1/watch{query}", headers=headers or {}) as r,
+    ):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         name = ""
@@ -331,8 +350,9 @@ def test_metrics_pass_promtool(node: NodeProcess) -> None:
         "interknit_http_request_duration_seconds_bucket",
     ):
         assert name in text
-    res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                         text=True, timeout=30)
+    res = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
