@@ -178,7 +178,19 @@ class DemandSection(Section):
     rate: str | None = None
     burst: Annotated[int, Field(ge=1)] | None = None
     rate_key: str | None = None
+    client_rate: str | None = None
+    client_burst: Annotated[int, Field(ge=1)] | None = None
+    client_key: str | None = None
     priority: Literal["critical", "default", "sheddable"] = "default"
+    reserve: Annotated[float, Field(ge=0.0, le=0.9)] = 0.1
+
+    @model_validator(mode="after")
+    def _settings(self) -> DemandSection:
+        from interknit.demand.settings import DemandSettings
+
+        # One parser for rates, keys and limits: the one the proxy will use.
+        DemandSettings.from_dict(self.model_dump())
+        return self
 
 
 Balance = Literal["round_robin", "least_requests", "random", "ring_hash", "maglev", "source_ip"]
