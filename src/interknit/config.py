@@ -96,13 +96,44 @@ class RegistrySection(Section):
     history: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
 
 
+def _cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR such as '10.1.0.0/16'") from None
+    return value
+
+
+Cidr = Annotated[str, AfterValidator(_cidr)]
+
+
+class GslbSection(Section):
+    policy: Literal["nearest", "failover", "weighted"] = "nearest"
+    min_healthy: Annotated[int, Field(ge=1)] = 1
+    order: list[Label] = Field(default_factory=list)
+    weights: dict[str, Annotated[int, Field(ge=0, le=1000)]] = Field(default_factory=dict)
+    fallback: dict[str, list[Label]] = Field(default_factory=dict)
+
+
+class RrlSection(Section):
+    enabled: bool = True
+    rate: Annotated[float, Field(gt=0)] = 200.0
+    burst: Annotated[float, Field(gt=0)] = 400.0
+    slip: Annotated[int, Field(ge=0, le=10)] = 2
+    exempt: list[Cidr] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
 class DnsSection(Section):
     enabled: bool = True
     listen: HostPort = "127.0.0.1:7453"
     zone: str = "ik.internal."
     ttl: Seconds = 5.0
+    changed_ttl: Seconds = 1.0
     max_answers: Annotated[int, Field(ge=1, le=64)] = 8
-    regions: dict[str, Any] = Field(default_factory=dict)
+    service_ttls: dict[str, Seconds] = Field(default_factory=dict)
+    regions: dict[Cidr, Label] = Field(default_factory=dict)
+    gslb: GslbSection = Field(default_factory=GslbSection)
+    rrl: RrlSection = Field(default_factory=RrlSection)
 
     @model_validator(mode="after")
     def _zone(self) -> DnsSection:

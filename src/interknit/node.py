@@ -9,7 +9,7 @@ import logging
 import re
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +20,7 @@ from interknit.admin.app import Panels, Tokens, build_app
 from interknit.config import Config, ServiceSection, split_hostport
 from interknit.registry.api import RegistryApi
 from interknit.registry.metrics import RegistryMetrics, StateCollector
-from interknit.registry.model import Check, InstanceSpec
+from interknit.registry.model import Check, Event, InstanceSpec
 from interknit.registry.registry import Registry
 from interknit.registry.state import RegistryError
 from interknit.registry.store import SqliteStore, StoreError
@@ -129,6 +129,7 @@ class Node:
         bound = sock.getsockname()
         self.listen["api"] = f"http://{_hostport(host, bound[1])}"
         await self._register_static_services()
+        await self._start_dns()
         self._ready = True
         log.info("node started", extra={"event": "node.started", **self.listen})
 
@@ -142,6 +143,34 @@ class Node:
                     raise NodeStartError(
                         f"cannot register static instance {hostport} of {section.name}: {exc}"
                     ) from None
+
+    async def _start_dns(self) -> None:
+        section = self.config.dns
+        if not section.enabled:
+            return
+        from interknit.dns.setup import answers_panel, build_server
+
+        server = build_server(section, self.config.services, self.metrics)
+        state = self.registry.state
+        server.sync(list(state.all_instances()), state.revision, initial=True)
+        try:
+            await server.start()
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise NodeStartError(f"cannot listen on {section.listen} for DNS: {reason}") from None
+
+        def apply(events: Sequence[Event]) -> None:
+            for event in events:
+                server.apply(event)
+
+        def resync() -> None:
+            server.sync(list(self.registry.state.all_instances()), self.registry.state.revision)
+
+        self.registry.subscribe(apply, resync)
+        self.on_stop(server.stop)
+        host, _ = split_hostport(section.listen)
+        self.listen["dns"] = f"{_hostport(host, server.port)} (udp+tcp, zone {section.zone})"
+        self.panels["DNS"] = lambda: answers_panel(self.registry.state, section.zone)
 
     def on_stop(self, hook: Callable[[], Any]) -> None:
         self._stop_hooks.append(hook)

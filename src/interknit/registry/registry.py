@@ -26,6 +26,9 @@ log = logging.getLogger("interknit.registry")
 
 T = TypeVar("T")
 Listener = Callable[[Sequence[Event]], None]
+# Called when the local copy was replaced wholesale (a reload, an etcd re-list): consumers
+# rebuild from ``registry.state`` instead of applying events.
+ResyncListener = Callable[[], None]
 # A write: given the time, change the state and return (result, events).
 Op = Callable[[float], tuple[Any, list[Event]]]
 
@@ -54,6 +57,7 @@ class Registry:
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[Listener] = []
+        self._resync_listeners: list[ResyncListener] = []
         # Waiters by service; the key None is for waiters on every service.
         self._waiters: dict[str | None, set[asyncio.Future[None]]] = {}
         self._timer_wake: asyncio.Event | None = None
@@ -108,9 +112,19 @@ class Registry:
         await loop.run_in_executor(self._executor, self._store.close)
         self._executor.shutdown(wait=True)
 
-    def subscribe(self, listener: Listener) -> None:
-        """Call ``listener`` with every batch of committed events (in-process consumers)."""
+    def subscribe(self, listener: Listener, on_resync: ResyncListener | None = None) -> None:
+        """Call ``listener`` with every batch of committed events (in-process consumers), and
+        ``on_resync`` whenever the whole state was replaced."""
         self._listeners.append(listener)
+        if on_resync is not None:
+            self._resync_listeners.append(on_resync)
+
+    def _resynced(self) -> None:
+        for listener in self._resync_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("registry resync listener failed")
 
     # ------------------------------------------------------------------ writes
 
@@ -234,6 +248,7 @@ class Registry:
             log.exception("store reload failed")
             return
         self.state.restore(snapshot.instances, snapshot.revision, self._clock())
+        self._resynced()
 
     def _publish(self, events: list[Event]) -> None:
         if self._metrics is not None:

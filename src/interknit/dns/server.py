@@ -1,0 +1,209 @@
+"""The DNS server's IO shell: one UDP endpoint and one TCP listener on the same port.
+
+Everything about answers is the zone's (``zone.py``); everything about rate limiting is the
+limiter's (``rrl.py``). This file reads packets, asks them, writes replies and counts.
+
+UDP is the hot path: ``datagram_received`` does the rate-limit check, one ``Zone.answer`` call
+and one ``sendto``, with nothing awaited. TCP serves the answers that did not fit in UDP (and
+clients that prefer it): length-prefixed messages, several per connection, one at a time, with
+an idle timeout and a cap on open connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import struct
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry
+
+from interknit.dns import wire
+from interknit.dns.metrics import DnsMetrics
+from interknit.dns.rrl import RateLimiter, RrlConfig, Verdict
+from interknit.dns.zone import Reply, Zone
+from interknit.registry.model import Event, Instance
+
+log = logging.getLogger("interknit.dns")
+
+_LENGTH = struct.Struct("!H")
+_BIND_ATTEMPTS = 20
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    # -- Protocol interface --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not every loop's UDP transport subclasses DatagramTransport (3.11's selector one does
+        # not), but all of them have sendto.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        server = self.server
+        now = server.clock()
+        host: str = addr[0]
+        slip = False
+        limiter = server.limiter
+        if limiter is not None:
+            verdict = limiter.check(host, now)
+            if verdict is not Verdict.ALLOW:
+                if verdict is Verdict.DROP:
+                    server.metrics.rate_limited.labels("drop").inc()
+                    return
+                server.metrics.rate_limited.labels("slip").inc()
+                slip = True
+        reply = server.answer(data, host, now, tcp=False, slip=slip)
+        if reply is None:
+            server.metrics.dropped.inc()
+            return
+        assert self.transport is not None
+        self.transport.sendto(reply.wire, addr)
+        server.metrics.observe(reply, "udp")
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a client that went away: nothing to do.
+        log.debug("dns udp error: %s", exc)
+
+
+class DnsServer:
+    """Serve ``zone`` on ``host:port`` over UDP and TCP; ``port=0`` picks a free port."""
+
+    def __init__(
+        self,
+        zone: Zone,
+        host: str = "127.0.0.1",
+        port: int = 7453,
+        registry: CollectorRegistry | None = None,
+        *,
+        rrl: RrlConfig | None = None,
+        rate_limit: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        tcp_idle_timeout: float = 10.0,
+        max_tcp_connections: int = 256,
+    ) -> None:
+        self.zone = zone
+        self.host = host
+        self.requested_port = port
+        self.clock = clock
+        self.metrics = DnsMetrics(registry if registry is not None else CollectorRegistry())
+        self.limiter = RateLimiter(rrl) if rate_limit else None
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_connections = max_tcp_connections
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tcp_writers: set[asyncio.StreamWriter] = set()
+        self._port = 0
+
+    # -- feeding the zone with this server's clock --
+
+    def sync(self, instances: Iterable[Instance], revision: int, *, initial: bool = False) -> None:
+        """Full resync; ``initial`` (the first load) marks no service as just changed."""
+        self.zone.sync(instances, revision, -math.inf if initial else self.clock())
+
+    def apply(self, event: Event) -> None:
+        self.zone.apply(event, self.clock())
+
+    # -- lifecycle --
+
+    @property
+    def port(self) -> int:
+        """The bound port, the same for UDP and TCP (0 before ``start``)."""
+        return self._port
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _attempt in range(_BIND_ATTEMPTS):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(self.host, self.requested_port)
+            )
+            port = int(transport.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(
+                    self._serve_tcp, self.host, port, reuse_address=True
+                )
+            except OSError as exc:
+                transport.close()
+                # An ephemeral UDP port whose TCP twin is taken: try another one.
+                if self.requested_port == 0 and exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            self._udp = transport
+            self._port = port
+            log.info("dns serving %s on %s:%d (udp+tcp)", self.zone.config.zone, self.host, port)
+            return
+        raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            for writer in list(self._tcp_writers):
+                writer.close()
+            await self._tcp.wait_closed()
+            self._tcp = None
+
+    async def __aenter__(self) -> DnsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- answering --
+
+    def answer(self, data: bytes, host: str, now: float, *, tcp: bool, slip: bool) -> Reply | None:
+        try:
+            return self.zone.answer(data, host, now, tcp=tcp, slip=slip)
+        except Exception:
+            # A bug must cost one query, not the server.
+            log.exception("dns: failed to answer a query from %s", host)
+            header = wire.header_of(data)
+            if header is None:
+                return None
+            packet = wire.error_reply(header[0], header[1], wire.SERVFAIL)
+            return Reply(packet, 0, wire.SERVFAIL, None, False)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tcp_writers) >= self.max_tcp_connections:
+            writer.close()
+            return
+        self._tcp_writers.add(writer)
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if peer else ""
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.tcp_idle_timeout):
+                        (size,) = _LENGTH.unpack(await reader.readexactly(2))
+                        data = await reader.readexactly(size)
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    return
+                reply = self.answer(data, host, self.clock(), tcp=True, slip=False)
+                if reply is None:
+                    self.metrics.dropped.inc()
+                    return
+                packet = reply.wire
+                if len(packet) > 0xFFFF:
+                    # Only huge TXT meta could get here; a TCP message cannot say its length.
+                    header = wire.header_of(data)
+                    assert header is not None
+                    packet = wire.error_reply(header[0], header[1], wire.SERVFAIL)
+                    reply = Reply(packet, reply.qtype, wire.SERVFAIL, None, False)
+                writer.write(_LENGTH.pack(len(packet)) + packet)
+                self.metrics.observe(reply, "tcp")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self._tcp_writers.discard(writer)
+            writer.close()

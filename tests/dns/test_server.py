@@ -1,0 +1,210 @@
+"""The real DnsServer on 127.0.0.1, queried over UDP and TCP by dnspython and by dig."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+from prometheus_client import CollectorRegistry
+
+from interknit.dns.rrl import RrlConfig
+from interknit.dns.server import DnsServer
+from interknit.dns.zone import Zone, ZoneConfig
+from tests.conftest import require_tool
+from tests.dns.helpers import ZONE, addresses, inst, put
+
+HOST = "127.0.0.1"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[DnsServer]:
+    zone = Zone(ZoneConfig(max_answers=40))
+    srv = DnsServer(zone, HOST, 0, CollectorRegistry())
+    srv.sync(
+        [inst("search", f"s{i}", f"10.0.0.{i}", 9000 + i) for i in range(1, 4)]
+        + [inst("big", f"instance-{i:02d}", f"10.4.0.{i}", 7000 + i) for i in range(1, 41)],
+        11,
+        initial=True,
+    )
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+async def test_udp_and_tcp_share_one_port(server: DnsServer) -> None:
+    assert server.port > 0
+    query = dns.message.make_query(f"search.{ZONE}", "A")
+    udp = await dns.asyncquery.udp(query, HOST, port=server.port, timeout=2)
+    tcp = await dns.asyncquery.tcp(query, HOST, port=server.port, timeout=2)
+    assert len(addresses(udp)) == 3 and len(addresses(tcp)) == 3
+    assert udp.flags & dns.flags.AA
+
+
+async def test_truncated_over_udp_full_over_tcp(server: DnsServer) -> None:
+    query = dns.message.make_query(f"_big._tcp.{ZONE}", "SRV")
+    udp = await dns.asyncquery.udp(query, HOST, port=server.port, timeout=2)
+    assert udp.flags & dns.flags.TC and udp.answer == []
+    tcp = await dns.asyncquery.tcp(query, HOST, port=server.port, timeout=2)
+    assert not tcp.flags & dns.flags.TC and len(tcp.answer[0]) == 40
+    both, used_tcp = await dns.asyncquery.udp_with_fallback(
+        query, HOST, port=server.port, timeout=2
+    )
+    assert used_tcp and len(both.answer[0]) == 40
+
+
+async def test_several_queries_on_one_tcp_connection(server: DnsServer) -> None:
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        for name in ("search", "big", "nope"):
+            wire = dns.message.make_query(f"{name}.{ZONE}", "A").to_wire()
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            msg = dns.message.from_wire(await reader.readexactly(size))
+            expected = dns.rcode.NXDOMAIN if name == "nope" else dns.rcode.NOERROR
+            assert msg.rcode() == expected
+    finally:
+        writer.close()
+
+
+async def test_refused_and_garbage_keep_the_server_up(server: DnsServer) -> None:
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=(HOST, server.port)
+    )
+    transport.sendto(b"\x00")
+    transport.sendto(b"\xff" * 40)
+    transport.close()
+    refused = await dns.asyncquery.udp(
+        dns.message.make_query("example.com.", "A"), HOST, port=server.port, timeout=2
+    )
+    assert refused.rcode() == dns.rcode.REFUSED
+    ok = await dns.asyncquery.udp(
+        dns.message.make_query(f"search.{ZONE}", "A"), HOST, port=server.port, timeout=2
+    )
+    assert ok.rcode() == dns.rcode.NOERROR
+
+
+async def test_events_reach_answers_and_metrics_count(server: DnsServer) -> None:
+    server.apply(put(12, inst("search", "s9", "10.0.0.9")))
+    query = dns.message.make_query(f"s9.search.{ZONE}", "A")
+    msg = await dns.asyncquery.udp(query, HOST, port=server.port, timeout=2)
+    assert addresses(msg) == ["10.0.0.9"]
+    assert msg.answer[0].ttl == 1  # just changed
+    await dns.asyncquery.udp(
+        dns.message.make_query(f"_big._tcp.{ZONE}", "SRV"), HOST, port=server.port, timeout=2
+    )
+    metrics = server.metrics
+    assert metrics.queries.labels("A", "NOERROR", "udp")._value.get() >= 1
+    assert metrics.answers.labels("search")._value.get() >= 1
+    assert metrics.truncated._value.get() >= 1
+
+
+async def test_rate_limiting_drops_and_slips_over_udp() -> None:
+    zone = Zone()
+    zone.sync([inst("search", "s1", "10.0.0.1")], 1)
+    srv = DnsServer(zone, HOST, 0, rrl=RrlConfig(rate=1.0, burst=3.0, slip=2, exempt=()))
+    await srv.start()
+    try:
+        query = dns.message.make_query(f"search.{ZONE}", "A")
+        answered = truncated = 0
+        for _ in range(8):
+            try:
+                msg = await dns.asyncquery.udp(query, HOST, port=srv.port, timeout=0.3)
+            except dns.exception.Timeout:
+                continue
+            if msg.flags & dns.flags.TC:
+                truncated += 1
+            else:
+                answered += 1
+        assert answered == 3
+        assert truncated >= 1
+        assert srv.metrics.rate_limited.labels("drop")._value.get() >= 1
+        # TCP is never limited: the handshake proves the address.
+        msg = await dns.asyncquery.tcp(query, HOST, port=srv.port, timeout=2)
+        assert addresses(msg) == ["10.0.0.1"]
+    finally:
+        await srv.stop()
+
+
+async def test_dig_queries(server: DnsServer) -> None:
+    dig = require_tool("dig")
+
+    async def run(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            dig,
+            f"@{HOST}",
+            "-p",
+            str(server.port),
+            "+time=2",
+            "+tries=1",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        return out.decode()
+
+    short = await run("+short", f"search.{ZONE}", "A")
+    assert sorted(short.split()) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    srv = await run("+short", f"_search._tcp.{ZONE}", "SRV")
+    assert f"9001 s1.search.{ZONE}" in srv
+    nx = await run(f"nope.{ZONE}", "A")
+    assert "status: NXDOMAIN" in nx and "SOA" in nx
+    big = await run(f"_big._tcp.{ZONE}", "SRV")  # dig retries over TCP on TC by itself
+    records = [line for line in big.splitlines() if "SRV" in line and not line.startswith(";")]
+    assert len(records) == 40 and "(TCP)" in big
+    refused = await run("example.com", "A")
+    assert "status: REFUSED" in refused
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_dnsmasq_forwards_the_zone_as_the_docs_say(server: DnsServer) -> None:
+    dnsmasq = require_tool("dnsmasq")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        dnsmasq,
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        f"--listen-address={HOST}",
+        f"--port={port}",
+        "--pid-file=",
+        f"--server=/ik.internal/{HOST}#{server.port}",
+        "--rebind-domain-ok=/ik.internal/",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        query = dns.message.make_query(f"search.{ZONE}", "A")
+        msg = None
+        for _ in range(50):  # dnsmasq needs a moment to bind
+            try:
+                msg = await dns.asyncquery.udp(query, HOST, port=port, timeout=0.2)
+                break
+            except (dns.exception.Timeout, ConnectionRefusedError):
+                await asyncio.sleep(0.05)
+        assert msg is not None, "dnsmasq did not answer"
+        assert sorted(addresses(msg)) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+        nx = await dns.asyncquery.udp(
+            dns.message.make_query(f"nope.{ZONE}", "A"), HOST, port=port, timeout=2
+        )
+        assert nx.rcode() == dns.rcode.NXDOMAIN
+    finally:
+        proc.terminate()
+        await proc.wait()
