@@ -179,8 +179,9 @@ class MatchSection(Section):
     path: str | None = None
     path_prefix: str | None = None
     path_regex: str | None = None
-    method: str | list[str] | None = None
-    headers: dict[str, str | bool] = Field(default_factory=dict)
+    method: str | None = None
+    # name -> exact value, or true: the header only has to be present.
+    headers: dict[str, str | Literal[True]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _regex(self) -> MatchSection:
@@ -199,6 +200,7 @@ class StickySection(Section):
 class RetriesSection(Section):
     attempts: Annotated[int, Field(ge=0, le=10)] = 2
     budget: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+    min: Annotated[int, Field(ge=0, le=1000)] = 3
 
 
 class DemandSection(Section):
@@ -228,15 +230,18 @@ Balance = Literal["round_robin", "least_requests", "random", "ring_hash", "magle
 
 
 class RouteSection(Section):
+    name: str = ""
     match: MatchSection | None = None
     service: Label | None = None
     servers: list[HostPort] = Field(default_factory=list)
     balance: Balance = "round_robin"
-    hash_on: str | None = None  # "header:X-User", "cookie:session" or "source"
+    hash_on: str = "source"  # "source", "header:X-User" or "cookie:session"
     sticky: StickySection | None = None
     retries: RetriesSection = Field(default_factory=RetriesSection)
     timeout: Seconds | None = None
-    connect_timeout: Seconds = 1.0
+    connect_timeout: Seconds = 2.0
+    response_timeout: Seconds | None = 30.0
+    idle_timeout: Seconds = 60.0
     slow_start: Seconds | None = None
     panic_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     demand: DemandSection | None = None
@@ -254,12 +259,17 @@ class ListenerSection(Section):
     protocol: Literal["http", "tcp"] = "http"
     max_connections: Annotated[int, Field(ge=1)] = 10_000
     header_timeout: Seconds = 10.0
+    keepalive_timeout: Seconds = 60.0
+    drain_timeout: Seconds = 10.0
     routes: list[RouteSection] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _tcp_routes(self) -> ListenerSection:
         if self.protocol == "tcp" and (len(self.routes) != 1 or self.routes[0].match):
             raise ValueError("a tcp listener has exactly one route, without match")
+        from interknit.proxy.setup import listener_spec
+
+        listener_spec(self).validate()  # the proxy's own checks, with the route's index
         return self
 
 

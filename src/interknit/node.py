@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import re
 import signal
 import socket
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -86,6 +88,8 @@ class Node:
         self._ready = False
         self._stopping = False
         self._stop_hooks: list[Callable[[], Any]] = []
+        self._overloaded: Callable[[], bool] = lambda: False
+        self.listeners: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
         return {
@@ -102,6 +106,8 @@ class Node:
             return False, "stopping"
         if not self._ready:
             return False, "starting"
+        if self._overloaded():
+            return False, "overloaded"
         return True, "ready"
 
     async def start(self) -> None:
@@ -130,6 +136,7 @@ class Node:
         self.listen["api"] = f"http://{_hostport(host, bound[1])}"
         await self._register_static_services()
         await self._start_dns()
+        await self._start_proxy()
         self._ready = True
         log.info("node started", extra={"event": "node.started", **self.listen})
 
@@ -171,6 +178,80 @@ class Node:
         host, _ = split_hostport(section.listen)
         self.listen["dns"] = f"{_hostport(host, server.port)} (udp+tcp, zone {section.zone})"
         self.panels["DNS"] = lambda: answers_panel(self.registry.state, section.zone)
+
+    async def _start_proxy(self) -> None:
+        sections = self.config.listeners
+        if not sections:
+            return
+        from interknit.demand.metrics import DemandMetrics
+        from interknit.demand.overload import OverloadMonitor
+        from interknit.demand.route import DemandAdmissions, RouteLike
+        from interknit.demand.settings import DemandSettings
+        from interknit.proxy import RouteSpec, build_listener
+        from interknit.proxy.observe import ProxyMetrics
+        from interknit.proxy.setup import (
+            RegistryPools,
+            demand_settings,
+            listener_spec,
+            refresh_forever,
+        )
+
+        pools = RegistryPools(lambda: self.registry.state, self._sticky_secret())
+        settings = demand_settings(sections)
+        overload = OverloadMonitor()
+
+        def settings_for(route: RouteLike) -> DemandSettings | None:
+            return settings.get(route) if isinstance(route, RouteSpec) else None
+
+        admissions = DemandAdmissions(
+            settings_for,
+            metrics=DemandMetrics(self.metrics),
+            overload=overload,
+        )
+        self._overloaded = admissions.overloaded
+        proxy_metrics = ProxyMetrics.for_registry(self.metrics)
+        specs = [listener_spec(section) for section in sections]
+        pools.prepare([route for spec in specs for route in spec.routes])
+        self.registry.subscribe(pools.apply, pools.resync)
+        for section, spec in zip(sections, specs, strict=True):
+            listener = build_listener(spec, pools, admission=admissions, metrics=proxy_metrics)
+            try:
+                await listener.start()
+            except OSError as exc:
+                reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise NodeStartError(
+                    f"cannot listen on {section.listen} for listener {section.name!r}: {reason}"
+                ) from None
+            self.listeners[spec.name] = listener
+            self.listen[f"proxy {spec.name}"] = (
+                f"{spec.protocol}://{_hostport(spec.host, listener.port)}"
+            )
+        refresher = asyncio.create_task(refresh_forever(pools), name="pool-refresh")
+        drain = max(section.drain_timeout for section in sections)
+
+        async def stop_proxy() -> None:
+            refresher.cancel()
+            await asyncio.gather(*(lst.stop(drain) for lst in self.listeners.values()))
+
+        self.on_stop(stop_proxy)
+        self.pools = pools
+        self.panels["Proxy"] = pools.describe
+        self.panels["Demand"] = admissions.describe
+
+    def _sticky_secret(self) -> bytes:
+        """A per-node key for sticky cookies, kept in data_dir so cookies survive restarts."""
+        path = Path(self.config.node.data_dir) / "sticky.key"
+        try:
+            secret = path.read_bytes()
+            if len(secret) >= 16:
+                return secret
+        except OSError:
+            pass
+        secret = os.urandom(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(secret)
+        path.chmod(0o600)
+        return secret
 
     def on_stop(self, hook: Callable[[], Any]) -> None:
         self._stop_hooks.append(hook)

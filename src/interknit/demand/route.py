@@ -129,6 +129,27 @@ class DemandAdmissions:
         """The gates built so far (for the status page)."""
         return [a.gate for a in self._admissions.values() if a is not None]
 
+    def describe(self) -> list[dict[str, object]]:
+        """One row per route with demand control: what the status page's demand panel shows."""
+        rows: list[dict[str, object]] = []
+        for route, admission in self._admissions.items():
+            if admission is None:
+                continue
+            limiter = admission.gate.limiter
+            rows.append(
+                {
+                    "route": route.label,
+                    "limit": "-" if limiter is None else limiter.limit,
+                    "in flight": "-" if limiter is None else limiter.inflight,
+                    "queued": "-" if limiter is None else len(limiter.queue),
+                    "median service ms": "-"
+                    if limiter is None
+                    else round(limiter.service_times.median * 1000, 1),
+                    "overloaded": admission.gate.overloaded(),
+                }
+            )
+        return rows
+
     def overloaded(self) -> bool:
         """For ``GET /v1/health``: True while the node sheds more than its threshold."""
         return self.overload is not None and self.overload.overloaded(self.clock())

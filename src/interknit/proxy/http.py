@@ -1,0 +1,1260 @@
+"""The HTTP/1.1 data plane: one protocol object per client connection, one exchange per request.
+
+Theory of operation. ``HttpProxyProtocol`` parses requests with httptools. When a request head
+is complete it becomes an ``Exchange``; the first one runs at once, later (pipelined) ones wait
+in a deque with reading paused, so that responses leave in request order. An exchange picks a
+route (first match wins), asks the route's pool for an endpoint, borrows a keep-alive
+connection from the ``UpstreamPool`` and streams the request to it; the connection streams the
+response back through the exchange's ``on_response_*`` callbacks. Bodies are never gathered:
+each side pauses the other's reading when its write buffer is full (``FlowControl``), so a
+large body passes in constant memory. A failed attempt is retried on another endpoint only when
+it is safe (``retry.safe_to_retry``) and the route's ``RetryBudget`` has room.
+
+Framing is re-done on both sides: the proxy never forwards Content-Length, Transfer-Encoding
+or any other hop-by-hop header as it came, so that the upstream and the client each see one
+unambiguous framing (no request smuggling). httptools (llhttp) rejects conflicting or invalid
+framing, obsolete line folding and bad header characters; the proxy adds the head size limit,
+the Host rule and the version rule, and answers any rejection with an error and a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from interknit.balance.base import Endpoint
+from interknit.proxy.flow import PEER_FULL, PIPELINE, WAITING, FlowControl
+from interknit.proxy.observe import EndpointStats, RouteStats, access_log
+from interknit.proxy.pools import Admission, Permit, PoolLike
+from interknit.proxy.retry import IDEMPOTENT_METHODS, RETRYABLE_STATUSES, RetryBudget
+from interknit.proxy.routing import CompiledRoute, host_without_port, split_target
+from interknit.proxy.spec import RouteSpec
+from interknit.proxy.upstream import UpstreamConnection
+from interknit.proxy.wire import (
+    CONTINUE_100,
+    CRLF,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    NO_BODY_STATUSES,
+    REQUEST_REWRITTEN,
+    chunk,
+    connection_tokens,
+    error_response,
+    status_line,
+)
+
+if TYPE_CHECKING:
+    from interknit.proxy.listener import HttpListener
+
+log = logging.getLogger(__name__)
+
+# Request body kept for a retry; a bigger body streamed already cannot be sent again.
+REPLAY_LIMIT = 64 * 1024
+# Request body held while no upstream connection is ready, before the client is paused.
+BUFFER_HIGH = 64 * 1024
+# What a failed attempt allows: no retry, a retry if may_retry() agrees, or one already agreed.
+_RETRY_NO = 0
+_RETRY_MAYBE = 1
+_RETRY_APPROVED = 2
+_SELF_HEADERS = frozenset({b"connection", b"keep-alive", b"upgrade", b"close"})
+
+Outcome = tuple[int, str, int] | None  # (status, reason, retry) of a failed attempt
+
+
+class Rejected(Exception):
+    """Raised in a parser callback: the request is refused with ``status`` and a close."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class RouteState:
+    """What a route keeps across requests on one listener: budget, metrics, admission."""
+
+    __slots__ = ("admission", "budget", "label", "route", "spec", "stats")
+
+    def __init__(
+        self,
+        route: CompiledRoute,
+        budget: RetryBudget,
+        stats: RouteStats | None,
+        admission: Admission | None,
+    ) -> None:
+        self.route = route
+        self.spec: RouteSpec = route.spec
+        self.label = route.label
+        self.budget = budget
+        self.stats = stats
+        self.admission = admission
+
+
+class Exchange:
+    """One request and its response, across however many attempts it takes."""
+
+    __slots__ = (
+        "attempt_failed",
+        "body_seen",
+        "buffer",
+        "buffered",
+        "bytes_in",
+        "bytes_out",
+        "chunked_in",
+        "chunked_out",
+        "client_activity",
+        "client_closed",
+        "conn",
+        "content_length",
+        "deadline",
+        "endpoint",
+        "expect_continue",
+        "finished",
+        "forward_timeout",
+        "fut",
+        "hdict",
+        "head",
+        "headers",
+        "host",
+        "http10",
+        "keep_alive",
+        "last_error",
+        "method",
+        "must_close",
+        "next_endpoint",
+        "pending_head",
+        "pool",
+        "proto",
+        "reason",
+        "replay",
+        "replayed",
+        "request_broken",
+        "request_done",
+        "request_id",
+        "response_started",
+        "retries",
+        "retry_slot",
+        "sending",
+        "set_cookie",
+        "started_at",
+        "state",
+        "status",
+        "target",
+        "task",
+        "timer",
+        "tried",
+        "tunnel_prefix",
+        "tunneling",
+        "until_eof",
+        "upgrade",
+    )
+
+    def __init__(
+        self,
+        proto: HttpProxyProtocol,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        hdict: dict[bytes, bytes],
+        http10: bool,
+        now: float,
+    ) -> None:
+        self.proto = proto
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.hdict = hdict
+        self.http10 = http10
+        self.host = hdict.get(b"host", b"")
+        # Request framing and state
+        self.keep_alive = not http10
+        self.request_done = False
+        self.request_broken = False
+        self.chunked_in = False
+        self.content_length: bytes | None = None
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.tunnel_prefix = b""
+        self.body_seen = False
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.replay: list[bytes] | None = []
+        self.replayed = 0
+        self.bytes_in = 0
+        self.client_activity = now
+        self.head: bytes | None = None
+        self.request_id = b""
+        self.forward_timeout: bytes | None = None
+        self.set_cookie: bytes | None = None
+        # Routing and attempts
+        self.state: RouteState | None = None
+        self.pool: PoolLike | None = None
+        self.endpoint: Endpoint | None = None
+        self.next_endpoint: Endpoint | None = None
+        self.tried: list[Endpoint] = []
+        self.retries = 0
+        self.retry_slot = False
+        self.last_error: tuple[int, str] = (502, "upstream-failed")
+        self.attempt_failed = False
+        self.conn: UpstreamConnection | None = None
+        self.sending = False
+        self.started_at = now
+        self.fut: asyncio.Future[Outcome] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None
+        self.task: asyncio.Task[None] | None = None
+        # Response state
+        self.response_started = False
+        self.pending_head: bytes | None = None
+        self.status = 0
+        self.bytes_out = 0
+        self.chunked_out = False
+        self.until_eof = False
+        self.tunneling = False
+        self.must_close = False
+        self.client_closed = False
+        self.finished = False
+        self.reason = ""
+
+    # Start and finish
+
+    def start(self) -> None:
+        # A task even for a 404: it runs after the parser has finished the current buffer, so
+        # a bodiless request is complete (and its keep-alive known) by then.
+        self.task = self.proto.loop.create_task(self.run())
+
+    async def run(self) -> None:
+        try:
+            router, states = self.proto.listener.routing
+            path, authority = split_target(self.target)
+            host = authority if authority is not None else self.host
+            route = router.match(self.method, host_without_port(host), path, self.hdict)
+            if route is None:
+                self.respond_error(404, "no-route")
+                return
+            self.state = states[route.index]
+            await self.forward()
+        except Exception:
+            log.exception("proxy exchange failed")
+            self.respond_error(500, "internal-error")
+            self.must_close = True
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.cancel_timer()
+        proto = self.proto
+        listener = proto.listener
+        duration = proto.loop.time() - self.started_at
+        state = self.state
+        stats = state.stats if state is not None else listener.no_route_stats()
+        if stats is not None:
+            stats.count(self.status)
+            stats.duration.observe(duration)
+            if self.reason:
+                stats.error(self.reason)
+        if access_log.isEnabledFor(logging.INFO):
+            ep = self.endpoint
+            access_log.info(
+                "listener=%s route=%s method=%s target=%s status=%d endpoint=%s bytes_in=%d "
+                "bytes_out=%d duration_ms=%.2f retries=%d reason=%s request_id=%s",
+                listener.spec.name,
+                state.label if state is not None else "-",
+                self.method.decode("latin-1"),
+                self.target.decode("latin-1"),
+                self.status,
+                ep.key if ep is not None else "-",
+                self.bytes_in,
+                self.bytes_out,
+                duration * 1000.0,
+                self.retries,
+                self.reason or "-",
+                self.request_id.decode("latin-1") or "-",
+            )
+        proto.exchange_finished(self)
+
+    def respond_error(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        """Answer from the proxy itself, unless the upstream's answer has begun already."""
+        self.reason = reason
+        if self.response_started:
+            self.must_close = True
+            return
+        self.response_started = True
+        self.status = status
+        if not self.request_done or self.request_broken or self.upgrade is not None:
+            self.must_close = True
+        close = self.must_close or not self.keep_alive or self.proto.listener.stopping
+        self.proto.write(error_response(status, reason, close=close, retry_after=retry_after))
+
+    # Attempts
+
+    async def forward(self) -> None:
+        state = self.state
+        assert state is not None
+        spec = state.spec
+        loop = self.proto.loop
+        stats = state.stats
+        permit = None
+        ok = False
+        if stats is not None:
+            stats.inflight.inc()
+        budget = state.budget
+        budget.request_started()
+        try:
+            pool = self.proto.listener.pools.pool(spec)
+            if pool is None:
+                self.respond_error(503, "no-pool", retry_after=1)
+                return
+            self.pool = pool
+            if state.admission is not None:
+                permit = await self.admit(state.admission)
+                if permit is None:
+                    return
+            if spec.timeout is not None:
+                self.deadline = self.started_at + spec.timeout
+            hash_key = self.hash_key(spec)
+            while not (self.client_closed or self.request_broken):
+                endpoint = self.next_endpoint
+                self.next_endpoint = None
+                if endpoint is None:
+                    endpoint = self.pick(pool, hash_key, self.tried)
+                if endpoint is None:
+                    if self.tried:
+                        self.respond_error(*self.last_error)
+                    else:
+                        self.respond_error(503, "no-endpoint", retry_after=1)
+                    return
+                holds_slot, self.retry_slot = self.retry_slot, False
+                try:
+                    outcome = await self.attempt(pool, endpoint)
+                finally:
+                    if holds_slot:
+                        budget.release()
+                if outcome is None:
+                    # Demand control learns from upstream overload (502-504) as from failures.
+                    ok = not self.reason and self.status not in RETRYABLE_STATUSES
+                    return
+                status, reason, retry = outcome
+                self.tried.append(endpoint)
+                self.last_error = (status, reason)
+                if retry == _RETRY_APPROVED or (retry == _RETRY_MAYBE and self.may_retry()):
+                    self.retries += 1
+                    continue
+                self.respond_error(status, reason)
+                return
+        finally:
+            budget.request_finished()
+            if self.retry_slot:
+                budget.release()
+                self.retry_slot = False
+            if permit is not None:
+                permit.release(ok, loop.time())
+            if stats is not None:
+                stats.inflight.dec()
+
+    async def admit(self, admission: Admission) -> Permit | None:
+        """Ask demand control; answer its refusal (status, reason, Retry-After) here."""
+        hdict = self.hdict
+        permit = await admission.acquire(
+            self.proto.loop.time(),
+            request_timeout=hdict.get(b"x-request-timeout"),
+            grpc_timeout=hdict.get(b"grpc-timeout"),
+            priority=hdict.get(b"x-priority"),
+            client_key=self.proto.client_ip.decode("latin-1"),
+        )
+        if permit is None:
+            refusal = getattr(admission, "last_rejection", None)
+            self.respond_error(
+                int(getattr(refusal, "status", 503)),
+                str(getattr(refusal, "reason", "overloaded")),
+                retry_after=int(getattr(refusal, "retry_header", 1)),
+            )
+            return None
+        forward = getattr(permit, "forward_timeout", None)
+        if forward is not None:
+            value = forward()
+            if value:
+                self.forward_timeout = str(value).encode("latin-1")
+        return permit
+
+    def pick(
+        self, pool: PoolLike, hash_key: bytes | None, exclude: list[Endpoint]
+    ) -> Endpoint | None:
+        """An endpoint, honouring the route's sticky cookie; notes the Set-Cookie to send."""
+        state = self.state
+        assert state is not None
+        now = self.proto.loop.time()
+        name = state.spec.sticky_cookie
+        if name is None:
+            return pool.pick(hash_key, now, exclude)
+        raw = cookie_value(self.hdict.get(b"cookie"), name.encode())
+        chooser = getattr(pool, "pick_sticky", None)
+        if chooser is not None:
+            value = None if raw is None else raw.decode("latin-1")
+            endpoint, set_cookie = chooser(value, hash_key, now, exclude)
+            self.set_cookie = None if set_cookie is None else str(set_cookie).encode("latin-1")
+            return endpoint  # type: ignore[no-any-return]
+        endpoint = pool.pick(raw if raw is not None else hash_key, now, exclude)
+        self.set_cookie = None
+        if endpoint is not None:
+            key = endpoint.key.encode()
+            if raw != key:
+                self.set_cookie = b"%s=%s; Path=/; HttpOnly" % (name.encode(), key)
+        return endpoint
+
+    def may_retry(self) -> bool:
+        """Room for one more attempt: count, replayable body, time and budget (takes a slot)."""
+        state = self.state
+        assert state is not None
+        if self.retries >= state.spec.attempts or self.replay is None or self.client_closed:
+            return False
+        if self.deadline is not None and self.proto.loop.time() >= self.deadline:
+            return False
+        if not state.budget.try_acquire():
+            self.reason = "retry-budget"
+            return False
+        self.retry_slot = True
+        if state.stats is not None:
+            state.stats.retries.inc()
+        return True
+
+    async def attempt(self, pool: PoolLike, endpoint: Endpoint) -> Outcome:
+        loop = self.proto.loop
+        state = self.state
+        assert state is not None
+        self.endpoint = endpoint
+        self.attempt_failed = False
+        es: EndpointStats | None = None
+        if state.stats is not None:
+            es = state.stats.endpoint(endpoint.key)
+            es.requests.inc()
+            es.inflight.inc()
+        endpoint.started()
+        began = loop.time()
+        try:
+            outcome = await self.connect_and_exchange(state.spec, endpoint)
+        finally:
+            endpoint.finished()
+            if es is not None:
+                es.inflight.dec()
+                es.duration.observe(loop.time() - began)
+        failed = outcome is not None or self.attempt_failed
+        if failed and es is not None:
+            es.errors.inc()
+        pool.report(endpoint, not failed, loop.time())
+        return outcome
+
+    async def connect_and_exchange(self, spec: RouteSpec, endpoint: Endpoint) -> Outcome:
+        listener = self.proto.listener
+        loop = self.proto.loop
+        for _ in range(3):
+            self.attempt_failed = False
+            timeout = spec.connect_timeout
+            if self.deadline is not None:
+                timeout = min(timeout, self.deadline - loop.time())
+                if timeout <= 0:
+                    return (504, "timeout", _RETRY_NO)
+            # The usual case, a kept-alive connection, needs no task and no timer.
+            conn = listener.upstreams.take(endpoint.address, endpoint.port)
+            if conn is None:
+                try:
+                    conn = await asyncio.wait_for(
+                        listener.upstreams.connect(endpoint.address, endpoint.port), timeout
+                    )
+                except TimeoutError:
+                    return (504, "connect-timeout", _RETRY_MAYBE)
+                except OSError:
+                    return (502, "connect-failed", _RETRY_MAYBE)
+            if self.client_closed or self.request_broken:
+                listener.upstreams.release(conn)
+                return None
+            reused = conn.reused
+            outcome = await self.exchange(conn)
+            # A kept-alive connection the upstream closed just as we reused it: try a fresh
+            # one on the same endpoint, which is no fault of the endpoint.
+            if (
+                reused
+                and outcome is not None
+                and outcome[1] == "upstream-reset"
+                and self.replay is not None
+            ):
+                continue
+            return outcome
+        return (502, "upstream-reset", _RETRY_MAYBE)
+
+    async def exchange(self, conn: UpstreamConnection) -> Outcome:
+        proto = self.proto
+        fut: asyncio.Future[Outcome] = proto.loop.create_future()
+        self.fut = fut
+        self.conn = conn
+        conn.start(self, self.method == b"HEAD")
+        if proto.write_paused:
+            conn.pause_reading()
+        if self.expect_continue and not self.body_seen and not self.request_done:
+            proto.write(CONTINUE_100)
+            self.expect_continue = False
+        head = self.head
+        if head is None:
+            head = self.head = self.build_head()
+        parts = [head]
+        pending = self.buffer
+        if self.replay:
+            pending = self.replay + pending
+        framed = self.chunked_in
+        for data in pending:
+            parts.append(chunk(data) if framed else data)
+        self.record_sent(self.buffer)
+        self.buffer = []
+        self.buffered = 0
+        if self.request_done and framed:
+            parts.append(LAST_CHUNK)
+        conn.write(b"".join(parts))
+        self.sending = True
+        self.mark_client_activity()
+        proto.flow.resume_reading(WAITING)
+        self.arm_timer()
+        try:
+            return await fut
+        finally:
+            self.fut = None
+            self.cancel_timer()
+            if not self.tunneling:
+                self.sending = False
+                self.conn = None
+
+    def mark_client_activity(self) -> None:
+        self.client_activity = self.proto.loop.time()
+
+    def record_sent(self, chunks: list[bytes]) -> None:
+        replay = self.replay
+        if replay is None:
+            return
+        for data in chunks:
+            self.replayed += len(data)
+            if self.replayed > REPLAY_LIMIT:
+                self.replay = None
+                return
+            replay.append(data)
+
+    def resolve(self, outcome: Outcome) -> None:
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
+
+    def build_head(self) -> bytes:
+        proto = self.proto
+        out = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        override = self.forward_timeout
+        for name, value in self.headers:
+            if override is not None and name.lower() == b"x-request-timeout":
+                continue
+            out += (name, b": ", value, CRLF)
+        if override is not None:
+            out += (b"x-request-timeout: ", override, CRLF)
+        hdict = self.hdict
+        forwarded = hdict.get(b"x-forwarded-for")
+        client_ip = proto.client_ip
+        if forwarded:
+            out += (b"x-forwarded-for: ", forwarded, b", ", client_ip, CRLF)
+        else:
+            out += (b"x-forwarded-for: ", client_ip, CRLF)
+        out.append(b"x-forwarded-proto: http\r\n")
+        if self.host:
+            out += (b"x-forwarded-host: ", self.host, CRLF)
+        elif self.endpoint is not None:
+            # HTTP/1.0 clients may omit Host; the upstream speaks 1.1 and needs one.
+            out += (b"host: ", f"{self.endpoint.address}:{self.endpoint.port}".encode(), CRLF)
+        request_id = hdict.get(b"x-request-id") or proto.listener.request_ids.next()
+        self.request_id = request_id
+        out += (b"x-request-id: ", request_id, CRLF)
+        if self.chunked_in:
+            out.append(b"transfer-encoding: chunked\r\n")
+        elif self.content_length is not None:
+            out += (b"content-length: ", self.content_length, CRLF)
+        if self.upgrade is not None:
+            out += (b"connection: upgrade\r\nupgrade: ", self.upgrade, CRLF)
+        out.append(CRLF)
+        return b"".join(out)
+
+    def hash_key(self, spec: RouteSpec) -> bytes | None:
+        if spec.balance not in ("ring_hash", "maglev", "source_ip"):
+            return None
+        hash_on = spec.hash_on
+        if spec.balance != "source_ip" and hash_on != "source":
+            kind, _, name = hash_on.partition(":")
+            if kind == "header":
+                value = self.hdict.get(name.lower().encode("latin-1"))
+            else:
+                value = cookie_value(self.hdict.get(b"cookie"), name.encode("latin-1"))
+            if value:
+                return value
+        return self.proto.client_ip
+
+    # Timers: response head, whole-request deadline and idle, on one handle
+
+    def arm_timer(self) -> None:
+        self.cancel_timer()
+        state = self.state
+        assert state is not None
+        spec = state.spec
+        loop = self.proto.loop
+        conn = self.conn
+        if self.response_started or not self.request_done or spec.response_timeout is None:
+            last = self.client_activity
+            if conn is not None and conn.last_activity > last:
+                last = conn.last_activity
+            when = last + spec.idle_timeout
+        else:
+            when = self.client_activity + spec.response_timeout
+        if self.deadline is not None and self.deadline < when:
+            when = self.deadline
+        self.timer = loop.call_at(when, self.on_timer)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def on_timer(self) -> None:
+        self.timer = None
+        if self.fut is None or self.fut.done():
+            return
+        state = self.state
+        assert state is not None
+        spec = state.spec
+        now = self.proto.loop.time()
+        conn = self.conn
+        if self.deadline is not None and now >= self.deadline:
+            reason = "timeout"
+        elif self.response_started or not self.request_done or spec.response_timeout is None:
+            last = self.client_activity
+            if conn is not None and conn.last_activity > last:
+                last = conn.last_activity
+            if now - last < spec.idle_timeout:
+                self.arm_timer()
+                return
+            reason = "idle-timeout"
+        elif now - self.client_activity >= spec.response_timeout:
+            reason = "response-timeout"
+        else:
+            self.arm_timer()
+            return
+        self.attempt_failed = True
+        if conn is not None:
+            self.conn = None
+            conn.close()
+        if self.response_started:
+            self.reason = reason
+            self.must_close = True
+            self.flush_pending()
+            self.resolve(None)
+        else:
+            self.resolve((504, reason, _RETRY_NO))
+
+    # Request side (called by the client protocol)
+
+    def request_body(self, data: bytes) -> None:
+        self.body_seen = True
+        self.bytes_in += len(data)
+        conn = self.conn
+        if self.sending and conn is not None:
+            conn.write(chunk(data) if self.chunked_in else data)
+            if self.replay is not None:
+                self.replayed += len(data)
+                if self.replayed > REPLAY_LIMIT:
+                    self.replay = None
+                else:
+                    self.replay.append(data)
+            self.client_activity = self.proto.loop.time()
+        else:
+            self.buffer.append(data)
+            self.buffered += len(data)
+            if self.buffered > BUFFER_HIGH:
+                self.proto.flow.pause_reading(WAITING)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        conn = self.conn
+        if self.sending and conn is not None:
+            if self.chunked_in:
+                conn.write(LAST_CHUNK)
+            self.client_activity = self.proto.loop.time()
+            if self.fut is not None and not self.response_started:
+                self.arm_timer()
+
+    def request_failed(self, status: int, reason: str) -> None:
+        """The request's own bytes turned out bad (e.g. broken chunking) mid-exchange."""
+        self.request_broken = True
+        self.must_close = True
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.close()
+        self.respond_error(status, reason)
+        self.resolve(None)
+
+    def client_lost(self) -> None:
+        self.client_closed = True
+        self.must_close = True
+        if not self.reason and not self.finished:
+            self.reason = "client-closed"
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.close()
+        self.resolve(None)
+
+    # Response side (ResponseSink, called by the upstream connection)
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if (
+            status in RETRYABLE_STATUSES
+            and self.method in IDEMPOTENT_METHODS
+            and self.retry_elsewhere()
+        ):
+            conn = self.conn
+            if conn is not None:
+                self.conn = None
+                conn.close()
+            self.resolve((status, f"upstream-{status}", _RETRY_APPROVED))
+            return
+        if status == 101 and self.upgrade is None:
+            # Switching protocols nobody asked for: not something to pass to the client.
+            self.on_upstream_failed("bad-response", True)
+            return
+        self.response_started = True
+        self.status = status
+        out = [status_line(status)]
+        content_length: bytes | None = None
+        upgrade: bytes | None = None
+        chunked = False
+        listed: set[bytes] | None = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"content-length":
+                    content_length = value
+                elif lname == b"transfer-encoding":
+                    chunked = True
+                elif lname == b"upgrade":
+                    upgrade = value
+                elif lname == b"connection":
+                    tokens = connection_tokens(value) - _SELF_HEADERS
+                    if tokens:
+                        listed = tokens if listed is None else listed | tokens
+                continue
+            out += (name, b": ", value, CRLF)
+        if listed:
+            out = [status_line(status)]
+            for name, value in headers:
+                lname = name.lower()
+                if lname not in HOP_BY_HOP and lname not in listed:
+                    out += (name, b": ", value, CRLF)
+        if self.set_cookie is not None:
+            out += (b"set-cookie: ", self.set_cookie, CRLF)
+        if status == 101:
+            out += (b"connection: upgrade\r\nupgrade: ", upgrade or self.upgrade or b"", CRLF)
+            out.append(CRLF)
+            self.pending_head = b"".join(out)
+            return
+        if self.method == b"HEAD" or status in NO_BODY_STATUSES:
+            if content_length is not None:
+                out += (b"content-length: ", content_length, CRLF)
+        elif content_length is not None and not chunked:
+            out += (b"content-length: ", content_length, CRLF)
+        elif not self.http10:
+            # The upstream's body ends with its connection unless it is chunked.
+            self.until_eof = not chunked
+            self.chunked_out = True
+            out.append(b"transfer-encoding: chunked\r\n")
+        else:
+            self.until_eof = not chunked
+            self.must_close = True
+        if self.upgrade is not None or not self.request_done:
+            self.must_close = True
+        if self.must_close or not self.keep_alive or self.proto.listener.stopping:
+            out.append(b"connection: close\r\n")
+        elif self.http10:
+            out.append(b"connection: keep-alive\r\n")
+        out.append(CRLF)
+        self.pending_head = b"".join(out)
+
+    def retry_elsewhere(self) -> bool:
+        """For a 502/503/504 answer: retry if allowed and another endpoint is there to try."""
+        state = self.state
+        pool = self.pool
+        endpoint = self.endpoint
+        if state is None or pool is None or endpoint is None:
+            return False
+        if self.retries >= state.spec.attempts or self.replay is None or not self.request_done:
+            return False
+        other = self.pick(pool, self.hash_key(state.spec), [*self.tried, endpoint])
+        if other is None or not self.may_retry():
+            return False
+        self.next_endpoint = other
+        self.attempt_failed = True
+        return True
+
+    def on_response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.chunked_out:
+            data = chunk(data)
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            data = head + data
+        self.proto.write(data)
+
+    def on_response_flush(self) -> None:
+        self.flush_pending()
+
+    def flush_pending(self) -> None:
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            self.proto.write(head)
+
+    def on_response_complete(self, keep_alive: bool) -> None:
+        head = self.pending_head or b""
+        self.pending_head = None
+        if self.chunked_out:
+            self.proto.write(head + LAST_CHUNK)
+        elif head:
+            self.proto.write(head)
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            if keep_alive and self.request_done and self.sending and not self.request_broken:
+                self.proto.listener.upstreams.release(conn)
+            else:
+                conn.close()
+        self.resolve(None)
+
+    def on_upstream_upgraded(self, rest: bytes) -> None:
+        proto = self.proto
+        conn = self.conn
+        if conn is None or self.upgrade is None or proto.closed:
+            self.on_upstream_failed("bad-upgrade", True)
+            return
+        self.tunneling = True
+        head = self.pending_head or b""
+        self.pending_head = None
+        proto.write(head + rest)
+        self.bytes_out += len(rest)
+        conn.tunnel = proto.transport
+        proto.start_tunnel(conn)
+        if self.tunnel_prefix:
+            conn.write(self.tunnel_prefix)
+            self.tunnel_prefix = b""
+        self.cancel_timer()
+        self.resolve(None)
+
+    def on_upstream_failed(self, reason: str, received: bool) -> None:
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.close()
+        if self.tunneling:
+            self.proto.close()
+            return
+        if not self.response_started:
+            self.attempt_failed = True
+            if not received and reason == "upstream-reset":
+                retry = _RETRY_MAYBE if self.replay is not None else _RETRY_NO
+                self.resolve((502, reason, retry))
+            else:
+                self.resolve((502, reason, _RETRY_NO))
+            return
+        if self.until_eof and reason == "upstream-reset":
+            # The end of a body delimited by the upstream closing its connection.
+            head = self.pending_head or b""
+            self.pending_head = None
+            tail = LAST_CHUNK if self.chunked_out else b""
+            if head or tail:
+                self.proto.write(head + tail)
+        else:
+            self.attempt_failed = True
+            self.reason = reason
+            self.must_close = True
+            self.flush_pending()
+        self.resolve(None)
+
+    def on_upstream_eof(self) -> None:
+        self.proto.tunnel_eof_from_upstream()
+
+    def upstream_pause_writing(self) -> None:
+        self.proto.flow.pause_reading(PEER_FULL)
+
+    def upstream_resume_writing(self) -> None:
+        self.proto.flow.resume_reading(PEER_FULL)
+
+
+def cookie_value(header: bytes | None, name: bytes) -> bytes | None:
+    if not header:
+        return None
+    for part in header.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == name:
+            return value
+    return None
+
+
+class HttpProxyProtocol(asyncio.Protocol):
+    def __init__(self, listener: HttpListener) -> None:
+        # Global state
+        self.listener = listener
+        self.loop = listener.loop
+        self.max_header_bytes = listener.spec.max_header_bytes
+
+        # Per-connection state
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.flow: FlowControl = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = b""
+        self.active: Exchange | None = None
+        self.pipeline: deque[Exchange] = deque()
+        self.pending_error: bytes | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_is_head = False
+        self.write_paused = False
+        self.closed = False
+        self.rejected = False
+        # After a refusal nothing more is parsed; after an upgrade request, bytes wait for the
+        # tunnel in the exchange.
+        self.broken = False
+        self.upgrading: Exchange | None = None
+        self.tunnel: UpstreamConnection | None = None
+        self.eof_from_client = False
+        self.eof_from_upstream = False
+
+        # Per-request state (the request being parsed)
+        self.parsing: Exchange | None = None
+        self.in_head = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.hdict: dict[bytes, bytes] = {}
+        self.head_bytes = 0
+        self.hosts = 0
+        self.listed: set[bytes] | None = None
+
+    # Protocol interface
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = transport  # type: ignore[assignment]
+        if not self.listener.connection_opened(self):
+            self.rejected = True
+            self.transport.write(error_response(503, "max-connections", close=True, retry_after=1))
+            self.transport.close()
+            return
+        self.flow = FlowControl(self.transport)
+        peer = self.transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]).encode() if peer else b""
+        self.arm_timer(head=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.rejected:
+            return
+        self.closed = True
+        self.listener.connection_closed(self)
+        self.cancel_timer()
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        pipeline, self.pipeline = self.pipeline, deque()
+        if self.active is not None:
+            self.active.client_lost()
+        for ex in pipeline:
+            ex.client_closed = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.broken:
+            return
+        if self.upgrading is not None:
+            self.upgrading.tunnel_prefix += data
+            return
+        active = self.active
+        if active is not None and active.sending:
+            active.client_activity = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.on_request_upgrade(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, Rejected):
+                self.reject(cause.status, cause.reason)
+            elif cause is not None and not isinstance(cause, httptools.HttpParserError):
+                log.error("proxy parser callback failed", exc_info=cause)
+                self.reject(500, "internal-error")
+            else:
+                self.reject(400, "bad-request")
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            self.eof_from_client = True
+            tunnel_transport = self.tunnel.transport
+            if self.eof_from_upstream:
+                self.close()
+            elif tunnel_transport is not None and tunnel_transport.can_write_eof():
+                tunnel_transport.write_eof()
+            return True
+        if self.active is not None and self.parsing is None and not self.in_head:
+            # The client may half-close after its request; answer it, then close.
+            self.active.must_close = True
+            return True
+        # A request cut short can never complete: give up on it (connection_lost follows).
+        return None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+        elif self.active is not None and self.active.conn is not None:
+            self.active.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        elif self.active is not None and self.active.conn is not None:
+            self.active.conn.resume_reading()
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.url = b""
+        self.headers = []
+        self.hdict = {}
+        self.head_bytes = 0
+        self.hosts = 0
+        self.listed = None
+        if not self.timer_is_head:
+            self.arm_timer(head=True)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+        if self.head_bytes > self.max_header_bytes:
+            raise Rejected(414, "uri-too-long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.max_header_bytes:
+            raise Rejected(431, "headers-too-large")
+        if not self.in_head:
+            return  # a trailer: not forwarded
+        lname = name.lower()
+        hdict = self.hdict
+        if lname in REQUEST_REWRITTEN:
+            if lname == b"connection":
+                tokens = connection_tokens(value) - _SELF_HEADERS
+                if tokens:
+                    self.listed = tokens if self.listed is None else self.listed | tokens
+            elif lname == b"x-forwarded-for" and lname in hdict:
+                value = hdict[lname] + b", " + value
+        else:
+            self.headers.append((name, value))
+            if lname == b"host":
+                self.hosts += 1
+        if lname == b"connection" and lname in hdict:
+            value = hdict[lname] + b", " + value
+        hdict[lname] = value
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.cancel_timer()
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise Rejected(505, "unsupported-version")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise Rejected(405, "connect-not-supported")
+        http10 = version == "1.0"
+        if self.hosts > 1 or (self.hosts == 0 and not http10):
+            raise Rejected(400, "bad-host")
+        headers = self.headers
+        if self.listed:
+            listed = self.listed
+            headers = [(n, v) for n, v in headers if n.lower() not in listed]
+        hdict = self.hdict
+        ex = Exchange(self, method, self.url, headers, hdict, http10, self.loop.time())
+        ex.keep_alive = bool(parser.should_keep_alive())
+        if b"transfer-encoding" in hdict:
+            ex.chunked_in = True
+        elif b"content-length" in hdict:
+            ex.content_length = hdict[b"content-length"].strip()
+        expect = hdict.get(b"expect")
+        if expect is not None and not http10 and expect.lower() == b"100-continue":
+            ex.expect_continue = True
+        if b"upgrade" in hdict and b"upgrade" in connection_tokens(hdict.get(b"connection", b"")):
+            ex.upgrade = hdict[b"upgrade"]
+        self.parsing = ex
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            self.pipeline.append(ex)
+            self.flow.pause_reading(PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        self.parsing = None
+        # Read here: afterwards httptools reports False.
+        ex.keep_alive = bool(self.parser.should_keep_alive())
+        ex.request_complete()
+
+    # Connection management
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.transport.close()
+
+    def reject(self, status: int, reason: str) -> None:
+        """The byte stream broke the rules: answer ``status`` in turn and close."""
+        self.flow.pause_reading(PIPELINE)
+        self.broken = True
+        ex = self.parsing
+        self.parsing = None
+        if ex is not None and ex is self.active:
+            ex.request_failed(status, reason)
+            return
+        if ex is not None:
+            with contextlib.suppress(ValueError):
+                self.pipeline.remove(ex)
+        response = error_response(status, reason, close=True)
+        if self.active is None:
+            self.count_rejection(reason, status)
+            self.write(response)
+            self.close()
+        else:
+            self.pending_error = response
+
+    def count_rejection(self, reason: str, status: int) -> None:
+        stats = self.listener.no_route_stats()
+        if stats is not None:
+            stats.count(status)
+            stats.error(reason)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "listener=%s route=- status=%d reason=%s client=%s",
+                self.listener.spec.name,
+                status,
+                reason,
+                self.client_ip.decode(),
+            )
+
+    def exchange_finished(self, ex: Exchange) -> None:
+        if ex is not self.active:
+            return
+        self.active = None
+        if self.closed or self.tunnel is not None:
+            return
+        self.flow.resume_reading(PEER_FULL | WAITING)
+        if ex.must_close or not ex.request_done or not ex.keep_alive or self.listener.stopping:
+            self.close()
+            return
+        if self.pipeline:
+            nxt = self.pipeline.popleft()
+            if not self.pipeline:
+                self.flow.resume_reading(PIPELINE)
+            self.active = nxt
+            nxt.start()
+            return
+        if self.pending_error is not None:
+            self.write(self.pending_error)
+            self.close()
+            return
+        self.flow.resume_reading(PIPELINE)
+        if self.in_head:
+            if not self.timer_is_head:
+                self.arm_timer(head=True)
+        else:
+            self.arm_timer(head=False)
+
+    def arm_timer(self, head: bool) -> None:
+        """Bound the wait for a request head (header_timeout) or for a next request."""
+        self.cancel_timer()
+        spec = self.listener.spec
+        self.timer_is_head = head
+        if head:
+            self.timer = self.loop.call_later(spec.header_timeout, self.on_head_timeout)
+        else:
+            self.timer = self.loop.call_later(spec.keepalive_timeout, self.on_idle_timeout)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_is_head = False
+
+    def on_request_upgrade(self, rest: bytes) -> None:
+        ex = self.active if self.active is not None and self.active.upgrade else None
+        if ex is None or self.pipeline:
+            self.reject(400, "bad-upgrade")
+            return
+        # No more HTTP on this connection: hold the bytes for the tunnel until the upstream
+        # agrees (101), and read nothing more until then.
+        ex.tunnel_prefix += rest
+        self.upgrading = ex
+        self.flow.pause_reading(PIPELINE)
+
+    def start_tunnel(self, conn: UpstreamConnection) -> None:
+        self.tunnel = conn
+        self.upgrading = None
+        if self.write_paused:
+            conn.pause_reading()
+        self.flow.resume_reading(PIPELINE | WAITING | PEER_FULL)
+
+    def tunnel_eof_from_upstream(self) -> None:
+        self.eof_from_upstream = True
+        if self.eof_from_client:
+            self.close()
+            if self.tunnel is not None:
+                self.tunnel.close()
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def on_head_timeout(self) -> None:
+        self.timer = None
+        self.timer_is_head = False
+        if self.active is None and not self.closed:
+            self.count_rejection("header-timeout", 408)
+            self.write(error_response(408, "header-timeout", close=True))
+            self.close()
+
+    def on_idle_timeout(self) -> None:
+        self.timer = None
+        if self.active is None and not self.in_head:
+            self.close()
+
+    def shutdown(self) -> None:
+        """Stop after the request in flight (listener draining)."""
+        if self.tunnel is not None:
+            return
+        if self.active is None and not self.in_head:
+            self.close()

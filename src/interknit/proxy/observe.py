@@ -1,0 +1,175 @@
+"""Metrics and the access log, shaped so that a request touches only pre-resolved children.
+
+Prometheus ``labels()`` lookups hash and format label values, so the children of each
+(listener, route) and (listener, route, endpoint) are resolved once and kept here.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+access_log = logging.getLogger("interknit.access")
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class ProxyMetrics:
+    """The proxy's metric families on one registry; shared by every listener of a node."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, ProxyMetrics] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        route = ["listener", "route"]
+        endpoint = ["listener", "route", "endpoint"]
+        self.connections = Gauge(
+            "interknit_proxy_connections",
+            "Open client connections.",
+            ["listener"],
+            registry=registry,
+        )
+        self.rejected_connections = Counter(
+            "interknit_proxy_rejected_connections",
+            "Client connections refused over max_connections.",
+            ["listener"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "interknit_proxy_requests",
+            "Requests (HTTP) or connections (TCP) answered, by status class.",
+            [*route, "code"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "interknit_proxy_errors",
+            "Requests the proxy answered itself with an error, by reason.",
+            [*route, "reason"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "interknit_proxy_retries", "Retried attempts.", route, registry=registry
+        )
+        self.duration = Histogram(
+            "interknit_proxy_request_duration_seconds",
+            "Time from request head to last response byte.",
+            route,
+            buckets=_BUCKETS,
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "interknit_proxy_inflight", "Requests in flight.", route, registry=registry
+        )
+        self.endpoint_requests = Counter(
+            "interknit_proxy_endpoint_requests",
+            "Attempts sent to an endpoint.",
+            endpoint,
+            registry=registry,
+        )
+        self.endpoint_errors = Counter(
+            "interknit_proxy_endpoint_errors",
+            "Attempts to an endpoint that failed (connect, reset, timeout, 502-504).",
+            endpoint,
+            registry=registry,
+        )
+        self.endpoint_duration = Histogram(
+            "interknit_proxy_endpoint_duration_seconds",
+            "Time of one attempt against an endpoint.",
+            endpoint,
+            buckets=_BUCKETS,
+            registry=registry,
+        )
+        self.endpoint_inflight = Gauge(
+            "interknit_proxy_endpoint_inflight",
+            "Attempts in flight to an endpoint.",
+            endpoint,
+            registry=registry,
+        )
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry) -> ProxyMetrics:
+        """One instance per registry: families may be registered only once."""
+        found = cls._by_registry.get(registry)
+        if found is None:
+            found = cls._by_registry[registry] = cls(registry)
+        return found
+
+
+class EndpointStats:
+    __slots__ = ("duration", "errors", "inflight", "requests")
+
+    def __init__(self, metrics: ProxyMetrics, labels: tuple[str, str, str]) -> None:
+        self.requests = metrics.endpoint_requests.labels(*labels)
+        self.errors = metrics.endpoint_errors.labels(*labels)
+        self.duration = metrics.endpoint_duration.labels(*labels)
+        self.inflight = metrics.endpoint_inflight.labels(*labels)
+
+
+class RouteStats:
+    """Pre-resolved metric children of one route on one listener."""
+
+    __slots__ = (
+        "_endpoints",
+        "_errors",
+        "_labels",
+        "_metrics",
+        "codes",
+        "duration",
+        "inflight",
+        "retries",
+    )
+
+    def __init__(self, metrics: ProxyMetrics, listener: str, route: str) -> None:
+        self._metrics = metrics
+        self._labels = (listener, route)
+        self.codes: tuple[Any, ...] = tuple(
+            metrics.requests.labels(listener, route, c) for c in _STATUS_CLASSES
+        )
+        self.duration = metrics.duration.labels(listener, route)
+        self.inflight = metrics.inflight.labels(listener, route)
+        self.retries = metrics.retries.labels(listener, route)
+        self._errors: dict[str, Any] = {}
+        self._endpoints: dict[str, EndpointStats] = {}
+
+    def count(self, status: int) -> None:
+        index = status // 100 - 1
+        if 0 <= index < 5:
+            self.codes[index].inc()
+
+    def error(self, reason: str) -> None:
+        child = self._errors.get(reason)
+        if child is None:
+            child = self._errors[reason] = self._metrics.errors.labels(*self._labels, reason)
+        child.inc()
+
+    def endpoint(self, key: str) -> EndpointStats:
+        found = self._endpoints.get(key)
+        if found is None:
+            found = self._endpoints[key] = EndpointStats(self._metrics, (*self._labels, key))
+        return found
+
+
+class ListenerStats:
+    """A listener's view of the metrics: its route children, made on first use."""
+
+    __slots__ = ("_metrics", "_routes", "connections", "name", "rejected")
+
+    def __init__(self, metrics: ProxyMetrics | None, name: str) -> None:
+        self._metrics = metrics
+        self.name = name
+        self._routes: dict[str, RouteStats] = {}
+        self.connections = None if metrics is None else metrics.connections.labels(name)
+        self.rejected = None if metrics is None else metrics.rejected_connections.labels(name)
+
+    def route(self, label: str) -> RouteStats | None:
+        if self._metrics is None:
+            return None
+        found = self._routes.get(label)
+        if found is None:
+            found = self._routes[label] = RouteStats(self._metrics, self.name, label)
+        return found

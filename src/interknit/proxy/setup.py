@@ -1,0 +1,214 @@
+"""The node's side of the proxy: TOML listeners to specs, and pools that follow the registry.
+
+Pools are sans-IO ``balance.Pool`` objects keyed by route. Registry events update every pool of
+the event's service in the same callback that updates DNS, so a pool changes within one event.
+The proxy passes its loop's monotonic time; pools and ejections live on the registry's
+wall-clock, so the adapter reads ``time.time()`` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Container, Sequence
+from typing import Any
+
+from interknit.balance.base import Endpoint
+from interknit.balance.pool import Pool, make_balancer
+from interknit.balance.sticky import StickyCookie
+from interknit.config import ListenerSection, RouteSection, split_hostport
+from interknit.demand.settings import DemandSettings
+from interknit.proxy.spec import ListenerSpec, MatchSpec, RouteSpec
+from interknit.registry.model import Event
+from interknit.registry.state import RegistryState
+
+log = logging.getLogger("interknit.proxy")
+
+# Reports a passive failure or success of an endpoint; returns nothing, may eject.
+Reporter = Callable[[Pool, Endpoint, bool, float], None]
+
+
+def route_spec(section: RouteSection) -> RouteSpec:
+    match = None
+    if section.match is not None:
+        m = section.match
+        headers = tuple(
+            (name, None if value is True else str(value)) for name, value in m.headers.items()
+        )
+        match = MatchSpec(
+            host=m.host,
+            path_exact=m.path,
+            path_prefix=m.path_prefix,
+            path_regex=m.path_regex,
+            method=m.method,
+            headers=headers,
+        )
+    return RouteSpec(
+        match=match,
+        service=section.service,
+        servers=tuple(section.servers),
+        name=section.name,
+        balance=section.balance,
+        hash_on=section.hash_on,
+        sticky_cookie=None if section.sticky is None else section.sticky.cookie,
+        attempts=section.retries.attempts,
+        retry_budget=section.retries.budget,
+        retry_min=section.retries.min,
+        timeout=section.timeout,
+        connect_timeout=section.connect_timeout,
+        response_timeout=section.response_timeout,
+        idle_timeout=section.idle_timeout,
+    )
+
+
+def listener_spec(section: ListenerSection) -> ListenerSpec:
+    host, port = split_hostport(section.listen)
+    return ListenerSpec(
+        name=section.name,
+        host=host,
+        port=port,
+        protocol=section.protocol,
+        max_connections=section.max_connections,
+        header_timeout=section.header_timeout,
+        keepalive_timeout=section.keepalive_timeout,
+        routes=tuple(route_spec(r) for r in section.routes),
+    )
+
+
+def demand_settings(sections: Sequence[ListenerSection]) -> dict[RouteSpec, DemandSettings]:
+    """Each route's demand-control settings, keyed the way the proxy asks for them."""
+    out: dict[RouteSpec, DemandSettings] = {}
+    for listener in sections:
+        for route in listener.routes:
+            if route.demand is not None:
+                out[route_spec(route)] = DemandSettings.from_dict(route.demand.model_dump())
+    return out
+
+
+class RoutePool:
+    """A route's ``balance.Pool`` as the proxy's ``PoolLike``, with its sticky cookie."""
+
+    __slots__ = ("pool", "reporter", "service", "sticky")
+
+    def __init__(
+        self, pool: Pool, service: str | None, sticky: StickyCookie | None, reporter: Reporter
+    ) -> None:
+        self.pool = pool
+        self.service = service
+        self.sticky = sticky
+        self.reporter = reporter
+
+    def pick(
+        self, hash_key: bytes | None, now: float, exclude: Container[Endpoint] = ()
+    ) -> Endpoint | None:
+        return self.pool.pick(hash_key, time.time(), exclude)
+
+    def report(self, endpoint: Endpoint, ok: bool, now: float) -> None:
+        self.reporter(self.pool, endpoint, ok, time.time())
+
+    def pick_sticky(
+        self, cookie: str | None, hash_key: bytes | None, now: float, exclude: Container[Endpoint]
+    ) -> tuple[Endpoint | None, str | None]:
+        if self.sticky is None:
+            return self.pool.pick(hash_key, time.time(), exclude), None
+        return self.sticky.choose(cookie, self.pool, hash_key, time.time(), exclude)
+
+
+class RegistryPools:
+    """Every route's pool; registry-backed ones follow events, static ones keep their list."""
+
+    def __init__(
+        self,
+        state: Callable[[], RegistryState],
+        secret: bytes,
+        reporter: Reporter | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._state = state
+        self._secret = secret
+        self._reporter: Reporter = reporter or (lambda pool, ep, ok, now: None)
+        self._rng = rng
+        self._pools: dict[RouteSpec, RoutePool] = {}
+        self._by_service: dict[str, list[RoutePool]] = {}
+
+    def set_reporter(self, reporter: Reporter) -> None:
+        self._reporter = reporter
+        for route_pool in self._pools.values():
+            route_pool.reporter = reporter
+
+    def pool(self, route: RouteSpec) -> RoutePool | None:
+        found = self._pools.get(route)
+        if found is None:
+            found = self._build(route)
+        return found
+
+    def _build(self, route: RouteSpec) -> RoutePool:
+        now = time.time()
+        balancer = make_balancer(route.balance, rng=self._rng)
+        if route.service is None:
+            pool = Pool.for_servers(route.servers, balancer, now, name=route.label)
+        else:
+            pool = Pool(route.service, balancer)
+            pool.update(self._state().instances(route.service), now)
+        sticky = None
+        if route.sticky_cookie is not None:
+            sticky = StickyCookie(self._secret, route.sticky_cookie)
+        found = RoutePool(pool, route.service, sticky, self._reporter)
+        self._pools[route] = found
+        if route.service is not None:
+            self._by_service.setdefault(route.service, []).append(found)
+        return found
+
+    def prepare(self, routes: Sequence[RouteSpec]) -> None:
+        """Build pools up front so that the first request finds them, and drop old ones."""
+        wanted = set(routes)
+        for route in list(self._pools):
+            if route not in wanted:
+                old = self._pools.pop(route)
+                if old.service is not None:
+                    self._by_service[old.service].remove(old)
+        for route in routes:
+            self.pool(route)
+
+    def apply(self, events: Sequence[Event]) -> None:
+        now = time.time()
+        for event in events:
+            for route_pool in self._by_service.get(event.instance.service, ()):
+                route_pool.pool.apply(event, now)
+
+    def resync(self) -> None:
+        now = time.time()
+        state = self._state()
+        for service, pools in self._by_service.items():
+            for route_pool in pools:
+                route_pool.pool.update(state.instances(service), now)
+
+    def refresh(self) -> None:
+        """Let ejections run out and slow starts advance even when no event arrives."""
+        now = time.time()
+        for route_pool in self._pools.values():
+            route_pool.pool.refresh(now)
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for route, route_pool in self._pools.items():
+            pool = route_pool.pool
+            rows.append(
+                {
+                    "route": route.label,
+                    "pool": route.service or "static",
+                    "balance": route.balance,
+                    "usable": f"{pool.usable_count}/{pool.total}",
+                    "panic": pool.panic,
+                    "in flight": sum(ep.inflight for ep in pool.endpoints),
+                }
+            )
+        return rows
+
+
+async def refresh_forever(pools: RegistryPools, every: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        pools.refresh()

@@ -1,0 +1,161 @@
+"""What a listener is told to do: plain frozen values, built by the node from the TOML config.
+
+Nothing here touches a socket. ``validate()`` on each spec raises ``ValueError`` naming the
+field, so that the config loader can prefix the full path (``listeners[0].routes[1].balance``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+Protocol = Literal["http", "tcp"]
+
+BALANCE_POLICIES = (
+    "round_robin",
+    "least_requests",
+    "random",
+    "ring_hash",
+    "maglev",
+    "source_ip",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MatchSpec:
+    """Which requests a route takes; every field that is set must match (logical and).
+
+    ``host`` matches the Host header without its port, case-insensitively; a leading ``*.``
+    matches any subdomain. ``headers`` holds ``(name, value)`` pairs: ``value`` ``None`` asks
+    only that the header is present, otherwise its value must equal ``value`` exactly.
+    """
+
+    host: str | None = None
+    path_exact: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    method: str | None = None
+    headers: tuple[tuple[str, str | None], ...] = ()
+
+    def validate(self) -> None:
+        for name in ("path_exact", "path_prefix"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith("/"):
+                raise ValueError(f"{name}: must start with '/'")
+        if self.path_regex is not None:
+            try:
+                re.compile(self.path_regex)
+            except re.error as exc:
+                raise ValueError(f"path_regex: {exc}") from None
+        if self.method is not None and not re.fullmatch(r"[A-Z]+", self.method):
+            raise ValueError("method: must be an upper-case HTTP method such as 'GET'")
+        for header, _value in self.headers:
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", header):
+                raise ValueError(f"headers: {header!r} is not a header name")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """A match and the pool it sends to, with the pool's retry and timeout policy.
+
+    A route names either ``service`` (its pool follows the registry) or ``servers`` (static
+    ``host:port`` strings). ``attempts`` counts retries after the first try. ``timeout`` bounds
+    a whole request (``None``: no bound); ``response_timeout`` bounds the wait for the response
+    head after the request was sent; ``idle_timeout`` closes an exchange that moves no byte.
+    """
+
+    match: MatchSpec | None = None
+    service: str | None = None
+    servers: tuple[str, ...] = ()
+    name: str = ""
+    balance: str = "round_robin"
+    # What hashing policies hash: "source" (the client address), "header:NAME" or
+    # "cookie:NAME"; a request without that header or cookie falls back to its address.
+    hash_on: str = "source"
+    sticky_cookie: str | None = None
+    attempts: int = 2
+    retry_budget: float = 0.2
+    retry_min: int = 3
+    timeout: float | None = None
+    connect_timeout: float = 2.0
+    response_timeout: float | None = 30.0
+    idle_timeout: float = 60.0
+
+    @property
+    def label(self) -> str:
+        """The route's name in metrics and the access log."""
+        return self.name or self.service or ",".join(self.servers) or "default"
+
+    def validate(self) -> None:
+        if self.match is not None:
+            self.match.validate()
+        if (self.service is None) == (not self.servers):
+            raise ValueError("a route names either 'service' or 'servers'")
+        for server in self.servers:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"servers: {server!r} is not 'host:port'")
+        if self.hash_on != "source" and not re.fullmatch(
+            r"(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+", self.hash_on
+        ):
+            raise ValueError("hash_on: must be 'source', 'header:NAME' or 'cookie:NAME'")
+        if self.balance not in BALANCE_POLICIES:
+            raise ValueError(f"balance: must be one of {', '.join(BALANCE_POLICIES)}")
+        if self.attempts < 0:
+            raise ValueError("attempts: must be 0 or more")
+        if not 0.0 <= self.retry_budget <= 1.0:
+            raise ValueError("retry_budget: must be between 0 and 1")
+        if self.retry_min < 0:
+            raise ValueError("retry_min: must be 0 or more")
+        for name in ("timeout", "connect_timeout", "response_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """An address the proxy accepts on and the routes it partitions requests with.
+
+    For ``protocol = "tcp"`` exactly one route without a match is allowed. ``header_timeout``
+    bounds how long a client may take to send a request head (and to open its first request);
+    ``keepalive_timeout`` closes a client connection idle between requests.
+    ``upstream_max_idle`` and ``upstream_idle_timeout`` bound the kept-alive connections to
+    each endpoint (HTTP only).
+    """
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    protocol: Protocol = "http"
+    max_connections: int = 10000
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 60.0
+    max_header_bytes: int = 32 * 1024
+    upstream_max_idle: int = 32
+    upstream_idle_timeout: float = 60.0
+    routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
+
+    def validate(self) -> None:
+        if self.protocol not in ("http", "tcp"):
+            raise ValueError("protocol: must be 'http' or 'tcp'")
+        if not 0 <= self.port < 65536:
+            raise ValueError("port: must be between 0 and 65535")
+        if self.max_connections < 1:
+            raise ValueError("max_connections: must be 1 or more")
+        if self.header_timeout <= 0:
+            raise ValueError("header_timeout: must be positive")
+        if self.keepalive_timeout <= 0:
+            raise ValueError("keepalive_timeout: must be positive")
+        if self.upstream_max_idle < 0 or self.upstream_idle_timeout <= 0:
+            raise ValueError("upstream_max_idle: must be 0 or more, with a positive timeout")
+        if self.max_header_bytes < 1024:
+            raise ValueError("max_header_bytes: must be at least 1024")
+        if self.protocol == "tcp" and (len(self.routes) != 1 or self.routes[0].match is not None):
+            raise ValueError("routes: a tcp listener has exactly one route without 'match'")
+        for index, route in enumerate(self.routes):
+            try:
+                route.validate()
+            except ValueError as exc:
+                raise ValueError(f"routes[{index}].{exc}") from None

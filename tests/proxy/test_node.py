@@ -1,0 +1,144 @@
+"""The proxy inside the real node: pools follow the registry through its events."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.nodeproc import NodeProcess, free_port
+
+
+class Backend:
+    """A tiny threaded HTTP server that answers its own name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = outer.name.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("X-Backend", outer.name)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def backends() -> Iterator[list[Backend]]:
+    made = [Backend(f"b{i}") for i in range(3)]
+    yield made
+    for b in made:
+        b.close()
+
+
+def test_routes_follow_the_registry(tmp_path: Path, backends: list[Backend]) -> None:
+    port = free_port()
+    static = backends[2]
+    extra = f"""
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[listeners.routes]]
+match = {{ path_prefix = "/search" }}
+service = "search"
+balance = "round_robin"
+
+[[listeners.routes]]
+match = {{ path_prefix = "/static" }}
+servers = ["127.0.0.1:{static.port}"]
+"""
+    node = NodeProcess(tmp_path, extra_config=extra).start()
+    proxy = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        r = proxy.get("/search")
+        assert r.status_code == 503
+        assert r.headers["x-interknit-reason"] and "retry-after" in r.headers
+        node.register("search", "b0", port=backends[0].port)
+        node.register("search", "b1", port=backends[1].port)
+        seen = Counter(proxy.get("/search").text for _ in range(20))
+        assert seen == Counter({"b0": 10, "b1": 10})
+        node.client.put("/v1/services/search/instances/b1/health", json={"status": "draining"})
+        assert {proxy.get("/search").text for _ in range(6)} == {"b0"}
+        assert proxy.get("/static/x").text == "b2"
+        r = proxy.get("/elsewhere")
+        assert r.status_code == 404
+        node.client.delete("/v1/services/search/instances/b0")
+        assert proxy.get("/search").status_code == 503
+        status = node.client.get("/v1/status").json()
+        assert {row["route"] for row in status["panels"]["Proxy"]} >= {"search"}
+        assert "proxy web" in status["node"]["listen"]
+        assert "interknit_proxy_requests_total" in node.client.get("/metrics").text
+    finally:
+        proxy.close()
+        node.stop()
+
+
+def test_overloaded_route_sheds_and_health_reports_it(tmp_path: Path) -> None:
+    port = free_port()
+    extra = f"""
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[listeners.routes]]
+match = {{ path_prefix = "/limited" }}
+service = "api"
+demand = {{ rate = "5/s", burst = 5 }}
+
+[[listeners.routes]]
+service = "api"
+demand = {{ concurrency = 1, queue = 0 }}
+"""
+    b = Backend("api")
+    node = NodeProcess(tmp_path, extra_config=extra).start()
+    try:
+        node.register("api", "a", port=b.port)
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=10) as proxy:
+            codes = Counter(proxy.get("/limited").status_code for _ in range(30))
+            assert codes[200] >= 5 and codes[429] >= 10
+            r = proxy.get("/limited")
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert node.client.get("/v1/health").status_code == 200  # 429s are not overload
+        results: list[int] = []
+
+        def hit() -> None:
+            with httpx.Client(base_url=url, timeout=10) as c:
+                for _ in range(5):
+                    results.append(c.get("/slow").status_code)
+
+        threads = [threading.Thread(target=hit) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        shed = Counter(results)
+        assert shed[503] > shed[200] > 0
+        health = node.client.get("/v1/health")
+        assert health.status_code == 503 and health.json()["status"] == "overloaded"
+        rows = node.client.get("/v1/status").json()["panels"]["Demand"]
+        assert any(row["limit"] == 1 for row in rows)
+    finally:
+        node.stop()
+        b.close()

@@ -1,0 +1,166 @@
+"""Upgrade tunnels, the TCP relay, connection limits and draining on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+
+from interknit.proxy import RouteSpec
+from interknit.proxy.listener import HttpListener
+from tests.proxy.conftest import read_response, until
+
+
+async def _upgrade_backend() -> tuple[asyncio.Server, str]:
+    """Answers an Upgrade with 101, then echoes every byte upper-cased."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"upgrade: echo" not in head.lower():
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+            return
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+        )
+        while data := await reader.read(65536):
+            writer.write(data.upper())
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_upgrade_is_tunneled_after_101(proxy) -> None:
+    server, addr = await _upgrade_backend()
+    p = await proxy(RouteSpec(servers=(addr,)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    # Bytes sent right after the head (before the 101) must reach the backend too.
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly "
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"upgrade: echo" in head.lower()
+    writer.write(b"hello tunnel")
+    got = b""
+    while len(got) < len(b"EARLY HELLO TUNNEL"):
+        got += await asyncio.wait_for(reader.read(100), 5)
+    assert got == b"EARLY HELLO TUNNEL"
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    server.close()
+
+
+async def _half_close_backend() -> tuple[asyncio.Server, str]:
+    """Reads until EOF, then answers with the byte count and closes (needs half-close)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(-1)
+        writer.write(b"got %d bytes" % len(data))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_tcp_relay_with_half_close(proxy) -> None:
+    server, addr = await _half_close_backend()
+    p = await proxy(RouteSpec(servers=(addr,)), protocol="tcp")
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    payload = b"z" * 3_000_000
+    writer.write(payload)
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(-1), 10)
+    assert answer == b"got 3000000 bytes"
+    writer.close()
+    server.close()
+
+
+async def test_tcp_relay_retries_connect_and_closes_without_endpoint(proxy) -> None:
+    from tests.proxy.conftest import free_port
+
+    server, addr = await _half_close_backend()
+    dead = f"127.0.0.1:{await free_port()}"
+    p = await proxy(RouteSpec(servers=(dead, addr), attempts=1), protocol="tcp")
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+        writer.write(b"abc")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(-1), 5) == b"got 3 bytes"
+        writer.close()
+    p2 = await proxy(RouteSpec(servers=(dead,), attempts=0), protocol="tcp", name="dead")
+    reader, writer = await asyncio.open_connection("127.0.0.1", p2.port)
+    assert await asyncio.wait_for(reader.read(-1), 5) == b""
+    writer.close()
+    server.close()
+
+
+async def test_max_connections_http_gets_503(backends, proxy) -> None:
+    b = await backends("a")
+    p = await proxy(RouteSpec(servers=(b.server,)), max_connections=2)
+    held = [await asyncio.open_connection("127.0.0.1", p.port) for _ in range(2)]
+    await until(lambda: len(p.connections) == 2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    assert answer.startswith(b"HTTP/1.1 503")
+    assert b"x-interknit-reason: max-connections" in answer
+    writer.close()
+    # The held connections still work, and a slot frees when one closes.
+    r0, w0 = held[0]
+    w0.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, _, _ = await read_response(r0)
+    assert status == 200
+    await asyncio.wait_for(r0.read(), 5)
+    w0.close()
+    await until(lambda: len(p.connections) == 1)
+    async with httpx.AsyncClient() as client:
+        r = await client.get(f"http://127.0.0.1:{p.port}/")
+        assert r.status_code == 200
+    held[1][1].close()
+
+
+async def test_max_connections_tcp_closes(proxy) -> None:
+    server, addr = await _half_close_backend()
+    p = await proxy(RouteSpec(servers=(addr,)), protocol="tcp", max_connections=1)
+    r1, w1 = await asyncio.open_connection("127.0.0.1", p.port)
+    await until(lambda: len(p.connections) == 1)
+    r2, w2 = await asyncio.open_connection("127.0.0.1", p.port)
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(r2.read(-1), 5) == b""
+    w1.write_eof()
+    assert await asyncio.wait_for(r1.read(-1), 5) == b"got 0 bytes"
+    w1.close()
+    w2.close()
+    server.close()
+
+
+async def test_stop_drains_in_flight_request(backends, proxy) -> None:
+    b = await backends("slow")
+    p = await proxy(RouteSpec(servers=(b.server,)))
+    assert isinstance(p, HttpListener)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", p.port)
+    async with httpx.AsyncClient() as client:
+        request = asyncio.create_task(client.get(f"http://127.0.0.1:{p.port}/?delay=0.3"))
+        await until(lambda: len(b.seen) == 1)
+        stopping = asyncio.create_task(p.stop(drain_timeout=5))
+        await until(lambda: p.stopping)
+        # New connections are refused while draining; idle ones are closed at once.
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", p.port)
+            w.close()
+            refused = False
+        except OSError:
+            refused = True
+        assert refused
+        assert await asyncio.wait_for(idle_reader.read(-1), 1) == b""
+        r = await request
+        assert r.status_code == 200
+        assert r.headers["connection"] == "close"
+        await asyncio.wait_for(stopping, 5)
+    idle_writer.close()
+    assert not p.connections
