@@ -134,6 +134,18 @@ class DnsSection(Section):
     regions: dict[Cidr, Label] = Field(default_factory=dict)
     gslb: GslbSection = Field(default_factory=GslbSection)
     rrl: RrlSection = Field(default_factory=RrlSection)
+    # service -> region -> addresses of the load balancers (VIPs) that front it there; the
+    # service's global name then answers with these instead of its instances.
+    gateways: dict[
+        Label,
+        dict[
+            Label,
+            Annotated[
+                list[Annotated[str, AfterValidator(lambda v: str(ipaddress.ip_address(v)))]],
+                Field(min_length=1, max_length=64),
+            ],
+        ],
+    ] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _zone(self) -> DnsSection:
@@ -203,6 +215,16 @@ class RetriesSection(Section):
     min: Annotated[int, Field(ge=0, le=1000)] = 3
 
 
+class OutlierSection(Section):
+    """Passive outlier detection of the route's pool (Envoy's outlier_detection)."""
+
+    enabled: bool = True
+    consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    base_ejection_time: Seconds = 30.0
+    max_ejection_time: Seconds = 300.0
+    max_ejection_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
+
+
 class DemandSection(Section):
     concurrency: Literal["adaptive"] | Annotated[int, Field(ge=1)] | None = None
     limit: Literal["gradient", "aimd", "fixed"] | None = None
@@ -244,6 +266,7 @@ class RouteSection(Section):
     idle_timeout: Seconds = 60.0
     slow_start: Seconds | None = None
     panic_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    outlier: OutlierSection = Field(default_factory=OutlierSection)
     demand: DemandSection | None = None
 
     @model_validator(mode="after")

@@ -135,6 +135,7 @@ class Node:
         bound = sock.getsockname()
         self.listen["api"] = f"http://{_hostport(host, bound[1])}"
         await self._register_static_services()
+        await self._start_health()
         await self._start_dns()
         await self._start_proxy()
         self._ready = True
@@ -150,6 +151,26 @@ class Node:
                     raise NodeStartError(
                         f"cannot register static instance {hostport} of {section.name}: {exc}"
                     ) from None
+
+    async def _start_health(self) -> None:
+        """Active checks for every instance with an HTTP or TCP check, results to the registry."""
+        from interknit.health import HealthChecker
+
+        checker = HealthChecker(self.registry.set_check_status, registry=self.metrics)
+        checker.sync(self.registry.state.all_instances())
+
+        def apply(events: Sequence[Event]) -> None:
+            for event in events:
+                inst = event.instance
+                if event.type == "put":
+                    checker.update(inst)
+                else:
+                    checker.remove(inst.service, inst.id)
+
+        self.registry.subscribe(apply, lambda: checker.sync(self.registry.state.all_instances()))
+        checker.start()
+        self.on_stop(checker.stop)
+        self.health = checker
 
     async def _start_dns(self) -> None:
         section = self.config.dns
@@ -189,14 +210,22 @@ class Node:
         from interknit.demand.settings import DemandSettings
         from interknit.proxy import RouteSpec, build_listener
         from interknit.proxy.observe import ProxyMetrics
+        from interknit.proxy.outliers import PassiveHealth
         from interknit.proxy.setup import (
             RegistryPools,
             demand_settings,
             listener_spec,
+            pool_options,
             refresh_forever,
         )
 
-        pools = RegistryPools(lambda: self.registry.state, self._sticky_secret())
+        passive = PassiveHealth(self.registry.set_ejected, self.metrics)
+        pools = RegistryPools(
+            lambda: self.registry.state,
+            self._sticky_secret(),
+            reporter=passive.report,
+            options=pool_options(sections),
+        )
         settings = demand_settings(sections)
         overload = OverloadMonitor()
 
@@ -226,12 +255,13 @@ class Node:
             self.listen[f"proxy {spec.name}"] = (
                 f"{spec.protocol}://{_hostport(spec.host, listener.port)}"
             )
-        refresher = asyncio.create_task(refresh_forever(pools), name="pool-refresh")
+        refresher = asyncio.create_task(refresh_forever(pools, passive.expire), name="pool-refresh")
         drain = max(section.drain_timeout for section in sections)
 
         async def stop_proxy() -> None:
             refresher.cancel()
             await asyncio.gather(*(lst.stop(drain) for lst in self.listeners.values()))
+            await passive.close()
 
         self.on_stop(stop_proxy)
         self.pools = pools

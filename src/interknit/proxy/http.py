@@ -726,6 +726,10 @@ class Exchange:
                 conn.close()
             self.resolve((status, f"upstream-{status}", _RETRY_APPROVED))
             return
+        if status in RETRYABLE_STATUSES:
+            # A gateway error passed on to the client still counts against the endpoint, so
+            # passive outlier detection sees it (Envoy's consecutive_gateway_failure).
+            self.attempt_failed = True
         if status == 101 and self.upgrade is None:
             # Switching protocols nobody asked for: not something to pass to the client.
             self.on_upstream_failed("bad-response", True)

@@ -13,12 +13,13 @@ import logging
 import random
 import time
 from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from interknit.balance.base import Endpoint
 from interknit.balance.pool import Pool, make_balancer
 from interknit.balance.sticky import StickyCookie
-from interknit.config import ListenerSection, RouteSection, split_hostport
+from interknit.config import ListenerSection, OutlierSection, RouteSection, split_hostport
 from interknit.demand.settings import DemandSettings
 from interknit.proxy.spec import ListenerSpec, MatchSpec, RouteSpec
 from interknit.registry.model import Event
@@ -26,8 +27,18 @@ from interknit.registry.state import RegistryState
 
 log = logging.getLogger("interknit.proxy")
 
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """A route's pool settings that the proxy's RouteSpec does not carry."""
+
+    slow_start: float = 0.0
+    panic_threshold: float = 0.5
+    outlier: OutlierSection | None = field(default_factory=OutlierSection)
+
+
 # Reports a passive failure or success of an endpoint; returns nothing, may eject.
-Reporter = Callable[[Pool, Endpoint, bool, float], None]
+Reporter = Callable[["RoutePool", Endpoint, bool, float], None]
 
 
 def route_spec(section: RouteSection) -> RouteSpec:
@@ -77,6 +88,18 @@ def listener_spec(section: ListenerSection) -> ListenerSpec:
     )
 
 
+def pool_options(sections: Sequence[ListenerSection]) -> dict[RouteSpec, PoolOptions]:
+    out: dict[RouteSpec, PoolOptions] = {}
+    for listener in sections:
+        for route in listener.routes:
+            out[route_spec(route)] = PoolOptions(
+                slow_start=route.slow_start or 0.0,
+                panic_threshold=route.panic_threshold,
+                outlier=route.outlier if route.outlier.enabled else None,
+            )
+    return out
+
+
 def demand_settings(sections: Sequence[ListenerSection]) -> dict[RouteSpec, DemandSettings]:
     """Each route's demand-control settings, keyed the way the proxy asks for them."""
     out: dict[RouteSpec, DemandSettings] = {}
@@ -90,15 +113,21 @@ def demand_settings(sections: Sequence[ListenerSection]) -> dict[RouteSpec, Dema
 class RoutePool:
     """A route's ``balance.Pool`` as the proxy's ``PoolLike``, with its sticky cookie."""
 
-    __slots__ = ("pool", "reporter", "service", "sticky")
+    __slots__ = ("options", "pool", "reporter", "service", "sticky")
 
     def __init__(
-        self, pool: Pool, service: str | None, sticky: StickyCookie | None, reporter: Reporter
+        self,
+        pool: Pool,
+        service: str | None,
+        sticky: StickyCookie | None,
+        reporter: Reporter,
+        options: PoolOptions,
     ) -> None:
         self.pool = pool
         self.service = service
         self.sticky = sticky
         self.reporter = reporter
+        self.options = options
 
     def pick(
         self, hash_key: bytes | None, now: float, exclude: Container[Endpoint] = ()
@@ -106,7 +135,7 @@ class RoutePool:
         return self.pool.pick(hash_key, time.time(), exclude)
 
     def report(self, endpoint: Endpoint, ok: bool, now: float) -> None:
-        self.reporter(self.pool, endpoint, ok, time.time())
+        self.reporter(self, endpoint, ok, time.time())
 
     def pick_sticky(
         self, cookie: str | None, hash_key: bytes | None, now: float, exclude: Container[Endpoint]
@@ -125,8 +154,10 @@ class RegistryPools:
         secret: bytes,
         reporter: Reporter | None = None,
         rng: random.Random | None = None,
+        options: dict[RouteSpec, PoolOptions] | None = None,
     ) -> None:
         self._state = state
+        self._options = options or {}
         self._secret = secret
         self._reporter: Reporter = reporter or (lambda pool, ep, ok, now: None)
         self._rng = rng
@@ -146,16 +177,20 @@ class RegistryPools:
 
     def _build(self, route: RouteSpec) -> RoutePool:
         now = time.time()
-        balancer = make_balancer(route.balance, rng=self._rng)
+        options = self._options.get(route, PoolOptions())
+        balancer = make_balancer(route.balance, rng=self._rng, slow_start=options.slow_start)
+        panic = options.panic_threshold
         if route.service is None:
-            pool = Pool.for_servers(route.servers, balancer, now, name=route.label)
+            pool = Pool.for_servers(
+                route.servers, balancer, now, name=route.label, panic_threshold=panic
+            )
         else:
-            pool = Pool(route.service, balancer)
+            pool = Pool(route.service, balancer, panic_threshold=panic)
             pool.update(self._state().instances(route.service), now)
         sticky = None
         if route.sticky_cookie is not None:
             sticky = StickyCookie(self._secret, route.sticky_cookie)
-        found = RoutePool(pool, route.service, sticky, self._reporter)
+        found = RoutePool(pool, route.service, sticky, self._reporter, options)
         self._pools[route] = found
         if route.service is not None:
             self._by_service.setdefault(route.service, []).append(found)
@@ -208,7 +243,11 @@ class RegistryPools:
         return rows
 
 
-async def refresh_forever(pools: RegistryPools, every: float = 1.0) -> None:
+async def refresh_forever(
+    pools: RegistryPools, tick: Callable[[float], None] | None = None, every: float = 1.0
+) -> None:
     while True:
         await asyncio.sleep(every)
+        if tick is not None:
+            tick(time.time())
         pools.refresh()

@@ -40,6 +40,9 @@ from interknit.registry.model import (
 )
 
 DEFAULT_HISTORY = 10_000
+# The output of an actively checked instance that no check has reached yet; the health
+# component tells "never checked" (passes on its first success) from "failed" by it.
+NEVER_CHECKED_OUTPUT = "no check has run yet"
 
 Key = tuple[str, str]
 
@@ -191,7 +194,7 @@ class RegistryState:
                 id=instance_id,
                 spec=spec,
                 check_status=status,
-                output="" if status == "passing" else "no check has run yet",
+                output="" if status == "passing" else NEVER_CHECKED_OUTPUT,
                 critical_since=now if status == "critical" else None,
             )
             event = self._put(new, "register", create=True)
@@ -202,7 +205,7 @@ class RegistryState:
                 status = _INITIAL_STATUS[kind]
                 changes.update(
                     check_status=status,
-                    output="" if status == "passing" else "no check has run yet",
+                    output="" if status == "passing" else NEVER_CHECKED_OUTPUT,
                     critical_since=now if status == "critical" else None,
                 )
             event = self._put(current.evolve(**changes), "update")

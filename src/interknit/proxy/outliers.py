@@ -1,0 +1,116 @@
+"""Passive health: what the proxy sees of each endpoint feeds one outlier detector per pool.
+
+An ejection of a registry instance is written to the registry (``ejected_until``), so the API,
+the status page and every consumer see it; a static server's ejection stays in its pool. The
+sans-IO rules (how many failures, how long, at most what share of a pool) are
+``health.outlier.OutlierDetector``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from interknit.balance.base import Endpoint
+from interknit.balance.pool import Pool
+from interknit.health.outlier import OutlierDetector
+from interknit.proxy.setup import RoutePool
+
+log = logging.getLogger("interknit.proxy")
+
+SetEjected = Callable[[str, str, float | None], Awaitable[None]]
+
+
+class PassiveHealth:
+    def __init__(self, set_ejected: SetEjected, metrics: CollectorRegistry) -> None:
+        self._set_ejected = set_ejected
+        self._detectors: dict[Pool, OutlierDetector[str]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ejections = Counter(
+            "interknit_proxy_ejections",
+            "Endpoints ejected by passive outlier detection.",
+            ["pool"],
+            registry=metrics,
+        )
+        self.ejected = Gauge(
+            "interknit_proxy_ejected_endpoints",
+            "Endpoints currently ejected by passive outlier detection.",
+            ["pool"],
+            registry=metrics,
+        )
+
+    def report(self, route_pool: RoutePool, endpoint: Endpoint, ok: bool, now: float) -> None:
+        settings = route_pool.options.outlier
+        if settings is None:
+            return
+        pool = route_pool.pool
+        detector = self._detectors.get(pool)
+        if detector is None:
+            detector = self._detectors[pool] = OutlierDetector(
+                consecutive_failures=settings.consecutive_failures,
+                base_ejection_time=settings.base_ejection_time,
+                max_ejection_percent=settings.max_ejection_percent,
+                max_ejection_time=settings.max_ejection_time,
+            )
+            detector.set_members(ep.key for ep in pool.endpoints)
+        elif endpoint.key not in detector:
+            detector.set_members(ep.key for ep in pool.endpoints)
+        until = detector.on_result(endpoint.key, ok, now)
+        if until is None:
+            return
+        self.ejections.labels(pool.name).inc()
+        self.ejected.labels(pool.name).set(detector.ejected_count(now))
+        log.warning(
+            "endpoint ejected",
+            extra={
+                "event": "proxy.eject",
+                "pool": pool.name,
+                "endpoint": endpoint.key,
+                "until": until,
+                "ejections": detector.ejection_count(endpoint.key, now),
+            },
+        )
+        self._apply(pool, endpoint.key, until, now)
+
+    def _apply(self, pool: Pool, key: str, until: float | None, now: float) -> None:
+        service, sep, instance_id = key.partition("/")
+        if sep and service == pool.name:
+            task = asyncio.get_running_loop().create_task(self._write(service, instance_id, until))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            pool.set_health(key, now, ejected_until=until)
+
+    async def _write(self, service: str, instance_id: str, until: float | None) -> None:
+        try:
+            await self._set_ejected(service, instance_id, until)
+        except Exception as exc:  # the registry may be read-only (stale) or stopping
+            log.warning(
+                "could not record ejection",
+                extra={"event": "proxy.eject_failed", "service": service, "error": str(exc)},
+            )
+
+    def expire(self, now: float) -> None:
+        """Return endpoints whose ejection ran out (clears ``ejected_until`` in the registry)."""
+        for pool, detector in self._detectors.items():
+            # Follow the pool's membership, so the ejection cap counts today's endpoints.
+            detector.set_members(ep.key for ep in pool.endpoints)
+            returned = detector.expire(now)
+            for key in returned:
+                log.info(
+                    "endpoint returned",
+                    extra={"event": "proxy.uneject", "pool": pool.name, "endpoint": key},
+                )
+                self._apply(pool, key, None, now)
+            if returned:
+                self.ejected.labels(pool.name).set(detector.ejected_count(now))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

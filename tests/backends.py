@@ -1,0 +1,48 @@
+"""Tiny real HTTP backends in threads, whose behaviour a test can switch while they run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Backend:
+    """Answers ``status`` with its name as the body; ``hang`` makes it stall; ``delay`` slows
+    every answer (and ``/slow`` paths by 100 ms)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.status = 200
+        self.hang = False
+        self.hits = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                outer.hits += 1
+                if outer.hang:
+                    time.sleep(3)
+                if "slow" in self.path:
+                    time.sleep(0.1)
+                body = outer.name.encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("X-Backend", outer.name)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
