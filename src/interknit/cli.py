@@ -128,6 +128,57 @@ def up(config_path: str | None, log_json: bool, log_level: str) -> None:
         fail(str(exc), 2)
 
 
+@main.group(invoke_without_command=True)
+@click.option("--listen", default="127.0.0.1:7480", show_default=True, help="The proxy listener.")
+@click.option(
+    "--api-listen",
+    default="127.0.0.1:7470",
+    show_default=True,
+    help="The registry API and status page.",
+)
+@click.option("--dns-listen", default="127.0.0.1:7453", show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, listen: str, api_listen: str, dns_listen: str) -> None:
+    """Run a complete local system to try: a node, six backends, a proxy on :7480.
+
+    With a subcommand, switch a running demo's backend: ``interknit demo stop search-2``.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from interknit.demo import instructions, run_demo
+    from interknit.logs import setup_logging
+    from interknit.node import NodeStartError
+
+    setup_logging("warning")
+    try:
+        run_demo(api_listen, dns_listen, listen, lambda d: click.echo(instructions(d)))
+    except NodeStartError as exc:
+        fail(str(exc), 2)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
+def _switch_backend(api: Api, backend: str, running: bool) -> None:
+    result = api.call("PUT", f"/v1/demo/backends/{_q(backend)}", {"running": running})
+    click.echo(f"{result['backend']} is {'running' if result['running'] else 'stopped'}")
+
+
+@demo.command("stop")
+@click.argument("backend")
+@pass_api
+def demo_stop(api: Api, backend: str) -> None:
+    """Stop a demo backend (its port refuses connections)."""
+    _switch_backend(api, backend, False)
+
+
+@demo.command("start")
+@click.argument("backend")
+@pass_api
+def demo_start(api: Api, backend: str) -> None:
+    """Start a stopped demo backend again."""
+    _switch_backend(api, backend, True)
+
+
 def run(coro: Any) -> Any:
     try:
         import uvloop

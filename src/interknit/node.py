@@ -90,6 +90,8 @@ class Node:
         self._stop_hooks: list[Callable[[], Any]] = []
         self._overloaded: Callable[[], bool] = lambda: False
         self.listeners: dict[str, Any] = {}
+        # Extra HTTP routes on the node's API (the demo's backend switches).
+        self.route_hooks: list[Callable[[web.Application], None]] = []
 
     def info(self) -> dict[str, Any]:
         return {
@@ -125,6 +127,8 @@ class Node:
             self.panels,
             self.readiness,
         )
+        for add in self.route_hooks:
+            add(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.drain_timeout)
         await runner.setup()
         self._runner = runner

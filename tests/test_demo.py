@@ -1,0 +1,96 @@
+"""``interknit demo``: the newcomer's first command works end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import httpx
+
+from tests.nodeproc import INTERKNIT, free_port
+
+
+def wait_for(fn: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if fn():
+                return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def test_demo_serves_fails_over_and_stops_cleanly() -> None:
+    api, dns, proxy = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            INTERKNIT,
+            "demo",
+            "--listen",
+            f"127.0.0.1:{proxy}",
+            "--api-listen",
+            f"127.0.0.1:{api}",
+            "--dns-listen",
+            f"127.0.0.1:{dns}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    api_url = f"http://127.0.0.1:{api}"
+    env = {**os.environ, "INTERKNIT_API": api_url}
+    try:
+        with httpx.Client(timeout=5) as c:
+            wait_for(
+                lambda: (
+                    c.get(f"{api_url}/v1/services")
+                    .json()["services"]
+                    .get("search", {})
+                    .get("passing")
+                    == 3
+                )
+            )
+            seen = {c.get(f"http://127.0.0.1:{proxy}/search").json()["instance"] for _ in range(30)}
+            assert seen == {"search-1", "search-2", "search-3"}
+            assert c.get(f"http://127.0.0.1:{proxy}/signup").status_code == 200
+            res = subprocess.run(
+                [INTERKNIT, "demo", "stop", "search-2"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert res.returncode == 0 and "stopped" in res.stdout
+            wait_for(
+                lambda: (
+                    c.get(f"{api_url}/v1/services/search/instances/search-2").json()["health"]
+                    == "critical"
+                )
+            )
+            codes = {c.get(f"http://127.0.0.1:{proxy}/search").status_code for _ in range(20)}
+            assert codes == {200}
+            panel = c.get(f"{api_url}/v1/status").json()["panels"]["Demo backends"]
+            assert {r["backend"]: r["running"] for r in panel}["search-2"] is False
+            res = subprocess.run(
+                [INTERKNIT, "demo", "start", "search-2"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert res.returncode == 0
+            wait_for(
+                lambda: (
+                    c.get(f"{api_url}/v1/services/search/instances/search-2").json()["health"]
+                    == "passing"
+                )
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert "interknit demo is running" in out
