@@ -121,7 +121,7 @@ def up(config_path: str | None, log_json: bool, log_level: str) -> None:
         click.echo("  status   " + node.listen.get("api", "") + "/")
         click.echo("Stop with Ctrl-C (SIGINT) or SIGTERM.")
 
-    node = Node(config)
+    node = Node(config, config_path=config_path)
     try:
         run(node.run(started))
     except NodeStartError as exc:

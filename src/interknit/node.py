@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from interknit import __version__
 from interknit.admin.app import Panels, Tokens, build_app
-from interknit.config import Config, ServiceSection, split_hostport
+from interknit.config import Config, ConfigError, ServiceSection, load_config, split_hostport
 from interknit.registry.api import RegistryApi
 from interknit.registry.metrics import RegistryMetrics, StateCollector
 from interknit.registry.model import Check, Event, InstanceSpec
@@ -67,10 +67,17 @@ def service_spec(section: ServiceSection, hostport: str) -> InstanceSpec:
 
 
 class Node:
-    def __init__(self, config: Config, *, drain_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        drain_timeout: float = 10.0,
+        config_path: str | os.PathLike[str] | None = None,
+    ) -> None:
         # The *_created series double every counter's output for no operator benefit.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.config = config
+        self.config_path = None if config_path is None else Path(config_path)
         self.drain_timeout = drain_timeout
         self.metrics = CollectorRegistry(auto_describe=True)
         self.registry_metrics = RegistryMetrics(self.metrics)
@@ -89,7 +96,8 @@ class Node:
         self._stopping = False
         self._stop_hooks: list[Callable[[], Any]] = []
         self._overloaded: Callable[[], bool] = lambda: False
-        self.listeners: dict[str, Any] = {}
+        self.proxy: Any = None
+        self.reuse_port = False
         # Extra HTTP routes on the node's API (the demo's backend switches).
         self.route_hooks: list[Callable[[web.Application], None]] = []
 
@@ -205,72 +213,29 @@ class Node:
         self.panels["DNS"] = lambda: answers_panel(self.registry.state, section.zone)
 
     async def _start_proxy(self) -> None:
-        sections = self.config.listeners
-        if not sections:
+        if not self.config.listeners:
             return
-        from interknit.demand.metrics import DemandMetrics
-        from interknit.demand.overload import OverloadMonitor
-        from interknit.demand.route import DemandAdmissions, RouteLike
-        from interknit.demand.settings import DemandSettings
-        from interknit.proxy import RouteSpec, build_listener
-        from interknit.proxy.observe import ProxyMetrics
-        from interknit.proxy.outliers import PassiveHealth
-        from interknit.proxy.setup import (
-            RegistryPools,
-            demand_settings,
-            listener_spec,
-            pool_options,
-            refresh_forever,
+        from interknit.proxy.component import ListenError, ProxyComponent
+
+        proxy = ProxyComponent(
+            self.config.listeners,
+            state=lambda: self.registry.state,
+            set_ejected=self.registry.set_ejected,
+            metrics=self.metrics,
+            secret=self._sticky_secret(),
+            reuse_port=self.reuse_port,
         )
-
-        passive = PassiveHealth(self.registry.set_ejected, self.metrics)
-        pools = RegistryPools(
-            lambda: self.registry.state,
-            self._sticky_secret(),
-            reporter=passive.report,
-            options=pool_options(sections),
-        )
-        settings = demand_settings(sections)
-        overload = OverloadMonitor()
-
-        def settings_for(route: RouteLike) -> DemandSettings | None:
-            return settings.get(route) if isinstance(route, RouteSpec) else None
-
-        admissions = DemandAdmissions(
-            settings_for,
-            metrics=DemandMetrics(self.metrics),
-            overload=overload,
-        )
-        self._overloaded = admissions.overloaded
-        proxy_metrics = ProxyMetrics.for_registry(self.metrics)
-        specs = [listener_spec(section) for section in sections]
-        pools.prepare([route for spec in specs for route in spec.routes])
-        self.registry.subscribe(pools.apply, pools.resync)
-        for section, spec in zip(sections, specs, strict=True):
-            listener = build_listener(spec, pools, admission=admissions, metrics=proxy_metrics)
-            try:
-                await listener.start()
-            except OSError as exc:
-                reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                raise NodeStartError(
-                    f"cannot listen on {section.listen} for listener {section.name!r}: {reason}"
-                ) from None
-            self.listeners[spec.name] = listener
-            self.listen[f"proxy {spec.name}"] = (
-                f"{spec.protocol}://{_hostport(spec.host, listener.port)}"
-            )
-        refresher = asyncio.create_task(refresh_forever(pools, passive.expire), name="pool-refresh")
-        drain = max(section.drain_timeout for section in sections)
-
-        async def stop_proxy() -> None:
-            refresher.cancel()
-            await asyncio.gather(*(lst.stop(drain) for lst in self.listeners.values()))
-            await passive.close()
-
-        self.on_stop(stop_proxy)
-        self.pools = pools
-        self.panels["Proxy"] = pools.describe
-        self.panels["Demand"] = admissions.describe
+        self.registry.subscribe(proxy.on_events, proxy.on_resync)
+        try:
+            await proxy.start()
+        except ListenError as exc:
+            await proxy.stop()
+            raise NodeStartError(str(exc)) from None
+        self.proxy = proxy
+        self._overloaded = proxy.overloaded
+        self.listen.update(proxy.listen)
+        self.panels.update(proxy.panels())
+        self.on_stop(proxy.stop)
 
     def _sticky_secret(self) -> bytes:
         """A per-node key for sticky cookies, kept in data_dir so cookies survive restarts."""
@@ -305,19 +270,89 @@ class Node:
         await self.registry.close()
         log.info("node stopped", extra={"event": "node.stopped"})
 
+    async def reload(self) -> bool:
+        """Re-read the config file and apply its listeners and routes without dropping open
+        connections. A bad file changes nothing and is logged with the key at fault."""
+        if self.config_path is None:
+            return False
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error(
+                "config reload refused", extra={"event": "node.reload_failed", "error": str(exc)}
+            )
+            return False
+        unchanged = ("node", "registry", "dns", "services")
+        for section in unchanged:
+            if getattr(config, section) != getattr(self.config, section):
+                log.warning(
+                    "config section changed; it takes effect at the next restart",
+                    extra={"event": "node.reload_partial", "section": section},
+                )
+        from interknit.proxy.component import ListenError
+
+        try:
+            if self.proxy is not None:
+                await self.proxy.reload(config.listeners)
+                for key in [k for k in self.listen if k.startswith("proxy ")]:
+                    del self.listen[key]
+                self.listen.update(self.proxy.listen)
+            elif config.listeners:
+                self.config = self.config.model_copy(update={"listeners": config.listeners})
+                await self._start_proxy()
+        except ListenError as exc:
+            log.error(
+                "config reload failed", extra={"event": "node.reload_failed", "error": str(exc)}
+            )
+            return False
+        self.config = self.config.model_copy(update={"listeners": config.listeners})
+        log.info("config reloaded", extra={"event": "node.reloaded"})
+        return True
+
+    async def _watch_config(self, every: float = 1.0) -> None:
+        """Reload when the config file changes, as SIGHUP does."""
+        assert self.config_path is not None
+        last = _mtime(self.config_path)
+        while True:
+            await asyncio.sleep(every)
+            now = _mtime(self.config_path)
+            if now != last:
+                last = now
+                await self.reload()
+
     async def run(self, started: Callable[[Node], None] | None = None) -> None:
-        """Start, run until SIGINT or SIGTERM, then stop gracefully."""
+        """Start, run until SIGINT or SIGTERM, reload on SIGHUP, then stop gracefully."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        watcher = None
         try:
             await self.start()
+            if self.config_path is not None:
+                watcher = loop.create_task(self._watch_config(), name="config-watch")
             if started is not None:
                 started(self)
             await stop.wait()
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await self.stop()
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _hostport(host: str, port: int) -> str:

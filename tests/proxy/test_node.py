@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +114,47 @@ demand = {{ concurrency = 1, queue = 0 }}
     finally:
         node.stop()
         b.close()
+
+
+def test_sighup_reloads_routes_without_dropping_connections(tmp_path: Path) -> None:
+    import signal
+
+    one, two = Backend("one"), Backend("two")
+    port = free_port()
+
+    def listeners(target: Backend, extra_route: str = "") -> str:
+        return f"""
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[listeners.routes]]
+servers = ["127.0.0.1:{target.port}"]
+{extra_route}
+"""
+
+    node = NodeProcess(tmp_path, extra_config=listeners(one)).start()
+    text = node.config_path.read_text()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as proxy:
+            assert proxy.get("/").text == "one"
+            # A bad config is refused and changes nothing.
+            node.config_path.write_text(text + "\n[[listeners]]\nname = 'x'\n")
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert proxy.get("/").text == "one"
+            assert "config reload refused" in node.log()
+            node.config_path.write_text(text.replace(listeners(one), listeners(two)))
+            node.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while proxy.get("/").text != "two" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # The same keep-alive connection, now routed by the new config.
+            assert proxy.get("/").text == "two"
+            assert proxy.get("/").headers.get("connection") != "close"
+        assert "config reloaded" in node.log()
+    finally:
+        node.stop()
+        one.close()
+        two.close()

@@ -74,6 +74,7 @@ class Listener:
             self.spec.host,
             self.spec.port,
             reuse_address=True,
+            reuse_port=self.spec.reuse_port or None,
             backlog=1024,
         )
 

@@ -136,6 +136,8 @@ class ListenerSpec:
     upstream_max_idle: int = 32
     upstream_idle_timeout: float = 60.0
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
+    # SO_REUSEPORT, so that several worker processes accept on the same address.
+    reuse_port: bool = False
 
     def validate(self) -> None:
         if self.protocol not in ("http", "tcp"):

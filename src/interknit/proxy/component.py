@@ -1,0 +1,168 @@
+"""The proxy as a part of a node: listeners, their pools and demand control, and reloads.
+
+It reads the registry through three callables (the current state, a way to record ejections,
+and the node's event subscription), so the same component runs in the node itself and in a
+``--workers`` process that follows a node's watch stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from interknit.config import ListenerSection
+from interknit.demand.metrics import DemandMetrics
+from interknit.demand.overload import OverloadMonitor
+from interknit.demand.route import DemandAdmissions, RouteLike
+from interknit.demand.settings import DemandSettings
+from interknit.proxy.listener import HttpListener, TcpListener, build_listener
+from interknit.proxy.observe import ProxyMetrics
+from interknit.proxy.outliers import PassiveHealth
+from interknit.proxy.setup import (
+    RegistryPools,
+    demand_settings,
+    listener_spec,
+    pool_options,
+    refresh_forever,
+)
+from interknit.proxy.spec import ListenerSpec, RouteSpec
+from interknit.registry.model import Event
+from interknit.registry.state import RegistryState
+
+log = logging.getLogger("interknit.proxy")
+
+Listener = HttpListener | TcpListener
+
+
+class ListenError(Exception):
+    """A listener could not bind; the message names the listener and the address."""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ProxyComponent:
+    def __init__(
+        self,
+        sections: Sequence[ListenerSection],
+        *,
+        state: Callable[[], RegistryState],
+        set_ejected: Callable[[str, str, float | None], Awaitable[None]],
+        metrics: CollectorRegistry,
+        secret: bytes,
+        reuse_port: bool = False,
+    ) -> None:
+        self.sections = list(sections)
+        self.reuse_port = reuse_port
+        self.passive = PassiveHealth(set_ejected, metrics)
+        self._options = pool_options(sections)
+        self._settings = demand_settings(sections)
+        self.pools = RegistryPools(
+            state, secret, reporter=self.passive.report, options=self._options
+        )
+        settings = self._settings
+
+        def settings_for(route: RouteLike) -> DemandSettings | None:
+            return settings.get(route) if isinstance(route, RouteSpec) else None
+
+        self.admissions = DemandAdmissions(
+            settings_for, metrics=DemandMetrics(metrics), overload=OverloadMonitor()
+        )
+        self.metrics = ProxyMetrics.for_registry(metrics)
+        self.listeners: dict[str, Listener] = {}
+        self.listen: dict[str, str] = {}
+        self._refresher: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ registry feed
+
+    def on_events(self, events: Sequence[Event]) -> None:
+        self.pools.apply(events)
+
+    def on_resync(self) -> None:
+        self.pools.resync()
+
+    def overloaded(self) -> bool:
+        return self.admissions.overloaded()
+
+    def panels(self) -> dict[str, Callable[[], Any]]:
+        return {"Proxy": self.pools.describe, "Demand": self.admissions.describe}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _spec(self, section: ListenerSection) -> ListenerSpec:
+        spec = listener_spec(section)
+        return replace(spec, reuse_port=True) if self.reuse_port else spec
+
+    async def start(self) -> None:
+        specs = [self._spec(s) for s in self.sections]
+        self.pools.prepare([route for spec in specs for route in spec.routes])
+        for section, spec in zip(self.sections, specs, strict=True):
+            await self._open(section, spec)
+        self._refresher = asyncio.create_task(
+            refresh_forever(self.pools, self.passive.expire), name="pool-refresh"
+        )
+
+    async def _open(self, section: ListenerSection, spec: ListenerSpec) -> None:
+        listener = build_listener(spec, self.pools, admission=self.admissions, metrics=self.metrics)
+        try:
+            await listener.start()
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ListenError(
+                f"cannot listen on {section.listen} for listener {section.name!r}: {reason}"
+            ) from None
+        self.listeners[spec.name] = listener
+        self.listen[f"proxy {spec.name}"] = (
+            f"{spec.protocol}://{_hostport(spec.host, listener.port)}"
+        )
+
+    async def reload(self, sections: Sequence[ListenerSection]) -> None:
+        """Apply a new ``[[listeners]]`` list: routes swap in place on listeners that keep their
+        address, so open connections are not dropped; others are opened or drained."""
+        new_specs = {s.name: (s, self._spec(s)) for s in sections}
+        self._options.clear()
+        self._options.update(pool_options(sections))
+        self._settings.clear()
+        self._settings.update(demand_settings(sections))
+        self.pools.prepare([r for _, spec in new_specs.values() for r in spec.routes])
+        closing = []
+        for name, listener in list(self.listeners.items()):
+            found = new_specs.get(name)
+            old = listener.spec
+            if found is not None and (found[1].host, found[1].port, found[1].protocol) == (
+                old.host,
+                old.port,
+                old.protocol,
+            ):
+                listener.update(found[1])
+                continue
+            closing.append(self.listeners.pop(name))
+            self.listen.pop(f"proxy {name}", None)
+        # Close moved listeners first so that a listener may take over a freed address.
+        await asyncio.gather(*(lst.stop(self._drain(self.sections)) for lst in closing))
+        for name, (section, spec) in new_specs.items():
+            if name not in self.listeners:
+                await self._open(section, spec)
+        self.sections = list(sections)
+        log.info(
+            "listeners reloaded",
+            extra={"event": "proxy.reload", "listeners": sorted(self.listeners)},
+        )
+
+    @staticmethod
+    def _drain(sections: Sequence[ListenerSection]) -> float:
+        return max((s.drain_timeout for s in sections), default=10.0)
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        drain = self._drain(self.sections)
+        await asyncio.gather(*(lst.stop(drain) for lst in self.listeners.values()))
+        await self.passive.close()
