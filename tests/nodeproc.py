@@ -68,10 +68,10 @@ listen = "127.0.0.1:{self.dns_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=self.url, timeout=10)
 
-    def start(self, wait: bool = True) -> NodeProcess:
+    def start(self, wait: bool = True, args: tuple[str, ...] = ()) -> NodeProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [INTERKNIT, "up", "-c", str(self.config_path)],
+            [INTERKNIT, "up", "-c", str(self.config_path), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,

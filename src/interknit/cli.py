@@ -100,8 +100,15 @@ def main(ctx: click.Context, api: str, token: str | None) -> None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
-def up(config_path: str | None, log_json: bool, log_level: str) -> None:
-    """Run a node until SIGINT or SIGTERM."""
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Proxy processes sharing each listener (SO_REUSEPORT).",
+)
+def up(config_path: str | None, log_json: bool, log_level: str, workers: int) -> None:
+    """Run a node until SIGINT or SIGTERM; SIGHUP reloads listeners and routes."""
     from interknit.logs import setup_logging
     from interknit.node import Node, NodeStartError
 
@@ -109,6 +116,8 @@ def up(config_path: str | None, log_json: bool, log_level: str) -> None:
         config = load_config(config_path)
     except ConfigError as exc:
         fail(str(exc), 2)
+    if workers > 1 and (config_path is None or not config.listeners):
+        fail("--workers needs -c FILE with at least one [[listeners]] table", 2)
     setup_logging(log_level, log_json)
 
     def started(node: Node) -> None:
@@ -121,10 +130,25 @@ def up(config_path: str | None, log_json: bool, log_level: str) -> None:
         click.echo("  status   " + node.listen.get("api", "") + "/")
         click.echo("Stop with Ctrl-C (SIGINT) or SIGTERM.")
 
-    node = Node(config, config_path=config_path)
+    node = Node(config, config_path=config_path, workers=workers)
     try:
         run(node.run(started))
     except NodeStartError as exc:
+        fail(str(exc), 2)
+
+
+@main.command(hidden=True)
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--node-api", required=True, help="The node whose registry to follow.")
+def worker(config_path: str, node_api: str) -> None:
+    """A proxy-only worker process (started by ``interknit up --workers N``)."""
+    from interknit.logs import setup_logging
+    from interknit.workers import run_worker
+
+    setup_logging("info")
+    try:
+        run(run_worker(config_path, node_api))
+    except ConfigError as exc:
         fail(str(exc), 2)
 
 

@@ -73,6 +73,7 @@ class Node:
         *,
         drain_timeout: float = 10.0,
         config_path: str | os.PathLike[str] | None = None,
+        workers: int = 1,
     ) -> None:
         # The *_created series double every counter's output for no operator benefit.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -97,7 +98,9 @@ class Node:
         self._stop_hooks: list[Callable[[], Any]] = []
         self._overloaded: Callable[[], bool] = lambda: False
         self.proxy: Any = None
-        self.reuse_port = False
+        self.workers = workers
+        self.reuse_port = workers > 1
+        self._supervisor: Any = None
         # Extra HTTP routes on the node's API (the demo's backend switches).
         self.route_hooks: list[Callable[[web.Application], None]] = []
 
@@ -150,6 +153,18 @@ class Node:
         await self._start_health()
         await self._start_dns()
         await self._start_proxy()
+        if self.workers > 1 and self.config_path is not None:
+            from interknit.workers import Supervisor
+
+            supervisor = Supervisor(self.workers - 1, str(self.config_path), self.listen["api"])
+            await supervisor.start()
+            self._supervisor = supervisor
+            self.listen["workers"] = f"{self.workers} proxy processes (SO_REUSEPORT)"
+
+            async def stop_workers() -> None:
+                await supervisor.stop(self.drain_timeout + 5)
+
+            self.on_stop(stop_workers)
         self._ready = True
         log.info("node started", extra={"event": "node.started", **self.listen})
 
@@ -329,6 +344,8 @@ class Node:
         reloads: set[asyncio.Task[bool]] = set()
 
         def on_hup() -> None:
+            if self._supervisor is not None:
+                self._supervisor.signal_all(signal.SIGHUP)
             task = loop.create_task(self.reload())
             reloads.add(task)
             task.add_done_callback(reloads.discard)

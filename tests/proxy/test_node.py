@@ -158,3 +158,47 @@ servers = ["127.0.0.1:{target.port}"]
         node.stop()
         one.close()
         two.close()
+
+
+def test_workers_share_the_listener_and_follow_the_registry(tmp_path: Path) -> None:
+    import subprocess
+
+    one, two = Backend("one"), Backend("two")
+    port = free_port()
+    extra = f"""
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[listeners.routes]]
+service = "app"
+"""
+    node = NodeProcess(tmp_path, extra_config=extra).start(args=("--workers", "2"))
+    try:
+
+        def workers() -> list[str]:
+            out = subprocess.run(
+                ["pgrep", "-f", f"worker -c {node.config_path}"], capture_output=True, text=True
+            ).stdout
+            return out.split()
+
+        deadline = time.monotonic() + 10
+        while not workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(workers()) == 1  # the node itself is the other worker
+        node.register("app", "one", port=one.port)
+        node.register("app", "two", port=two.port)
+        time.sleep(0.5)  # the worker hears of both through the node's watch stream
+        seen: Counter[str] = Counter()
+        for _ in range(40):  # a new connection each time: the kernel spreads them
+            with httpx.Client(timeout=5) as c:
+                r = c.get(f"http://127.0.0.1:{port}/")
+                assert r.status_code == 200
+                seen[r.text] += 1
+        assert set(seen) == {"one", "two"}
+        assert node.terminate() == 0
+        assert not workers()
+    finally:
+        node.stop()
+        one.close()
+        two.close()

@@ -1,0 +1,145 @@
+"""``interknit up --workers N``: N proxy processes share each listener with SO_REUSEPORT.
+
+The node itself is the first worker. The other N-1 are ``interknit worker`` processes that run
+only the proxy, each following the node's registry through its watch stream, so the kernel
+spreads connections over N event loops on N cores while the registry stays one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from interknit.config import Config, ConfigError, load_config
+from interknit.proxy.component import ProxyComponent
+from interknit.registry.follower import Follower, local_ejections
+from interknit.registry.model import Event
+
+log = logging.getLogger("interknit.workers")
+
+
+def _token(config: Config) -> str | None:
+    tokens = config.registry.tokens
+    found = tokens.read or tokens.write
+    return found[0] if found else None
+
+
+async def run_worker(config_path: str, api: str) -> None:
+    """One proxy-only worker: follow the node, serve the listeners, drain on SIGTERM."""
+    config = load_config(config_path)
+    follower = Follower(api, _token(config))
+    await follower.start()
+    secret_path = Path(config.node.data_dir) / "sticky.key"
+    secret = secret_path.read_bytes() if secret_path.exists() else b"interknit-worker"
+    proxy: ProxyComponent | None = None
+
+    def apply(events: Sequence[Event]) -> None:
+        if proxy is not None:
+            proxy.on_events(events)
+
+    proxy = ProxyComponent(
+        config.listeners,
+        state=lambda: follower.state,
+        set_ejected=local_ejections(follower, apply),
+        metrics=CollectorRegistry(auto_describe=True),
+        secret=secret,
+        reuse_port=True,
+    )
+    follower.subscribe(proxy.on_events, proxy.on_resync)
+    await proxy.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def reload() -> None:
+        try:
+            fresh = load_config(config_path)
+        except ConfigError as exc:
+            log.error(
+                "config reload refused", extra={"event": "worker.reload_failed", "error": str(exc)}
+            )
+            return
+        assert proxy is not None
+        await proxy.reload(fresh.listeners)
+
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await stop.wait()
+    finally:
+        await proxy.stop()
+        await follower.close()
+
+
+class Supervisor:
+    """Starts the extra workers, restarts one that dies, and stops them all on the way out."""
+
+    def __init__(self, count: int, config_path: str, api: str) -> None:
+        self.count = count
+        self.config_path = config_path
+        self.api = api
+        self.procs: list[asyncio.subprocess.Process | None] = [None] * count
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        for index in range(self.count):
+            self._tasks.append(asyncio.create_task(self._keep(index), name=f"worker-{index}"))
+
+    async def _keep(self, index: int) -> None:
+        while not self._stopping:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "interknit",
+                "worker",
+                "-c",
+                self.config_path,
+                "--node-api",
+                self.api,
+            )
+            self.procs[index] = proc
+            log.info("worker started", extra={"event": "worker.started", "pid": proc.pid})
+            code = await proc.wait()
+            if not self._stopping:
+                log.error(
+                    "worker exited; restarting",
+                    extra={"event": "worker.exited", "pid": proc.pid, "code": code},
+                )
+                await asyncio.sleep(1.0)
+
+    def signal_all(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+    async def stop(self, timeout: float) -> None:
+        self._stopping = True
+        self.signal_all(signal.SIGTERM)
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
