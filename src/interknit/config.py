@@ -283,6 +283,9 @@ class ListenerSection(Section):
     max_connections: Annotated[int, Field(ge=1)] = 10_000
     header_timeout: Seconds = 10.0
     keepalive_timeout: Seconds = 60.0
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 32 * 1024
+    upstream_max_idle: Annotated[int, Field(ge=0, le=10_000)] = 32
+    upstream_idle_timeout: Seconds = 60.0
     drain_timeout: Seconds = 10.0
     routes: list[RouteSection] = Field(default_factory=list)
 

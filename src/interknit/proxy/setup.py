@@ -84,6 +84,9 @@ def listener_spec(section: ListenerSection) -> ListenerSpec:
         max_connections=section.max_connections,
         header_timeout=section.header_timeout,
         keepalive_timeout=section.keepalive_timeout,
+        max_header_bytes=section.max_header_bytes,
+        upstream_max_idle=section.upstream_max_idle,
+        upstream_idle_timeout=section.upstream_idle_timeout,
         routes=tuple(route_spec(r) for r in section.routes),
     )
 
