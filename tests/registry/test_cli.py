@@ -161,7 +161,7 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
 
     def blocking() -> None:
         with httpx.Client(base_url=node.url, timeout=20) as c:
-            result["status"] = c.get(f"/v1/services/web?index={rev}&wait=2s").status_code
+            result["status"] = c.get(f"/v1/services/web?index={rev}&wait=30s").status_code
 
     t = threading.Thread(target=blocking)
     t.start()
@@ -170,7 +170,7 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
     assert node.terminate() == 0
     t.join(10)
     assert result.get("status") == 200  # the in-flight blocking query got its answer
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < 5  # not the 30s wait
     assert "node stopped" in node.log()
     node.client.close()
 

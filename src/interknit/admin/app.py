@@ -164,6 +164,7 @@ def build_app(
         watches: set[asyncio.Task[Any]] = app[WATCHES_KEY]
         for task in list(watches):
             task.cancel()
+        api.registry.wake_all()
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)
 

@@ -62,6 +62,7 @@ class Registry:
         self._waiters: dict[str | None, set[asyncio.Future[None]]] = {}
         self._timer_wake: asyncio.Event | None = None
         self._closed = False
+        self._waking = False
 
     @property
     def stale(self) -> bool:
@@ -307,6 +308,16 @@ class Registry:
 
     # ------------------------------------------------------------------ watching
 
+    def wake_all(self) -> None:
+        """Answer every blocking query now and every later one at once (the node is stopping:
+        a graceful stop must not wait out their ``wait``)."""
+        self._waking = True
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        self._waiters.clear()
+
     def changed_since(self, service: str | None, revision: int) -> bool:
         if service is None:
             return self.state.revision > revision
@@ -318,8 +329,8 @@ class Registry:
         Only changes of that service wake the waiter: a watcher of one service is not woken by
         the churn of all the others.
         """
-        if self.changed_since(service, revision):
-            return True
+        if self.changed_since(service, revision) or self._waking:
+            return self.changed_since(service, revision)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(service, set()).add(fut)
         try:
