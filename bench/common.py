@@ -76,20 +76,71 @@ def process(
                 proc.wait()
 
 
+def free_udp_tcp_port() -> int:
+    """A port free for both UDP and TCP right now (a DNS server binds both)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no port free for both UDP and TCP")
+
+
 @contextlib.contextmanager
-def interknit_node(extra: str = "", registry_extra: str = "") -> Iterator[str]:
-    """A node on free ports in a temporary directory; yields its API URL."""
+def interknit_node(
+    extra: str = "",
+    registry_extra: str = "",
+    *,
+    dns_port: int | None = None,
+    prefix: Sequence[str] = (),
+) -> Iterator[str]:
+    """A node on free ports in a temporary directory; yields its API URL.
+
+    ``dns_port`` fixes the DNS port (else any free one); ``prefix`` goes before the command,
+    e.g. ``["taskset", "-c", "0"]`` to pin the node to a core.
+    """
+    with interknit_process(extra, registry_extra, dns_port=dns_port, prefix=prefix) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def interknit_process(
+    extra: str = "",
+    registry_extra: str = "",
+    *,
+    dns_port: int | None = None,
+    prefix: Sequence[str] = (),
+    options: Sequence[str] = (),
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``interknit_node``, also yielding the node's process (for its pid and memory).
+
+    ``options`` go after ``up -c FILE``, e.g. ``["--log-level", "warning"]``. With a
+    ``prefix`` that execs (``taskset``, ``nice``) the process is the node itself.
+    """
     with tempfile.TemporaryDirectory(prefix="ik-bench-") as tmp:
         api = free_port()
+        dns = free_port() if dns_port is None else dns_port
         cfg = Path(tmp) / "interknit.toml"
         cfg.write_text(
             f'[node]\ndata_dir = "{tmp}/data"\n[registry]\nlisten = "127.0.0.1:{api}"\n'
-            f'{registry_extra}\n[dns]\nlisten = "127.0.0.1:{free_port()}"\n{extra}\n'
+            f'{registry_extra}\n[dns]\nlisten = "127.0.0.1:{dns}"\n{extra}\n'
         )
-        with process([INTERKNIT, "up", "-c", str(cfg)], cwd=Path(tmp), log=Path(tmp) / "log"):
+        args = [*prefix, INTERKNIT, "up", "-c", str(cfg), *options]
+        with process(args, cwd=Path(tmp), log=Path(tmp) / "log") as proc:
             url = f"http://127.0.0.1:{api}"
             wait_http(url + "/v1/health")
-            yield url
+            yield url, proc
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process (VmRSS), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 @contextlib.contextmanager
@@ -120,3 +171,70 @@ def etcd_member() -> Iterator[str]:
         with process(args, log=Path(tmp) / "log"):
             wait_http(f"http://127.0.0.1:{client}/health")
             yield f"127.0.0.1:{client}"
+
+
+def wait_port(
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = 15.0,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until something accepts TCP connections on ``host:port`` (and ``proc`` lives)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with status {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port}")
+
+
+def require_binary(name: str, hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise SystemExit(f"{name} is not installed ({hint})")
+    return path
+
+
+@contextlib.contextmanager
+def haproxy(config: str, port: int) -> Iterator[Path]:
+    """HAProxy in the foreground on ``config`` (``{dir}`` in it is replaced by a temporary
+    directory, for a stats socket); waits for ``port`` and yields the directory."""
+    binary = require_binary("haproxy", "apt-get install haproxy")
+    with tempfile.TemporaryDirectory(prefix="haproxy-bench-") as tmp:
+        cfg = Path(tmp) / "haproxy.cfg"
+        cfg.write_text(config.replace("{dir}", tmp))
+        log = Path(tmp) / "log"
+        with process([binary, "-db", "-f", str(cfg)], log=log) as proc:
+            try:
+                wait_port(port, proc=proc)
+            except RuntimeError as exc:
+                raise RuntimeError(f"haproxy did not start: {log.read_text()}") from exc
+            yield Path(tmp)
+
+
+@contextlib.contextmanager
+def nginx(http_block: str, port: int) -> Iterator[Path]:
+    """nginx in the foreground, one worker, with ``http_block`` as the body of its ``http {}``;
+    waits for ``port`` and yields its temporary prefix directory."""
+    binary = require_binary("nginx", "apt-get install nginx")
+    with tempfile.TemporaryDirectory(prefix="nginx-bench-") as tmp:
+        cfg = Path(tmp) / "nginx.conf"
+        temps = "".join(
+            f"{kind}_temp_path {tmp}/{kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        cfg.write_text(
+            f"worker_processes 1;\nworker_rlimit_nofile 20000;\npid {tmp}/nginx.pid;\n"
+            f"error_log {tmp}/error.log warn;\nevents {{ worker_connections 16384; }}\n"
+            f"http {{\naccess_log off;\n{temps}{http_block}\n}}\n"
+        )
+        args = [binary, "-p", tmp, "-c", str(cfg), "-e", f"{tmp}/error.log", "-g", "daemon off;"]
+        with process(args, log=Path(tmp) / "log") as proc:
+            try:
+                wait_port(port, proc=proc)
+            except RuntimeError as exc:
+                log = (Path(tmp) / "error.log").read_text()
+                raise RuntimeError(f"nginx did not start: {log}") from exc
+            yield Path(tmp)

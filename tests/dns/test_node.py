@@ -72,3 +72,26 @@ def test_restart_serves_dns_from_the_store(tmp_path: Path) -> None:
         assert addresses(ask(node, "api.ik.internal.")) == {"10.0.0.9"}
     finally:
         node.stop()
+
+
+def test_node_answers_global_names_with_declared_gateways(tmp_path: Path) -> None:
+    config = """
+[dns.regions]
+"127.0.0.0/8" = "eu"
+[dns.gslb]
+fallback = { eu = ["us"] }
+[dns.gateways.web]
+eu = ["192.0.2.10"]
+us = ["198.51.100.10"]
+"""
+    node = NodeProcess(tmp_path, extra_config=config).start()
+    try:
+        node.register("web", "e1", address="10.1.0.1", port=80, region="eu")
+        node.register("web", "u1", address="10.2.0.1", port=80, region="us")
+        # The client (loopback) is in eu, and eu has a healthy instance: eu's VIP.
+        assert addresses(ask(node, "web.global.ik.internal.")) == {"192.0.2.10"}
+        assert addresses(ask(node, "web.ik.internal.")) == {"10.1.0.1", "10.2.0.1"}
+        node.client.put("/v1/services/web/instances/e1/health", json={"status": "draining"})
+        assert addresses(ask(node, "web.global.ik.internal.")) == {"198.51.100.10"}
+    finally:
+        node.stop()

@@ -18,6 +18,12 @@ Policies:
 When no region reaches ``min_healthy``, the same rules run again with a threshold of one
 instance: a thin answer beats an empty one. Instances without a region never answer global
 names.
+
+Gateways. A service may declare, per region, the addresses of the load balancers (VIPs) that
+front its instances there (``gateways[service][region]``). Its global name then answers with the
+chosen region's gateway addresses instead of the instances', and only regions with gateways can
+be chosen. A region still counts as up by the healthy instances of the service in it: a VIP is
+only as alive as what stands behind it (Route 53's "evaluate target health").
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class GslbConfig:
     min_healthy: int = 1
     weights: Mapping[str, int] = field(default_factory=dict)  # region -> share; missing = 1
     order: Sequence[str] = ()  # failover order; empty = the regions in name order
+    # service -> region -> gateway (load balancer VIP) addresses
+    gateways: Mapping[str, Mapping[str, Sequence[str]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -55,6 +63,14 @@ class GslbConfig:
         for region, weight in self.weights.items():
             if weight < 0:
                 raise ValueError(f"weight of region {region!r} must not be negative")
+        for service, regions in self.gateways.items():
+            if not regions:
+                raise ValueError(f"gateways of service {service!r} name no region")
+            for region, addresses in regions.items():
+                if not addresses:
+                    raise ValueError(f"gateways of {service!r} in {region!r} list no address")
+                for address in addresses:
+                    ipaddress.ip_address(address)  # raises ValueError naming the address
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +95,22 @@ class Gslb:
         """Whether the answer depends on who asks (and so ECS scope must say how)."""
         return self.config.policy == "nearest"
 
+    def candidates(self, service: str, healthy: Mapping[str, int]) -> dict[str, int]:
+        """The regions that may answer for ``service``, with their healthy instance counts.
+
+        Without gateways, every region with an instance; with gateways, exactly the regions
+        that have a gateway (zero when no instance of the service there is healthy).
+        """
+        gateways = self.config.gateways.get(service)
+        if gateways is None:
+            return dict(healthy)
+        return {region: healthy.get(region, 0) for region in gateways}
+
+    def gateways(self, service: str, region: str) -> Sequence[str] | None:
+        """The gateway addresses ``region`` answers with, or ``None``: answer the instances."""
+        regions = self.config.gateways.get(service)
+        return None if regions is None else regions.get(region, ())
+
     def locate(self, address: Address | None) -> Location:
         if address is None:
             return Location(None, 0)
@@ -89,28 +121,38 @@ class Gslb:
 
     def choose(self, region: str | None, healthy: Mapping[str, int], draw: float) -> str | None:
         """The region that answers, or ``None`` when no region has a healthy instance."""
+        return self.pick(region, healthy, draw)[0]
+
+    def pick(
+        self, region: str | None, healthy: Mapping[str, int], draw: float
+    ) -> tuple[str | None, bool]:
+        """``choose``, and whether the draw decided it (so the next query may differ).
+
+        When it did not, the answer is a function of the client's region and the health of
+        the regions alone, and the zone may cache it per client region.
+        """
         threshold = self.config.min_healthy
-        chosen = self._choose(region, healthy, draw, threshold)
+        chosen, drawn = self._choose(region, healthy, draw, threshold)
         if chosen is None and threshold > 1:
-            chosen = self._choose(region, healthy, draw, 1)
-        return chosen
+            chosen, drawn = self._choose(region, healthy, draw, 1)
+        return chosen, drawn
 
     def _choose(
         self, region: str | None, healthy: Mapping[str, int], draw: float, threshold: int
-    ) -> str | None:
+    ) -> tuple[str | None, bool]:
         policy = self.config.policy
         if policy == "failover":
             order = self.config.order or sorted(healthy)
             for name in order:
                 if healthy.get(name, 0) >= threshold:
-                    return name
-            return None
+                    return name, False
+            return None, False
         if policy == "nearest" and region is not None:
             for name in (region, *self.config.fallback.get(region, ())):
                 if healthy.get(name, 0) >= threshold:
-                    return name
+                    return name, False
         up = [name for name in sorted(healthy) if healthy[name] >= threshold]
-        return self._weighted(up, draw)
+        return self._weighted(up, draw), len(up) > 1
 
     def _weighted(self, regions: Sequence[str], draw: float) -> str | None:
         weights = self.config.weights

@@ -1,12 +1,18 @@
 """The DNS server's Prometheus metrics.
 
-Label children are looked up once and kept in dicts, so counting a query costs a dict lookup
-and an increment rather than a ``labels()`` call per packet.
+Counting a query is on the UDP hot path, where a prometheus-client ``Counter.inc`` (a lock, a
+method call per child) costs more than building the answer from cache. So the per-query counts
+are plain integers in dicts, turned into counter families only when ``/metrics`` is scraped
+(a custom collector). The rare events (rate limiting, drops) use ordinary counters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from interknit.dns.wire import RCODE_NAMES, qtype_name
 from interknit.dns.zone import Reply
@@ -14,23 +20,13 @@ from interknit.dns.zone import Reply
 
 class DnsMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.queries = Counter(
-            "interknit_dns_queries",
-            "DNS queries answered, by query type and response code.",
-            ["qtype", "rcode", "transport"],
-            registry=registry,
-        )
-        self.answers = Counter(
-            "interknit_dns_answers",
-            "Positive DNS answers, by service.",
-            ["service"],
-            registry=registry,
-        )
-        self.truncated = Counter(
-            "interknit_dns_truncated",
-            "UDP replies sent empty with TC set because the answer did not fit (or RRL slipped).",
-            registry=registry,
-        )
+        self.registry = registry
+        # (qtype, rcode, transport) -> queries; types past 255 share one key, so a client
+        # cannot grow the dict at will.
+        self.queries: dict[tuple[int, int, str], int] = {}
+        # Services come and go; the number of keys is bounded by the registry's services.
+        self.answers: dict[str, int] = {}
+        self.truncated = 0
         self.rate_limited = Counter(
             "interknit_dns_rate_limited",
             "UDP queries held back by response rate limiting, by action (drop or slip).",
@@ -42,26 +38,58 @@ class DnsMetrics:
             "Packets dropped without a reply (not a query, or no readable header).",
             registry=registry,
         )
-        self._queries: dict[tuple[int, int, str], Counter] = {}
-        self._answers: dict[str, Counter] = {}
         for action in ("drop", "slip"):
             self.rate_limited.labels(action)
+        registry.register(_Collector(self))
 
     def observe(self, reply: Reply, transport: str) -> None:
-        # Types past 255 share one key: a client must not be able to grow this dict at will.
-        key = (min(reply.qtype, 256), reply.rcode, transport)
-        child = self._queries.get(key)
-        if child is None:
-            rcode = RCODE_NAMES.get(reply.rcode, str(reply.rcode))
-            child = self._queries[key] = self.queries.labels(
-                qtype_name(reply.qtype), rcode, transport
-            )
-        child.inc()
+        key = (reply.qtype if reply.qtype < 256 else 256, reply.rcode, transport)
+        queries = self.queries
+        queries[key] = queries.get(key, 0) + 1
         if reply.truncated:
-            self.truncated.inc()
-        elif reply.service is not None:
-            answers = self._answers.get(reply.service)
-            if answers is None:
-                # Services come and go; the number of label sets is bounded by the registry's.
-                answers = self._answers[reply.service] = self.answers.labels(reply.service)
-            answers.inc()
+            self.truncated += 1
+        else:
+            service = reply.service
+            if service is not None:
+                answers = self.answers
+                answers[service] = answers.get(service, 0) + 1
+
+    def query_count(self, qtype: str, rcode: str, transport: str) -> int:
+        """Queries counted under these label values (what ``/metrics`` shows)."""
+        total = 0
+        for (t, r, tr), n in list(self.queries.items()):
+            if (qtype_name(t), RCODE_NAMES.get(r, str(r)), tr) == (qtype, rcode, transport):
+                total += n
+        return total
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: DnsMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        queries = CounterMetricFamily(
+            "interknit_dns_queries",
+            "DNS queries answered, by query type and response code.",
+            labels=["qtype", "rcode", "transport"],
+        )
+        # Several raw types map to the label "other": sum them into one series.
+        summed: dict[tuple[str, str, str], int] = {}
+        for (qtype, rcode, transport), n in list(m.queries.items()):
+            labels = (qtype_name(qtype), RCODE_NAMES.get(rcode, str(rcode)), transport)
+            summed[labels] = summed.get(labels, 0) + n
+        for labels, n in summed.items():
+            queries.add_metric(list(labels), n)
+        yield queries
+        answers = CounterMetricFamily(
+            "interknit_dns_answers", "Positive DNS answers, by service.", labels=["service"]
+        )
+        for service, n in list(m.answers.items()):
+            answers.add_metric([service], n)
+        yield answers
+        yield CounterMetricFamily(
+            "interknit_dns_truncated",
+            "UDP replies sent empty with TC set because the answer did not fit (or RRL slipped).",
+            value=m.truncated,
+        )

@@ -21,7 +21,8 @@ name                                  kind            answers
 ``s1.search.ik.internal.``            INSTANCE        A/AAAA of ``s1`` while healthy; TXT meta
 ``_search._tcp.ik.internal.``         SRV             SRV of healthy instances (RFC 2782)
 ``_search._eu.ik.internal.``          SRV_TAG         SRV of healthy instances tagged ``eu``
-``search.global.ik.internal.``        GLOBAL          A/AAAA of the region GSLB picks
+``search.global.ik.internal.``        GLOBAL          A/AAAA of the region GSLB picks (its
+                                                      instances, or its declared gateways)
 ``_tcp.``, ``_eu.``, ``global.``      EMPTY           nothing (empty non-terminals: NODATA)
 ====================================  ==============  ===========================================
 

@@ -3,7 +3,8 @@
 Everything about answers is the zone's (``zone.py``); everything about rate limiting is the
 limiter's (``rrl.py``). This file reads packets, asks them, writes replies and counts.
 
-UDP is the hot path: ``datagram_received`` does the rate-limit check, one ``Zone.answer`` call
+UDP is the hot path: ``datagram_received`` does the rate-limit check, one ``Zone.answer_cached``
+call (a repeated question: a dict lookup and an id spliced in) or else one ``Zone.answer`` call,
 and one ``sendto``, with nothing awaited. TCP serves the answers that did not fit in UDP (and
 clients that prefer it): length-prefixed messages, several per connection, one at a time, with
 an idle timeout and a cap on open connections.
@@ -38,6 +39,12 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: DnsServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
+        # The hot path's collaborators, bound once: each attribute hop costs on every packet.
+        self._clock = server.clock
+        self._limiter = server.limiter
+        self._cached = server.zone.answer_cached
+        self._observe = server.metrics.observe
+        self._sendto: Callable[[bytes, Any], None] | None = None
 
     # -- Protocol interface --
 
@@ -45,28 +52,45 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         # Not every loop's UDP transport subclasses DatagramTransport (3.11's selector one does
         # not), but all of them have sendto.
         self.transport = cast(asyncio.DatagramTransport, transport)
+        self._sendto = self.transport.sendto
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        server = self.server
-        now = server.clock()
+        now = self._clock()
         host: str = addr[0]
-        slip = False
-        limiter = server.limiter
+        limiter = self._limiter
         if limiter is not None:
             verdict = limiter.check(host, now)
             if verdict is not Verdict.ALLOW:
-                if verdict is Verdict.DROP:
-                    server.metrics.rate_limited.labels("drop").inc()
-                    return
-                server.metrics.rate_limited.labels("slip").inc()
-                slip = True
-        reply = server.answer(data, host, now, tcp=False, slip=slip)
+                self._limited(data, addr, now, verdict)
+                return
+        hit = self._cached(data, host, now)
+        sendto = self._sendto
+        assert sendto is not None
+        if hit is not None:
+            sendto(hit[0], addr)
+            self._observe(hit[1], "udp")
+            return
+        reply = self.server.answer(data, host, now, tcp=False, slip=False)
+        if reply is None:
+            self.server.metrics.dropped.inc()
+            return
+        sendto(reply.wire, addr)
+        self._observe(reply, "udp")
+
+    def _limited(self, data: bytes, addr: tuple[Any, ...], now: float, verdict: Verdict) -> None:
+        """Over the client's rate: drop, or slip a bare truncated reply (see ``rrl.py``)."""
+        server = self.server
+        assert self._sendto is not None
+        if verdict is Verdict.DROP:
+            server.metrics.rate_limited.labels("drop").inc()
+            return
+        server.metrics.rate_limited.labels("slip").inc()
+        reply = server.answer(data, addr[0], now, tcp=False, slip=True)
         if reply is None:
             server.metrics.dropped.inc()
             return
-        assert self.transport is not None
-        self.transport.sendto(reply.wire, addr)
-        server.metrics.observe(reply, "udp")
+        self._sendto(reply.wire, addr)
+        self._observe(reply, "udp")
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a client that went away: nothing to do.

@@ -24,7 +24,7 @@ def zone_config(section: DnsSection, services: list[ServiceSection]) -> ZoneConf
     ttls = {s.name: s.ttl for s in services if s.ttl is not None}
     ttls.update(section.service_ttls)
     gslb = None
-    if section.regions:
+    if section.regions or section.gateways:
         g = section.gslb
         gslb = GslbConfig(
             regions=dict(section.regions),
@@ -33,6 +33,10 @@ def zone_config(section: DnsSection, services: list[ServiceSection]) -> ZoneConf
             min_healthy=g.min_healthy,
             weights=dict(g.weights),
             order=tuple(g.order),
+            gateways={
+                service: {region: tuple(vips) for region, vips in regions.items()}
+                for service, regions in section.gateways.items()
+            },
         )
     return ZoneConfig(
         zone=section.zone,

@@ -16,6 +16,15 @@ When an event changes a service, its nodes are rebuilt (dropping their cached en
 service is marked changed at ``now``: for one TTL after that its answers carry ``changed_ttl``
 (1s) so that caches let go of the old addresses quickly. The SOA (its serial is the registry
 revision) is packed once per revision and appended to negative answers.
+
+The reply cache. Most UDP queries repeat one another byte for byte except for the id: the same
+name, type, flags and OPT record. ``answer_cached`` looks the packet minus its id up in a dict
+of replies already built for it, one per rotation, and serves the next rotation with only the id
+spliced in: no parsing, no packing. It holds only answers that depend on nothing but the packet
+and the client's GSLB region (no client subnet, no weighted draw), each until its TTL changes
+(``Cached.until``), and it is emptied by every change of the zone. Its size is capped; a
+client that varies its questions (0x20 case randomisation) only misses and takes the normal
+path.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from interknit.dns import wire
-from interknit.dns.gslb import Gslb, GslbConfig
+from interknit.dns.gslb import Gslb, GslbConfig, Location
 from interknit.dns.rules import (
     GLOBAL_LABEL,
     NAMESERVER_LABEL,
@@ -180,6 +189,25 @@ class Entry:
             self.total = acc
 
 
+class Cached:
+    """Every rotation of one UDP reply, without its id; see "The reply cache" above."""
+
+    __slots__ = ("entry", "replies", "tails", "until")
+
+    def __init__(self, entry: Entry, until: float) -> None:
+        self.entry = entry
+        self.until = until  # the answer's TTL changes then (the lowered TTL after a change ends)
+        rotations = entry.count if entry.rotating else 1
+        self.replies: list[Reply | None] = [None] * rotations
+        self.tails: list[bytes] = [b""] * rotations
+
+
+# The query after its id; for a global name, with the client's region in front.
+CacheKey = bytes | tuple[str | None, bytes]
+CACHE_MAX_BYTES = 8 * 1024 * 1024
+CACHE_MAX_ROTATIONS = 64  # a bigger answer set rotates through the normal path
+
+
 class Node:
     """A name that exists in the zone, with its cached answers."""
 
@@ -250,6 +278,9 @@ class Zone:
         self._gslb = Gslb(self.config.gslb) if self.config.gslb is not None else None
         self._services: dict[str, _Service] = {}
         self._names: dict[bytes, Node] = {}
+        self._cache: dict[CacheKey, Cached] = {}  # the query after its id -> its replies
+        self._cache_bytes = 0
+        self._locations: dict[str, Location] = {}  # source address -> GSLB location
         self._empty: Counter[bytes] = Counter()  # empty non-terminals, counted by users
         self._empty_node = Node(Kind.EMPTY)
         self._opt = wire.opt_record(self.config.udp_payload)
@@ -274,6 +305,7 @@ class Zone:
         Services whose answers differ from what the zone had are marked changed at ``now``; the
         default (minus infinity) marks none, which suits the first load.
         """
+        self._clear_cache()
         grouped: dict[str, list[Instance]] = {}
         for instance in instances:
             grouped.setdefault(instance.service, []).append(instance)
@@ -286,6 +318,7 @@ class Zone:
 
     def apply(self, event: Event, now: float = -math.inf) -> None:
         """One registry event; ``now`` is when it arrived, for the lowered TTL after a change."""
+        self._clear_cache()
         instance = event.instance
         service = self._services.get(instance.service)
         members = dict(service.instances) if service is not None else {}
@@ -333,7 +366,9 @@ class Zone:
         for instance in members:
             if instance.region is not None and instance.health in ANSWERED_HEALTH:
                 regions[instance.region] += 1
-        service.regions = dict(regions)
+        # The regions that may answer the service's global name, by healthy instances.
+        gslb = self._gslb
+        service.regions = gslb.candidates(name, regions) if gslb is not None else dict(regions)
         self._index(service)
 
     def _drop_service(self, name: str) -> None:
@@ -398,6 +433,55 @@ class Zone:
 
     # -- answering ----------------------------------------------------------------------------
 
+    def answer_cached(self, data: bytes, client: str, now: float) -> tuple[bytes, Reply] | None:
+        """The UDP reply to a packet asked before but for its id, or ``None``: call ``answer``.
+
+        Returns the packet to send and a ``Reply`` that describes it for the metrics (its
+        ``wire`` is the first asker's). Never for TCP or a rate-limited (slipped) client.
+        """
+        key = data[2:]
+        cached = self._cache.get(key)
+        if cached is None:
+            # A global name is cached per client region (see ``_regional``).
+            location = self._locations.get(client)
+            if location is None:
+                return None
+            cached = self._cache.get((location.region, key))
+            if cached is None:
+                return None
+        if now >= cached.until:
+            return None
+        entry = cached.entry
+        if entry.rotating:
+            k = entry.cursor
+            reply = cached.replies[k]
+            if reply is None:
+                return None  # this rotation is not built yet: ``answer`` builds it
+            entry.cursor = k + 1 if k + 1 < entry.count else 0
+        else:
+            k = 0
+            reply = cached.replies[0]
+            if reply is None:
+                return None
+        return data[:2] + cached.tails[k], reply
+
+    def _clear_cache(self) -> None:
+        self._cache.clear()
+        self._cache_bytes = 0
+
+    def _remember(self, key: CacheKey, entry: Entry, k: int, reply: Reply, now: float) -> None:
+        cached = self._cache.get(key)
+        if cached is None or now >= cached.until:
+            if self._cache_bytes > CACHE_MAX_BYTES:
+                self._clear_cache()
+            until = entry.low_until if now < entry.low_until else math.inf
+            cached = self._cache[key] = Cached(entry, until)
+            self._cache_bytes += len(reply.wire) + 100
+        if cached.entry is entry and cached.replies[k] is None:
+            cached.replies[k] = reply
+            cached.tails[k] = reply.wire[2:]
+            self._cache_bytes += len(reply.wire)
+
     def answer(
         self, data: bytes, client: str, now: float, *, tcp: bool = False, slip: bool = False
     ) -> Reply | None:
@@ -409,6 +493,7 @@ class Zone:
         """
         try:
             query = wire.parse_query(data)
+            common = query is not None
             if query is None:
                 query = wire.parse_unusual(data)
         except FormatError:
@@ -444,31 +529,47 @@ class Zone:
             return self._negative(query, NOERROR, tcp, slip)
         if rule == "soa":
             return self._soa(query, tcp, slip)
-        scope = 0
+        key: CacheKey | None = None
         if rule == "regional":
-            entry, scope = self._regional(node, query, client)
+            entry, scope, fixed = self._regional(node, query, client)
+            if fixed is not None:
+                key = (fixed.region, data[2:])
         else:
-            cached = node.entries.get(qtype)
-            if cached is None:
-                cached = node.entries[qtype] = self._build(node, rule, qtype, name)
-            entry = cached
-        return self._assemble(query, entry, now, tcp, slip, scope)
+            found = node.entries.get(qtype)
+            if found is None:
+                found = node.entries[qtype] = self._build(node, rule, qtype, name)
+            entry, scope, key = found, 0, data[2:]
+        k = self._pick(entry)
+        reply = self._assemble(query, entry, k, now, tcp, slip, scope)
+        if (
+            key is not None
+            and not tcp
+            and not slip
+            and common
+            and query.ecs is None
+            and entry.cum is None
+            and entry.count <= CACHE_MAX_ROTATIONS
+        ):
+            self._remember(key, entry, k, reply, now)
+        return reply
 
-    def _assemble(
-        self, query: Query, entry: Entry, now: float, tcp: bool, slip: bool, scope: int
-    ) -> Reply:
+    def _pick(self, entry: Entry) -> int:
+        """Where this answer's records start: a weighted draw, the next rotation, or 0."""
         count = entry.count
-        if count == 0:
-            return self._negative(query, NOERROR, tcp, slip, scope)
         if entry.cum is not None:
             k = bisect_right(entry.cum, self._random() * entry.total)
-            if k >= count:
-                k = count - 1
-        elif entry.rotating:
+            return k if k < count else count - 1
+        if entry.rotating:
             k = entry.cursor
             entry.cursor = k + 1 if k + 1 < count else 0
-        else:
-            k = 0
+            return k
+        return 0
+
+    def _assemble(
+        self, query: Query, entry: Entry, k: int, now: float, tcp: bool, slip: bool, scope: int
+    ) -> Reply:
+        if entry.count == 0:
+            return self._negative(query, NOERROR, tcp, slip, scope)
         m = k + entry.take
         starts = entry.starts
         low = now < entry.low_until
@@ -553,17 +654,23 @@ class Zone:
             pos += name[pos] + 1
         return pos == offset
 
-    def _regional(self, node: Node, query: Query, client: str) -> tuple[Entry, int]:
+    def _regional(
+        self, node: Node, query: Query, client: str
+    ) -> tuple[Entry, int, Location | None]:
         gslb = self._gslb
         assert gslb is not None and node.service is not None
         service = self._services[node.service]
         ecs = query.ecs
         if ecs is not None:
-            address = ecs.address if ecs.source > 0 else None
+            location = gslb.locate(ecs.address if ecs.source > 0 else None)
         else:
-            address = _ip(client)
-        location = gslb.locate(address)
-        region = gslb.choose(location.region, service.regions, self._random())
+            found = self._locations.get(client)
+            if found is None:
+                if len(self._locations) >= 65536:
+                    self._locations.clear()  # a spray of sources: start over, do not grow
+                found = self._locations[client] = gslb.locate(_ip(client))
+            location = found
+        region, drawn = gslb.pick(location.region, service.regions, self._random())
         scope = 0
         if gslb.client_dependent and ecs is not None and ecs.source > 0:
             # A matched CIDR says exactly which clients share this answer; an unmatched
@@ -575,7 +682,9 @@ class Zone:
             entry = node.regional[key] = self._build(
                 node, "regional", query.qtype, query.name, region
             )
-        return entry, scope
+        # Without ECS and a draw, every client of this region gets this entry: cacheable.
+        fixed = location if ecs is None and not drawn else None
+        return entry, scope, fixed
 
     # -- building entries ---------------------------------------------------------------------
 
@@ -645,14 +754,23 @@ class Zone:
         else:  # "addresses" and "regional"
             assert service is not None
             version = 4 if qtype == A else 6
-            chosen = []
             ips = []
-            for instance in self._healthy(service, node, region if rule == "regional" else None):
-                ip = _ip(instance.address)
-                if ip is not None and ip.version == version:
-                    chosen.append(instance)
-                    ips.append(ip)
-            weights = [i.weight for i in chosen]
+            gateways = None
+            if rule == "regional" and region is not None and self._gslb is not None:
+                gateways = self._gslb.gateways(service.name, region)
+            if gateways is not None:
+                # The region's load balancers, all alike: plain round robin.
+                ips = [ip for ip in map(_ip, gateways) if ip is not None and ip.version == version]
+            else:
+                chosen = []
+                for instance in self._healthy(
+                    service, node, region if rule == "regional" else None
+                ):
+                    ip = _ip(instance.address)
+                    if ip is not None and ip.version == version:
+                        chosen.append(instance)
+                        ips.append(ip)
+                weights = [i.weight for i in chosen]
 
             def make(t: int) -> list[Packed]:
                 return [(wire.rr(QNAME_POINTER, qtype, t, ip.packed), b"", 0) for ip in ips]
@@ -706,4 +824,4 @@ class Zone:
         return out
 
 
-__all__ = ["Entry", "Node", "Reply", "Zone", "ZoneConfig"]
+__all__ = ["Cached", "Entry", "Node", "Reply", "Zone", "ZoneConfig"]
