@@ -223,6 +223,7 @@ class OutlierSection(Section):
     base_ejection_time: Seconds = 30.0
     max_ejection_time: Seconds = 300.0
     max_ejection_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
+    interval: Seconds = 10.0
 
 
 class DemandSection(Section):

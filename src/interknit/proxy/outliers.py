@@ -55,6 +55,7 @@ class PassiveHealth:
                 base_ejection_time=settings.base_ejection_time,
                 max_ejection_percent=settings.max_ejection_percent,
                 max_ejection_time=settings.max_ejection_time,
+                interval=settings.interval,
             )
             detector.set_members(ep.key for ep in pool.endpoints)
         elif endpoint.key not in detector:
