@@ -38,9 +38,10 @@ def test_transitions_reach_the_registry_and_steady_results_write_nothing(tmp_pat
     stop = threading.Event()
 
     def watch() -> None:
-        with httpx.Client(base_url=node.url, timeout=30) as c, c.stream(
-            "GET", "/v1/watch?service=web&since=0"
-        ) as r:
+        with (
+            httpx.Client(base_url=node.url, timeout=30) as c,
+            c.stream("GET", "/v1/watch?service=web&since=0") as r,
+        ):
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     data: dict[str, Any] = json.loads(line[6:])
@@ -73,7 +74,13 @@ def test_transitions_reach_the_registry_and_steady_results_write_nothing(tmp_pat
         wait_for(lambda: health(node, "a") == "passing")
         time.sleep(0.3)
         assert [h for _, h in events] == [
-            "critical", "passing", "warning", "critical", "passing", "critical", "passing",
+            "critical",
+            "passing",
+            "warning",
+            "critical",
+            "passing",
+            "critical",
+            "passing",
         ]
         metrics = node.client.get("/metrics").text
         assert "interknit_health_checks_total" in metrics
@@ -128,10 +135,10 @@ outlier = {{ consecutive_failures = 3, base_ejection_time = "1s", max_ejection_p
             assert {proxy.get("/").text for _ in range(6)} == {"good"}
             bad.status = 200
             wait_for(
-                lambda: node.client.get("/v1/services/web/instances/bad").json()[
-                    "ejected_until"
-                ]
-                is None,
+                lambda: (
+                    node.client.get("/v1/services/web/instances/bad").json()["ejected_until"]
+                    is None
+                ),
                 timeout=5,
             )
             assert {proxy.get("/").text for _ in range(6)} == {"good", "bad"}
