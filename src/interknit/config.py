@@ -92,6 +92,9 @@ class RegistrySection(Section):
     listen: HostPort = "127.0.0.1:7470"
     backend: Literal["embedded", "etcd"] = "embedded"
     etcd: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    etcd_prefix: str = "/interknit/"
+    etcd_timeout: Seconds = 2.0
+    node_ttl: Seconds = 10.0  # a node's lease: its instances go this long after it dies
     tokens: TokensSection = Field(default_factory=TokensSection)
     history: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
 

@@ -4,6 +4,7 @@ components together, and takes them down in order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -22,8 +23,8 @@ from interknit.admin.app import Panels, Tokens, build_app
 from interknit.config import Config, ConfigError, ServiceSection, load_config, split_hostport
 from interknit.registry.api import RegistryApi
 from interknit.registry.metrics import RegistryMetrics, StateCollector
-from interknit.registry.model import Check, Event, InstanceSpec
-from interknit.registry.registry import Registry
+from interknit.registry.model import Check, Event, Instance, InstanceSpec
+from interknit.registry.registry import Registry, RegistryBackend, Unavailable
 from interknit.registry.state import RegistryError
 from interknit.registry.store import SqliteStore, StoreError
 
@@ -82,11 +83,7 @@ class Node:
         self.drain_timeout = drain_timeout
         self.metrics = CollectorRegistry(auto_describe=True)
         self.registry_metrics = RegistryMetrics(self.metrics)
-        self.registry = Registry(
-            SqliteStore(config.node.data_dir),
-            history_size=config.registry.history,
-            metrics=self.registry_metrics,
-        )
+        self.registry: RegistryBackend = self._make_registry(config)
         self.metrics.register(
             StateCollector(lambda: self.registry.state, lambda: self.registry.stale)
         )
@@ -103,6 +100,34 @@ class Node:
         self._supervisor: Any = None
         # Extra HTTP routes on the node's API (the demo's backend switches).
         self.route_hooks: list[Callable[[web.Application], None]] = []
+
+    def _make_registry(self, config: Config) -> RegistryBackend:
+        section = config.registry
+        if section.backend == "embedded":
+            return Registry(
+                SqliteStore(config.node.data_dir),
+                history_size=section.history,
+                metrics=self.registry_metrics,
+            )
+        try:
+            from interknit.registry.etcd import EtcdRegistry
+        except ImportError:
+            raise NodeStartError(
+                "the etcd backend needs the etcd extra: pip install 'interknit[etcd]'"
+            ) from None
+        try:
+            return EtcdRegistry(
+                section.etcd,
+                node_name=config.node.name,
+                data_dir=config.node.data_dir,
+                prefix=section.etcd_prefix,
+                node_ttl=section.node_ttl,
+                request_timeout=section.etcd_timeout,
+                history_size=section.history,
+                metrics=self.registry_metrics,
+            )
+        except ValueError as exc:
+            raise NodeStartError(f"registry.etcd: {exc}") from None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -169,32 +194,60 @@ class Node:
         log.info("node started", extra={"event": "node.started", **self.listen})
 
     async def _register_static_services(self) -> None:
+        shared = self.config.registry.backend == "etcd"
         for section in self.config.services:
             for hostport in section.instances:
                 spec = service_spec(section, hostport)
                 try:
                     await self.registry.register(section.name, static_instance_id(hostport), spec)
+                except Unavailable:
+                    if not shared:
+                        raise
+                    # etcd is away: the loop below registers them once it is back.
                 except RegistryError as exc:
                     raise NodeStartError(
                         f"cannot register static instance {hostport} of {section.name}: {exc}"
                     ) from None
+        if shared and self.config.services:
+            # On etcd a static instance belongs to the node that registered it and goes with
+            # that node's lease; every node re-registers them (a local no-op while unchanged),
+            # so another node takes them over when the owner dies.
+            task = asyncio.create_task(self._keep_static_services(), name="static-services")
+            self.on_stop(task.cancel)
+
+    async def _keep_static_services(self, every: float = 3.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            for section in self.config.services:
+                for hostport in section.instances:
+                    spec = service_spec(section, hostport)
+                    with contextlib.suppress(RegistryError):
+                        await self.registry.register(
+                            section.name, static_instance_id(hostport), spec
+                        )
 
     async def _start_health(self) -> None:
         """Active checks for every instance with an HTTP or TCP check, results to the registry."""
         from interknit.health import HealthChecker
 
         checker = HealthChecker(self.registry.set_check_status, registry=self.metrics)
-        checker.sync(self.registry.state.all_instances())
+        # On etcd every node sees every instance, but only the owning node checks it.
+        owns: Callable[[str, str], bool] = getattr(self.registry, "owns", lambda s, i: True)
+
+        def mine() -> list[Instance]:
+            return [i for i in self.registry.state.all_instances() if owns(i.service, i.id)]
+
+        checker.sync(mine())
 
         def apply(events: Sequence[Event]) -> None:
             for event in events:
                 inst = event.instance
-                if event.type == "put":
+                if event.type == "put" and owns(inst.service, inst.id):
                     checker.update(inst)
                 else:
                     checker.remove(inst.service, inst.id)
 
-        self.registry.subscribe(apply, lambda: checker.sync(self.registry.state.all_instances()))
+        self.registry.subscribe(apply, lambda: checker.sync(mine()))
         checker.start()
         self.on_stop(checker.stop)
         self.health = checker

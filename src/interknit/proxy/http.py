@@ -23,7 +23,8 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -62,6 +63,10 @@ _RETRY_NO = 0
 _RETRY_MAYBE = 1
 _RETRY_APPROVED = 2
 _SELF_HEADERS = frozenset({b"connection", b"keep-alive", b"upgrade", b"close"})
+# What a client connection's timer waits for: nothing, a request head, or a next request.
+_WAIT_NONE = 0
+_WAIT_HEAD = 1
+_WAIT_IDLE = 2
 
 Outcome = tuple[int, str, int] | None  # (status, reason, retry) of a failed attempt
 
@@ -111,6 +116,7 @@ class Exchange:
         "client_closed",
         "conn",
         "content_length",
+        "coro",
         "deadline",
         "endpoint",
         "expect_continue",
@@ -145,8 +151,6 @@ class Exchange:
         "state",
         "status",
         "target",
-        "task",
-        "timer",
         "tried",
         "tunnel_prefix",
         "tunneling",
@@ -205,9 +209,8 @@ class Exchange:
         self.sending = False
         self.started_at = now
         self.fut: asyncio.Future[Outcome] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.deadline: float | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.coro: Coroutine[Any, Any, None] | None = None
         # Response state
         self.response_started = False
         self.pending_head: bytes | None = None
@@ -224,9 +227,40 @@ class Exchange:
     # Start and finish
 
     def start(self) -> None:
-        # A task even for a 404: it runs after the parser has finished the current buffer, so
-        # a bodiless request is complete (and its keep-alive known) by then.
-        self.task = self.proto.loop.create_task(self.run())
+        # It runs after the parser has finished the current buffer (even for a 404), so a
+        # bodiless request is complete (and its keep-alive known) by then.
+        self.coro = self.run()
+        self.proto.loop.call_soon(self.step, None)
+
+    def step(self, _: object) -> None:
+        """Run ``run()`` on to its next wait: a task's work, for an exchange.
+
+        A task per request costs about a microsecond more (its creation, the loop's set of
+        all tasks); everything ``run()`` awaits comes down to plain futures, so stepping the
+        coroutine from their callbacks does the same.
+        """
+        coro = self.coro
+        if coro is None:
+            return
+        error: BaseException | None = None
+        while True:
+            try:
+                waiting = coro.send(None) if error is None else coro.throw(error)
+            except (StopIteration, asyncio.CancelledError):
+                self.coro = None
+                return
+            except BaseException:
+                self.coro = None
+                raise
+            if waiting is None:  # a bare yield, as in asyncio.sleep(0)
+                self.proto.loop.call_soon(self.step, None)
+                return
+            # What a future yields to the task awaiting it (asyncio.Task tests it the same way).
+            if getattr(waiting, "_asyncio_future_blocking", None) is not None:
+                waiting._asyncio_future_blocking = False
+                waiting.add_done_callback(self.step)
+                return
+            error = RuntimeError(f"exchange awaited {waiting!r}, not a future")
 
     async def run(self) -> None:
         try:
@@ -511,9 +545,10 @@ class Exchange:
         framed = self.chunked_in
         for data in pending:
             parts.append(chunk(data) if framed else data)
-        self.record_sent(self.buffer)
-        self.buffer = []
-        self.buffered = 0
+        if self.buffer:
+            self.record_sent(self.buffer)
+            self.buffer = []
+            self.buffered = 0
         if self.request_done and framed:
             parts.append(LAST_CHUNK)
         conn.write(b"".join(parts))
@@ -598,14 +633,12 @@ class Exchange:
                 return value
         return self.proto.client_ip
 
-    # Timers: response head, whole-request deadline and idle, on one handle
+    # Timers: response head, whole-request deadline and idle, on the connection's one handle
 
     def arm_timer(self) -> None:
-        self.cancel_timer()
         state = self.state
         assert state is not None
         spec = state.spec
-        loop = self.proto.loop
         conn = self.conn
         if self.response_started or not self.request_done or spec.response_timeout is None:
             last = self.client_activity
@@ -616,15 +649,13 @@ class Exchange:
             when = self.client_activity + spec.response_timeout
         if self.deadline is not None and self.deadline < when:
             when = self.deadline
-        self.timer = loop.call_at(when, self.on_timer)
+        self.proto.exchange_timer_at(when)
 
     def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """Nothing to undo: the handle may fire, finds no attempt waiting, and lets go."""
 
     def on_timer(self) -> None:
-        self.timer = None
+        """Called when the handle fires, perhaps early (it is shared): re-arms if so."""
         if self.fut is None or self.fut.done():
             return
         state = self.state
@@ -750,7 +781,7 @@ class Exchange:
                     chunked = True
                 elif lname == b"upgrade":
                     upgrade = value
-                elif lname == b"connection":
+                elif lname == b"connection" and value.lower() not in _SELF_HEADERS:
                     tokens = connection_tokens(value) - _SELF_HEADERS
                     if tokens:
                         listed = tokens if listed is None else listed | tokens
@@ -926,8 +957,15 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.active: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self.pending_error: bytes | None = None
+        # Two timer handles, each re-armed only when a wait must end sooner than the handle
+        # fires: setting one per request costs more than a handle that wakes up early now and
+        # then and finds the wait not over (or gone).
         self.timer: asyncio.TimerHandle | None = None
-        self.timer_is_head = False
+        self.timer_at = 0.0
+        self.wait = _WAIT_NONE
+        self.wait_until = 0.0
+        self.exchange_timer: asyncio.TimerHandle | None = None
+        self.exchange_timer_when = 0.0
         self.write_paused = False
         self.closed = False
         self.rejected = False
@@ -970,6 +1008,13 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.closed = True
         self.listener.connection_closed(self)
         self.cancel_timer()
+        # Pending handles would keep this protocol alive until they fire.
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.exchange_timer is not None:
+            self.exchange_timer.cancel()
+            self.exchange_timer = None
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -1045,7 +1090,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.head_bytes = 0
         self.hosts = 0
         self.listed = None
-        if not self.timer_is_head:
+        if self.wait != _WAIT_HEAD:
             self.arm_timer(head=True)
 
     def on_url(self, url: bytes) -> None:
@@ -1063,7 +1108,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         lname = name.lower()
         hdict = self.hdict
         if lname in REQUEST_REWRITTEN:
-            if lname == b"connection":
+            # The usual "keep-alive" or "close" lists no header to drop: no set to build.
+            if lname == b"connection" and value.lower() not in _SELF_HEADERS:
                 tokens = connection_tokens(value) - _SELF_HEADERS
                 if tokens:
                     self.listed = tokens if self.listed is None else self.listed | tokens
@@ -1195,26 +1241,63 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         self.flow.resume_reading(PIPELINE)
         if self.in_head:
-            if not self.timer_is_head:
+            if self.wait != _WAIT_HEAD:
                 self.arm_timer(head=True)
         else:
             self.arm_timer(head=False)
 
     def arm_timer(self, head: bool) -> None:
         """Bound the wait for a request head (header_timeout) or for a next request."""
-        self.cancel_timer()
         spec = self.listener.spec
-        self.timer_is_head = head
         if head:
-            self.timer = self.loop.call_later(spec.header_timeout, self.on_head_timeout)
+            self.wait = _WAIT_HEAD
+            self.wait_until = self.loop.time() + spec.header_timeout
         else:
-            self.timer = self.loop.call_later(spec.keepalive_timeout, self.on_idle_timeout)
+            self.wait = _WAIT_IDLE
+            self.wait_until = self.loop.time() + spec.keepalive_timeout
+        timer = self.timer
+        if timer is not None:
+            if self.timer_at <= self.wait_until:
+                return  # it fires first and re-arms for the rest
+            timer.cancel()
+        self.timer_at = self.wait_until
+        self.timer = self.loop.call_at(self.wait_until, self.on_timer)
 
     def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.timer_is_head = False
+        self.wait = _WAIT_NONE
+
+    def on_timer(self) -> None:
+        self.timer = None
+        wait = self.wait
+        if wait == _WAIT_NONE or self.closed:
+            return
+        # Armed for an earlier wait: not yet this one's time. (Not compared with the clock,
+        # which may read a hair before the very time the handle was set for.)
+        if self.timer_at < self.wait_until:
+            self.timer_at = self.wait_until
+            self.timer = self.loop.call_at(self.wait_until, self.on_timer)
+            return
+        self.wait = _WAIT_NONE
+        if wait == _WAIT_HEAD:
+            self.on_head_timeout()
+        else:
+            self.on_idle_timeout()
+
+    def exchange_timer_at(self, when: float) -> None:
+        """Wake the active exchange at ``when`` (or sooner: it re-checks and re-arms)."""
+        timer = self.exchange_timer
+        if timer is not None:
+            if self.exchange_timer_when <= when:
+                return
+            timer.cancel()
+        self.exchange_timer_when = when
+        self.exchange_timer = self.loop.call_at(when, self.on_exchange_timer)
+
+    def on_exchange_timer(self) -> None:
+        self.exchange_timer = None
+        active = self.active
+        if active is not None:
+            active.on_timer()
 
     def on_request_upgrade(self, rest: bytes) -> None:
         ex = self.active if self.active is not None and self.active.upgrade else None
@@ -1244,15 +1327,12 @@ class HttpProxyProtocol(asyncio.Protocol):
             self.transport.write_eof()
 
     def on_head_timeout(self) -> None:
-        self.timer = None
-        self.timer_is_head = False
         if self.active is None and not self.closed:
             self.count_rejection("header-timeout", 408)
             self.write(error_response(408, "header-timeout", close=True))
             self.close()
 
     def on_idle_timeout(self) -> None:
-        self.timer = None
         if self.active is None and not self.in_head:
             self.close()
 

@@ -78,13 +78,16 @@ class PassiveHealth:
         self._apply(pool, endpoint.key, until, now)
 
     def _apply(self, pool: Pool, key: str, until: float | None, now: float) -> None:
+        # The pool acts at once, so the very next request already avoids the endpoint; a
+        # registry instance's ejection is also written to the registry (every consumer sees
+        # it, and the event that comes back carries the same time).
+        with contextlib.suppress(KeyError):  # the endpoint left the pool meanwhile
+            pool.set_health(key, now, ejected_until=until)
         service, sep, instance_id = key.partition("/")
         if sep and service == pool.name:
             task = asyncio.get_running_loop().create_task(self._write(service, instance_id, until))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        else:
-            pool.set_health(key, now, ejected_until=until)
 
     async def _write(self, service: str, instance_id: str, until: float | None) -> None:
         try:

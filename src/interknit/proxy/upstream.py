@@ -3,7 +3,9 @@
 An ``UpstreamConnection`` parses responses with httptools and hands every event to its
 current ``ResponseSink`` (the client-side exchange), which decides what reaches the client.
 Between exchanges a connection waits in its ``UpstreamPool`` with an idle timer; any byte or
-EOF while idle means the upstream gave up on it, so it is dropped.
+EOF while idle means the upstream gave up on it, so it is dropped. The idle timer is not set
+per request: a connection keeps one handle, which, when it fires, closes the connection if it
+has been idle long enough and otherwise re-arms for the rest.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_handle_at = 0.0
+        self.idle = False
+        self.idle_since = 0.0
         self.reused = False
         self.read_paused = False
         # Set after a 101: raw bytes go to the client's transport from then on.
@@ -195,6 +200,17 @@ class UpstreamConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
 
+    def on_idle_timer(self) -> None:
+        self.idle_handle = None
+        if self.closed or not self.idle:
+            return
+        expires = self.idle_since + self.pool.idle_timeout
+        if self.idle_handle_at >= expires:
+            self.close()
+        else:
+            self.idle_handle_at = expires
+            self.idle_handle = self.pool.loop.call_at(expires, self.on_idle_timer)
+
     def _complete(self, sink: ResponseSink, keep_alive: bool) -> None:
         self.sink = None
         sink.on_response_complete(keep_alive)
@@ -225,9 +241,8 @@ class UpstreamPool:
         idle = self._idle.get((address, port))
         while idle:
             conn = idle.pop()
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
+            # Its idle timer stays set; when it fires the connection is busy and it lets go.
+            conn.idle = False
             if not conn.closed:
                 conn.reused = True
                 return conn
@@ -262,9 +277,14 @@ class UpstreamPool:
         if conn.read_paused:
             conn.resume_reading()  # so that an EOF while idle is noticed
         idle.append(conn)
-        conn.idle_handle = self.loop.call_later(self.idle_timeout, conn.close)
+        conn.idle = True
+        conn.idle_since = now = self.loop.time()
+        if conn.idle_handle is None:
+            conn.idle_handle_at = now + self.idle_timeout
+            conn.idle_handle = self.loop.call_at(conn.idle_handle_at, conn.on_idle_timer)
 
     def forget(self, conn: UpstreamConnection) -> None:
+        conn.idle = False
         if conn.idle_handle is not None:
             conn.idle_handle.cancel()
             conn.idle_handle = None

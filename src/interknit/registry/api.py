@@ -17,7 +17,7 @@ from aiohttp import web
 from interknit.durations import parse_duration
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import Instance
-from interknit.registry.registry import Registry
+from interknit.registry.registry import RegistryBackend
 from interknit.registry.schema import (
     MAX_BODY,
     HealthBody,
@@ -30,7 +30,6 @@ from interknit.registry.state import NotFound, RegistryError
 MAX_WAIT = 300.0
 DEFAULT_WAIT = 300.0
 KEEPALIVE_EVERY = 15.0
-REGISTRY_KEY = web.AppKey("registry", Registry)
 WATCHES_KEY = web.AppKey("watches", set[asyncio.Task[Any]])
 
 
@@ -38,14 +37,14 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def revision_headers(registry: Registry) -> dict[str, str]:
+def revision_headers(registry: RegistryBackend) -> dict[str, str]:
     headers = {"X-Interknit-Revision": str(registry.state.revision)}
     if registry.stale:
         headers["X-Interknit-Stale"] = "1"
     return headers
 
 
-def json_response(registry: Registry, body: bytes, status: int = 200) -> web.Response:
+def json_response(registry: RegistryBackend, body: bytes, status: int = 200) -> web.Response:
     return web.Response(
         body=body,
         status=status,
@@ -113,7 +112,7 @@ def _wait_param(request: web.Request) -> float:
 
 
 class RegistryApi:
-    def __init__(self, registry: Registry, metrics: RegistryMetrics | None = None) -> None:
+    def __init__(self, registry: RegistryBackend, metrics: RegistryMetrics | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
         self._cache: dict[tuple[str, bool, str | None], tuple[int, bytes]] = {}

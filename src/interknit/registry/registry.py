@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import CheckStatus, Event, Instance, InstanceSpec
@@ -31,6 +31,47 @@ Listener = Callable[[Sequence[Event]], None]
 ResyncListener = Callable[[], None]
 # A write: given the time, change the state and return (result, events).
 Op = Callable[[float], tuple[Any, list[Event]]]
+
+
+class RegistryBackend(Protocol):
+    """What the API, DNS, health checks and the proxy use of a registry. The embedded
+    ``Registry`` below and ``etcd.EtcdRegistry`` both have it."""
+
+    @property
+    def state(self) -> RegistryState: ...
+
+    @property
+    def stale(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def subscribe(self, listener: Listener, on_resync: ResyncListener | None = None) -> None: ...
+
+    async def register(
+        self, service: str, instance_id: str, spec: InstanceSpec
+    ) -> tuple[Instance, int]: ...
+
+    async def deregister(self, service: str, instance_id: str) -> int: ...
+
+    async def heartbeat(self, service: str, instance_id: str) -> tuple[Instance, int]: ...
+
+    async def set_operator(
+        self, service: str, instance_id: str, status: str
+    ) -> tuple[Instance, int]: ...
+
+    async def set_check_status(
+        self, service: str, instance_id: str, status: CheckStatus, output: str
+    ) -> None: ...
+
+    async def set_ejected(self, service: str, instance_id: str, until: float | None) -> None: ...
+
+    def wake_all(self) -> None: ...
+
+    def changed_since(self, service: str | None, revision: int) -> bool: ...
+
+    async def wait_for_change(self, service: str | None, revision: int, timeout: float) -> bool: ...
 
 
 class Unavailable(RegistryError):
