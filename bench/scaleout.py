@@ -30,7 +30,7 @@ from common import free_port, interknit_node, machine, median, percentile, proce
 from interknit.client import AsyncClient
 
 IN_FLIGHT = 32
-BODY = {"address": "127.0.0.1", "port": 9000, "check": {"ttl": "60s"}}
+BODY: dict[str, object] = {"address": "127.0.0.1", "port": 9000}
 
 
 @contextlib.contextmanager

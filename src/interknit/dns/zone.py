@@ -277,6 +277,11 @@ class Zone:
         self._zone_len = len(self._zone_wire)
         self._gslb = Gslb(self.config.gslb) if self.config.gslb is not None else None
         self._services: dict[str, _Service] = {}
+        # Events only note what changed; a service's names and answers are rebuilt once, when
+        # the next query arrives. A burst of N registrations into one service then costs one
+        # rebuild instead of N (each is O(size of the service)).
+        self._members: dict[str, dict[str, Instance]] = {}
+        self._dirty: dict[str, float] = {}
         self._names: dict[bytes, Node] = {}
         self._cache: dict[CacheKey, Cached] = {}  # the query after its id -> its replies
         self._cache_bytes = 0
@@ -297,6 +302,7 @@ class Zone:
 
     @property
     def services(self) -> list[str]:
+        self.flush()
         return sorted(self._services)
 
     def sync(self, instances: Iterable[Instance], revision: int, now: float = -math.inf) -> None:
@@ -309,6 +315,8 @@ class Zone:
         grouped: dict[str, list[Instance]] = {}
         for instance in instances:
             grouped.setdefault(instance.service, []).append(instance)
+        self._dirty.clear()
+        self._members = {name: {i.id: i for i in group} for name, group in grouped.items()}
         for name in list(self._services):
             if name not in grouped:
                 self._drop_service(name)
@@ -320,18 +328,28 @@ class Zone:
         """One registry event; ``now`` is when it arrived, for the lowered TTL after a change."""
         self._clear_cache()
         instance = event.instance
-        service = self._services.get(instance.service)
-        members = dict(service.instances) if service is not None else {}
+        members = self._members.setdefault(instance.service, {})
         if event.type == "delete":
             members.pop(instance.id, None)
+            if not members:
+                del self._members[instance.service]
         else:
             members[instance.id] = instance
-        if members:
-            self._set_service(instance.service, list(members.values()), now)
-        else:
-            self._drop_service(instance.service)
+        self._dirty[instance.service] = now
         if event.revision > self._revision:
             self._set_revision(event.revision)
+
+    def flush(self) -> None:
+        """Rebuild the services that events changed since the last query."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        for name, changed in dirty.items():
+            members = self._members.get(name)
+            if members:
+                self._set_service(name, list(members.values()), changed)
+            else:
+                self._drop_service(name)
 
     def _set_revision(self, revision: int) -> None:
         self._revision = revision
@@ -439,6 +457,8 @@ class Zone:
         Returns the packet to send and a ``Reply`` that describes it for the metrics (its
         ``wire`` is the first asker's). Never for TCP or a rate-limited (slipped) client.
         """
+        if self._dirty:
+            self.flush()
         key = data[2:]
         cached = self._cache.get(key)
         if cached is None:
@@ -491,6 +511,8 @@ class Zone:
         not fit the client's buffer is sent empty with TC set; ``slip`` (from RRL) sends that
         form whatever the size.
         """
+        if self._dirty:
+            self.flush()
         try:
             query = wire.parse_query(data)
             common = query is not None
