@@ -50,6 +50,7 @@ HTTP_GOAL = 0.75  # requests per second, as a share of HAProxy's
 P99_GOAL = 2.0  # p99 latency, at most this multiple of HAProxy's
 TCP_GOAL = 0.9
 RSS_GOAL_MIB = 60
+BASELINE = "interknit http (baseline)"
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,20 @@ def wait_ok(name: str, port: int, timeout: float = 15.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"{name} (127.0.0.1:{port}) did not answer 200")
+
+
+@contextlib.contextmanager
+def baseline_env(src: str) -> Iterator[None]:
+    """PYTHONPATH set to an older source tree while the baseline node starts."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(Path(src).resolve())
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 # Load
@@ -325,6 +340,12 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="comma-separated case names to run (default: all)"
     )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="a copy of an older src/ tree: adds an 'interknit http (baseline)' case, a second "
+        "node run from it (PYTHONPATH), so that a change is measured against it in one run",
+    )
     args = parser.parse_args()
     for tool in (NGINX, HAPROXY):
         if not Path(tool).exists():
@@ -336,12 +357,14 @@ def main() -> None:
     print(f"pinning: {pin.note}", flush=True)
 
     backends = [free_port(), free_port()]
-    ports = {name: free_port() for name in ("haproxy", "haproxy_tcp", "nginx", "ik", "ik_tcp")}
+    names = ("haproxy", "haproxy_tcp", "nginx", "ik", "ik_tcp", "base", "base_tcp")
+    ports = {name: free_port() for name in names}
     cases = [
         Case("direct to a backend", backends[0], None),
         Case("haproxy http", ports["haproxy"], None),
         Case("nginx proxy", ports["nginx"], "haproxy http"),
         Case("interknit http", ports["ik"], "haproxy http"),
+        *([Case(BASELINE, ports["base"], "haproxy http")] if args.baseline else []),
         Case("haproxy tcp", ports["haproxy_tcp"], None),
         Case("interknit tcp", ports["ik_tcp"], "haproxy tcp"),
     ]
@@ -365,6 +388,16 @@ def main() -> None:
             )
         )
         register(api, backends)
+        if args.baseline:
+            with baseline_env(args.baseline):
+                base_api, _ = stack.enter_context(
+                    interknit_process(
+                        interknit_listeners(ports["base"], ports["base_tcp"]),
+                        prefix=pin.proxy,
+                        options=["--log-level", "warning"],
+                    )
+                )
+            register(base_api, backends)
         for c in cases:
             wait_ok(c.name, c.port)
         print(f"interknit node pid {node.pid}; warming up", flush=True)

@@ -369,8 +369,10 @@ async def test_metrics_and_stats(checker_factory: Callable[..., HealthChecker]) 
     )
     passing = value("interknit_health_checks_total", service="web", instance="i1", result="passing")
     assert passing is not None and passing >= 2
-    count = value("interknit_health_check_seconds_count", service="web", instance="i1")
+    count = value("interknit_health_check_seconds_count", service="web")
     assert count is not None and count >= 3
+    last = value("interknit_health_check_last_seconds", service="web", instance="i1")
+    assert last is not None and last >= 0
     assert value("interknit_health_transitions_total", service="web", to="passing") == 1
     lag_count = value("interknit_health_check_lag_seconds_count")
     assert lag_count is not None and lag_count >= 3
@@ -387,7 +389,7 @@ async def test_metrics_and_stats(checker_factory: Callable[..., HealthChecker]) 
         value("interknit_health_checks_total", service="web", instance="i1", result="passing")
         is None
     )
-    assert value("interknit_health_check_seconds_count", service="web", instance="i1") is None
+    assert value("interknit_health_check_last_seconds", service="web", instance="i1") is None
 
 
 async def test_transitions_are_logged_with_their_output(

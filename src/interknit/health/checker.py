@@ -22,17 +22,18 @@ sink has not accepted yet) calls the sink, so a fleet of steady instances writes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from interknit.health.machine import CheckMachine
 from interknit.health.probes import ProbeResult, http_probe, http_request, tcp_probe
@@ -140,7 +141,7 @@ class _Target:
         self.max_lag = 0.0
         # Metric children, looked up once rather than per check.
         self.latency: Any = None
-        self.results: dict[CheckStatus, Any] = {}
+        self.results: dict[CheckStatus, int] = {}
         self.address = ""
         self.port = 0
         self.request = b""
@@ -154,17 +155,17 @@ class _Target:
 
 
 class HealthMetrics:
+    """Check metrics. Per-instance series are one line each (a result counter per result seen,
+    the last latency) and are read at scrape time from the targets; the latency histogram is
+    per service. A histogram per instance made /metrics megabytes long at thousands of
+    instances, and producing it stalled the event loop long enough to delay checks."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.checks = Counter(
-            "interknit_health_checks",
-            "Active check results, by instance and result (passing, warning, critical).",
-            ["service", "instance", "result"],
-            registry=registry,
-        )
+        self.targets: Callable[[], Iterable[_Target]] = tuple
         self.check_seconds = Histogram(
             "interknit_health_check_seconds",
-            "Active check latency, from connect to verdict.",
-            ["service", "instance"],
+            "Active check latency by service, from connect to verdict.",
+            ["service"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
@@ -180,18 +181,39 @@ class HealthMetrics:
             buckets=_LAG_BUCKETS,
             registry=registry,
         )
+        registry.register(_TargetCollector(lambda: self.targets()))
 
     def bind(self, target: _Target) -> None:
-        target.latency = self.check_seconds.labels(target.service, target.id)
-        target.results = {r: self.checks.labels(target.service, target.id, r) for r in RESULTS}
+        target.latency = self.check_seconds.labels(target.service)
+        target.results = dict.fromkeys(RESULTS, 0)
 
     def unbind(self, target: _Target) -> None:
-        # Drop the instance's series, so that removed instances do not linger in /metrics.
-        with contextlib.suppress(KeyError):
-            self.check_seconds.remove(target.service, target.id)
-        for result in RESULTS:
-            with contextlib.suppress(KeyError):
-                self.checks.remove(target.service, target.id, result)
+        """Nothing to drop: a removed target is no longer among those collected."""
+
+
+class _TargetCollector(Collector):
+    def __init__(self, targets: Callable[[], Iterable[_Target]]) -> None:
+        self._targets = targets
+
+    def collect(self) -> Iterator[Metric]:
+        checks = CounterMetricFamily(
+            "interknit_health_checks",
+            "Active check results, by instance and result (passing, warning, critical).",
+            labels=["service", "instance", "result"],
+        )
+        last = GaugeMetricFamily(
+            "interknit_health_check_last_seconds",
+            "Latency of the instance's last active check.",
+            labels=["service", "instance"],
+        )
+        for target in list(self._targets()):
+            for result, count in target.results.items():
+                if count:
+                    checks.add_metric([target.service, target.id, result], count)
+            if target.last_latency is not None:
+                last.add_metric([target.service, target.id], target.last_latency)
+        yield checks
+        yield last
 
 
 class HealthChecker:
@@ -221,6 +243,7 @@ class HealthChecker:
         # Targets and their schedule: heap of (due, seq, target, generation); an entry whose
         # generation is not the target's current one is stale and skipped.
         self._targets: dict[Key, _Target] = {}
+        self.metrics.targets = self._targets.values
         self._heap: list[tuple[float, int, _Target, int]] = []
         self._seq = 0
         # Scheduler
@@ -462,7 +485,7 @@ class HealthChecker:
         target.last_output = result.output
         target.last_latency = result.latency
         target.latency.observe(result.latency)
-        target.results[result.status].inc()
+        target.results[result.status] += 1
 
     def _log_transition(
         self, target: _Target, old: CheckStatus, new: CheckStatus, result: ProbeResult

@@ -1,6 +1,6 @@
 """DNS queries per second: interknit beside dnsmasq, both measured by dnsperf, in one run.
 
-    .venv/bin/python bench/dns.py [--seconds 5] [--runs 3]
+    .venv/bin/python bench/dns_bench.py [--seconds 5] [--runs 3]
 
 dnsmasq serves three A records for ``web.ik.internal`` from a hosts file; an interknit node
 (``interknit up``, on uvloop) serves a service ``web`` of three instances. Both get the same
@@ -108,7 +108,7 @@ def dnsmasq(port: int, prefix: Sequence[str], tmp: Path) -> Iterator[None]:
 def ask(port: int, case: Case, timeout: float = 10.0) -> set[str]:
     """The addresses (A) or ports (SRV) in the answer, asked until the server is up.
 
-    dig, not dnspython: this file is ``dns.py``, which shadows the ``dns`` package here.
+    dig, not dnspython: the answers are checked the way an operator would check them.
     """
     args = ["dig", "+short", "+tries=1", "+time=1", "-p", str(port), "@127.0.0.1"]
     deadline = time.monotonic() + timeout
