@@ -524,7 +524,7 @@ def run_lag_in_process(
 
 def _import_dnspython() -> None:
     """Import dnspython's ``dns`` before the node needs it: for a script run from bench/,
-    bench/dns_bench.py (the DNS benchmark) would shadow it."""
+    bench/dns.py (the DNS benchmark) would shadow it."""
     here = Path(__file__).resolve().parent
     saved = sys.path[:]
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]

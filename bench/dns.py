@@ -1,6 +1,6 @@
 """DNS queries per second: interknit beside dnsmasq, both measured by dnsperf, in one run.
 
-    .venv/bin/python bench/dns_bench.py [--seconds 5] [--runs 3]
+    .venv/bin/python bench/dns.py [--seconds 5] [--runs 3]
 
 dnsmasq serves three A records for ``web.ik.internal`` from a hosts file; an interknit node
 (``interknit up``, on uvloop) serves a service ``web`` of three instances. Both get the same
