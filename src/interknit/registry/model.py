@@ -273,7 +273,8 @@ EventReason = Literal["register", "update", "health", "lease", "eject", "deregis
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One change of the registry. Each event has its own revision, one more than the last."""
+    """One change of the registry, with the revision it happened at (on the embedded store one
+    more than the last; on etcd, etcd's revision, which may skip and may hold several)."""
 
     revision: int
     type: EventType
