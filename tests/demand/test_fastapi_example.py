@@ -17,19 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 async def test_fastapi_example_sheds_with_retry_after() -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "examples.fastapi_app:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port", str(port),
+        "--log-level", "warning", cwd=ROOT,
+    )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=url, timeout=5) as client:
