@@ -290,7 +290,8 @@ class Zone:
         self._empty_node = Node(Kind.EMPTY)
         self._opt = wire.opt_record(self.config.udp_payload)
         self._revision = 0
-        self._soa_tail = b""
+        self._soa_rr = b""
+        self._soa_built = -1
         self._set_revision(0)
         self._add_static_names()
 
@@ -352,20 +353,28 @@ class Zone:
                 self._drop_service(name)
 
     def _set_revision(self, revision: int) -> None:
+        # The SOA (its serial is the revision) is packed when a query needs it, not per event:
+        # a burst of registrations would otherwise pack it thousands of times for nothing.
         self._revision = revision
-        config = self.config
-        zone = config.zone
-        rdata = wire.soa_rdata(
-            wire.name_to_wire(f"{NAMESERVER_LABEL}.{zone}"),
-            wire.name_to_wire(f"{config.hostmaster}.{zone}"),
-            revision,
-            SOA_REFRESH,
-            SOA_RETRY,
-            SOA_EXPIRE,
-            _ttl(config.ttl),
-        )
-        # The owner (the apex) is a pointer into the question, added per reply.
-        self._soa_tail = wire.rr(b"", SOA, _ttl(config.ttl), rdata)
+
+    @property
+    def _soa_tail(self) -> bytes:
+        if self._soa_built != self._revision:
+            config = self.config
+            zone = config.zone
+            rdata = wire.soa_rdata(
+                wire.name_to_wire(f"{NAMESERVER_LABEL}.{zone}"),
+                wire.name_to_wire(f"{config.hostmaster}.{zone}"),
+                self._revision,
+                SOA_REFRESH,
+                SOA_RETRY,
+                SOA_EXPIRE,
+                _ttl(config.ttl),
+            )
+            # The owner (the apex) is a pointer into the question, added per reply.
+            self._soa_rr = wire.rr(b"", SOA, _ttl(config.ttl), rdata)
+            self._soa_built = self._revision
+        return self._soa_rr
 
     def _set_service(self, name: str, members: list[Instance], now: float) -> None:
         fingerprint = _fingerprint(members)

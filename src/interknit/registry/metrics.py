@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
@@ -59,17 +60,31 @@ class RegistryMetrics:
             self.deregistrations.labels(reason)
         for kind in ("new", "update"):
             self.registrations.labels(kind)
+        self._new = self.registrations.labels("new")
+        self._update = self.registrations.labels("update")
+        self._children: dict[tuple[str, str], Any] = {}
 
-    def observe(self, events: list[Event]) -> None:
+    def observe(self, events: Sequence[Event]) -> None:
+        # Children looked up once: .labels() takes a lock and hashes on every call.
+        children = self._children
         for event in events:
             if event.type == "delete":
-                self.deregistrations.labels(event.reason).inc()
+                child = children.get(("del", event.reason))
+                if child is None:
+                    child = children[("del", event.reason)] = self.deregistrations.labels(
+                        event.reason
+                    )
+                child.inc()
             elif event.reason == "register":
-                self.registrations.labels("new").inc()
+                self._new.inc()
             elif event.reason == "update":
-                self.registrations.labels("update").inc()
+                self._update.inc()
             elif event.reason in ("health", "lease"):
-                self.health_changes.labels(event.instance.health).inc()
+                health = event.instance.health
+                child = children.get(("health", health))
+                if child is None:
+                    child = children[("health", health)] = self.health_changes.labels(health)
+                child.inc()
                 if event.reason == "lease":
                     self.lease_expiries.inc()
 
