@@ -16,23 +16,25 @@ WAITING = 4  # the request body has nowhere to go yet (no upstream connection)
 
 
 class FlowControl:
-    __slots__ = ("_reasons", "_transport")
+    __slots__ = ("_transport", "reasons")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._reasons = 0
+        # The bits of the reasons reading is paused for; read-only outside (a caller on a hot
+        # path may test a bit before calling resume_reading).
+        self.reasons = 0
 
     @property
     def read_paused(self) -> bool:
-        return self._reasons != 0
+        return self.reasons != 0
 
     def pause_reading(self, reason: int) -> None:
-        if not self._reasons:
+        if not self.reasons:
             self._transport.pause_reading()
-        self._reasons |= reason
+        self.reasons |= reason
 
     def resume_reading(self, reason: int) -> None:
-        if self._reasons & reason:
-            self._reasons &= ~reason
-            if not self._reasons and not self._transport.is_closing():
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons and not self._transport.is_closing():
                 self._transport.resume_reading()

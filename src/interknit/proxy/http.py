@@ -10,6 +10,13 @@ each side pauses the other's reading when its write buffer is full (``FlowContro
 large body passes in constant memory. A failed attempt is retried on another endpoint only when
 it is safe (``retry.safe_to_retry``) and the route's ``RetryBudget`` has room.
 
+The common case takes a fast path with no coroutine, task or future: a request of fixed
+length (or none) on a route without demand control, with an idle kept-alive connection to
+the picked endpoint, is sent from the client's parser callbacks (``Exchange.fast_start``) and
+closed from the upstream's (``Exchange.fast_done``). Anything else, and a fast attempt that
+fails before an answer (a retry may follow), runs the coroutine ``run()``, or its tail
+``resume()``. Both sides write through the loop's ``corking.WriteBatch``.
+
 Framing is re-done on both sides: the proxy never forwards Content-Length, Transfer-Encoding
 or any other hop-by-hop header as it came, so that the upstream and the client each see one
 unambiguous framing (no request smuggling). httptools (llhttp) rejects conflicting or invalid
@@ -43,6 +50,7 @@ from interknit.proxy.wire import (
     LAST_CHUNK,
     NO_BODY_STATUSES,
     REQUEST_REWRITTEN,
+    STATUS_LINES,
     chunk,
     connection_tokens,
     error_response,
@@ -62,6 +70,8 @@ BUFFER_HIGH = 64 * 1024
 _RETRY_NO = 0
 _RETRY_MAYBE = 1
 _RETRY_APPROVED = 2
+# Balancers that take a hash key (see hash_key()).
+_HASHED = frozenset({"ring_hash", "maglev", "source_ip"})
 _SELF_HEADERS = frozenset({b"connection", b"keep-alive", b"upgrade", b"close"})
 # What a client connection's timer waits for: nothing, a request head, or a next request.
 _WAIT_NONE = 0
@@ -104,7 +114,9 @@ class Exchange:
     """One request and its response, across however many attempts it takes."""
 
     __slots__ = (
+        "attempt_began",
         "attempt_failed",
+        "attempt_stats",
         "body_seen",
         "buffer",
         "buffered",
@@ -120,6 +132,7 @@ class Exchange:
         "deadline",
         "endpoint",
         "expect_continue",
+        "fast",
         "finished",
         "forward_timeout",
         "fut",
@@ -209,6 +222,10 @@ class Exchange:
         self.sending = False
         self.started_at = now
         self.fut: asyncio.Future[Outcome] | None = None
+        # An attempt in flight without a coroutine (see fast_start): resolve() finishes it.
+        self.fast = False
+        self.attempt_stats: EndpointStats | None = None
+        self.attempt_began = 0.0
         self.deadline: float | None = None
         self.coro: Coroutine[Any, Any, None] | None = None
         # Response state
@@ -229,8 +246,13 @@ class Exchange:
     def start(self) -> None:
         # It runs after the parser has finished the current buffer (even for a 404), so a
         # bodiless request is complete (and its keep-alive known) by then.
-        self.coro = self.run()
-        self.proto.loop.call_soon(self.step, None)
+        self.proto.loop.call_soon(self.go)
+
+    def go(self) -> None:
+        """Forward the request: by callbacks alone when it can, else with ``run()``."""
+        if not self.fast_start():
+            self.coro = self.run()
+            self.step(None)
 
     def step(self, _: object) -> None:
         """Run ``run()`` on to its next wait: a task's work, for an exchange.
@@ -264,14 +286,12 @@ class Exchange:
 
     async def run(self) -> None:
         try:
-            router, states = self.proto.listener.routing
-            path, authority = split_target(self.target)
-            host = authority if authority is not None else self.host
-            route = router.match(self.method, host_without_port(host), path, self.hdict)
-            if route is None:
-                self.respond_error(404, "no-route")
-                return
-            self.state = states[route.index]
+            if self.state is None:
+                state = self.route()
+                if state is None:
+                    self.respond_error(404, "no-route")
+                    return
+                self.state = state
             await self.forward()
         except Exception:
             log.exception("proxy exchange failed")
@@ -280,18 +300,29 @@ class Exchange:
         finally:
             self.finish()
 
-    def finish(self) -> None:
+    def route(self) -> RouteState | None:
+        """The state of the first route that takes the request."""
+        router, states = self.proto.listener.routing
+        if router.catch_all:
+            return states[0]
+        path, authority = split_target(self.target)
+        host = authority if authority is not None else self.host
+        route = router.match(self.method, host_without_port(host), path, self.hdict)
+        return None if route is None else states[route.index]
+
+    def finish(self, now: float | None = None) -> None:
         if self.finished:
             return
         self.finished = True
-        self.cancel_timer()
         proto = self.proto
         listener = proto.listener
-        duration = proto.loop.time() - self.started_at
+        duration = (proto.loop.time() if now is None else now) - self.started_at
         state = self.state
         stats = state.stats if state is not None else listener.no_route_stats()
         if stats is not None:
-            stats.count(self.status)
+            index = self.status // 100 - 1  # stats.count(), inlined
+            if 0 <= index < 5:
+                stats.codes[index].value += 1
             stats.duration.observe(duration)
             if self.reason:
                 stats.error(self.reason)
@@ -334,14 +365,9 @@ class Exchange:
         state = self.state
         assert state is not None
         spec = state.spec
-        loop = self.proto.loop
-        stats = state.stats
         permit = None
         ok = False
-        if stats is not None:
-            stats.inflight.inc()
-        budget = state.budget
-        budget.request_started()
+        self.begin_forward(state)
         try:
             pool = self.proto.listener.pools.pool(spec)
             if pool is None:
@@ -354,45 +380,70 @@ class Exchange:
                     return
             if spec.timeout is not None:
                 self.deadline = self.started_at + spec.timeout
-            hash_key = self.hash_key(spec)
-            while not (self.client_closed or self.request_broken):
-                endpoint = self.next_endpoint
+            ok = await self.attempts(pool, None)
+        finally:
+            self.end_forward(state, ok, permit)
+
+    def begin_forward(self, state: RouteState) -> None:
+        if state.stats is not None:
+            state.stats.inflight.inc()
+        state.budget.request_started()
+
+    def end_forward(self, state: RouteState, ok: bool, permit: Permit | None) -> None:
+        budget = state.budget
+        budget.request_finished()
+        if self.retry_slot:
+            budget.release()
+            self.retry_slot = False
+        if permit is not None:
+            permit.release(ok, self.proto.loop.time())
+        if state.stats is not None:
+            state.stats.inflight.dec()
+
+    async def attempts(self, pool: PoolLike, first: tuple[Endpoint, Outcome] | None) -> bool:
+        """Attempt until one answers or no retry is left; ``first``: one already made.
+
+        Returns whether demand control may count the request a success.
+        """
+        state = self.state
+        assert state is not None
+        budget = state.budget
+        hash_key = self.hash_key(state.spec)
+        while True:
+            if first is not None:
+                endpoint, outcome = first
+                first = None
+            else:
+                if self.client_closed or self.request_broken:
+                    return False
+                picked = self.next_endpoint
                 self.next_endpoint = None
-                if endpoint is None:
-                    endpoint = self.pick(pool, hash_key, self.tried)
-                if endpoint is None:
+                if picked is None:
+                    picked = self.pick(pool, hash_key, self.tried)
+                if picked is None:
                     if self.tried:
                         self.respond_error(*self.last_error)
                     else:
                         self.respond_error(503, "no-endpoint", retry_after=1)
-                    return
+                    return False
+                endpoint = picked
                 holds_slot, self.retry_slot = self.retry_slot, False
                 try:
                     outcome = await self.attempt(pool, endpoint)
                 finally:
                     if holds_slot:
                         budget.release()
-                if outcome is None:
-                    # Demand control learns from upstream overload (502-504) as from failures.
-                    ok = not self.reason and self.status not in RETRYABLE_STATUSES
-                    return
-                status, reason, retry = outcome
-                self.tried.append(endpoint)
-                self.last_error = (status, reason)
-                if retry == _RETRY_APPROVED or (retry == _RETRY_MAYBE and self.may_retry()):
-                    self.retries += 1
-                    continue
-                self.respond_error(status, reason)
-                return
-        finally:
-            budget.request_finished()
-            if self.retry_slot:
-                budget.release()
-                self.retry_slot = False
-            if permit is not None:
-                permit.release(ok, loop.time())
-            if stats is not None:
-                stats.inflight.dec()
+            if outcome is None:
+                # Demand control learns from upstream overload (502-504) as from failures.
+                return not self.reason and self.status not in RETRYABLE_STATUSES
+            status, reason, retry = outcome
+            self.tried.append(endpoint)
+            self.last_error = (status, reason)
+            if retry == _RETRY_APPROVED or (retry == _RETRY_MAYBE and self.may_retry()):
+                self.retries += 1
+                continue
+            self.respond_error(status, reason)
+            return False
 
     async def admit(self, admission: Admission) -> Permit | None:
         """Ask demand control; answer its refusal (status, reason, Retry-After) here."""
@@ -461,9 +512,17 @@ class Exchange:
         return True
 
     async def attempt(self, pool: PoolLike, endpoint: Endpoint) -> Outcome:
-        loop = self.proto.loop
         state = self.state
         assert state is not None
+        self.begin_attempt(state, endpoint)
+        try:
+            outcome = await self.connect_and_exchange(state.spec, endpoint)
+        finally:
+            self.end_attempt(endpoint)
+        self.report_attempt(pool, endpoint, outcome)
+        return outcome
+
+    def begin_attempt(self, state: RouteState, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.attempt_failed = False
         es: EndpointStats | None = None
@@ -471,25 +530,164 @@ class Exchange:
             es = state.stats.endpoint(endpoint.key)
             es.requests.inc()
             es.inflight.inc()
+        self.attempt_stats = es
         endpoint.started()
-        began = loop.time()
-        try:
-            outcome = await self.connect_and_exchange(state.spec, endpoint)
-        finally:
-            endpoint.finished()
-            if es is not None:
-                es.inflight.dec()
-                es.duration.observe(loop.time() - began)
-        failed = outcome is not None or self.attempt_failed
-        if failed and es is not None:
-            es.errors.inc()
-        pool.report(endpoint, not failed, loop.time())
-        return outcome
+        self.attempt_began = self.proto.loop.time()
 
-    async def connect_and_exchange(self, spec: RouteSpec, endpoint: Endpoint) -> Outcome:
+    def end_attempt(self, endpoint: Endpoint) -> None:
+        endpoint.finished()
+        es = self.attempt_stats
+        if es is not None:
+            es.inflight.dec()
+            es.duration.observe(self.proto.loop.time() - self.attempt_began)
+
+    def report_attempt(self, pool: PoolLike, endpoint: Endpoint, outcome: Outcome) -> None:
+        failed = outcome is not None or self.attempt_failed
+        if failed and self.attempt_stats is not None:
+            self.attempt_stats.errors.inc()
+        pool.report(endpoint, not failed, self.proto.loop.time())
+
+    # The fast path: an idle kept-alive connection, a plain request, callbacks only
+
+    def fast_start(self) -> bool:
+        """Begin the attempt without a coroutine, if nothing unusual is asked for.
+
+        It takes a request of fixed length (or none) on a route without demand control to an
+        idle kept-alive connection; the upstream's callbacks answer the client, and
+        ``fast_done`` closes the books. Anything else (no route, no pool or endpoint, a
+        connect, 100-continue, chunked upload, upgrade) returns False before any side effect
+        but the endpoint pick, which ``run()`` then reuses (``next_endpoint``). What
+        ``forward``, ``attempt`` and ``exchange`` do is inlined here: per request, each call
+        saved counts.
+        """
+        if (
+            self.chunked_in
+            or self.expect_continue
+            or self.upgrade is not None
+            or self.client_closed
+            or self.request_broken
+        ):
+            return False
+        proto = self.proto
+        listener = proto.listener
+        router, states = listener.routing
+        state = states[0] if router.catch_all else self.route()
+        if state is None or state.admission is not None:
+            return False
+        self.state = state
+        spec = state.spec
+        pool = listener.pools.pool(spec)
+        if pool is None:
+            return False
+        now = proto.loop.time()
+        deadline = None
+        if spec.timeout is not None:
+            deadline = self.started_at + spec.timeout
+            if deadline <= now:
+                return False
+        if spec.sticky_cookie is None and spec.balance not in _HASHED:
+            endpoint = pool.pick(None, now, self.tried)
+        else:
+            endpoint = self.pick(pool, self.hash_key(spec), self.tried)
+        if endpoint is None:
+            return False
+        conn = listener.upstreams.take(endpoint.address, endpoint.port)
+        if conn is None:
+            self.next_endpoint = endpoint
+            return False
+        # begin_forward() and begin_attempt(), inlined
+        stats = state.stats
+        es: EndpointStats | None = None
+        if stats is not None:
+            stats.inflight.value += 1
+            es = stats.endpoint(endpoint.key)
+            es.requests.value += 1
+            es.inflight.value += 1
+        state.budget.requests += 1
+        self.pool = pool
+        self.deadline = deadline
+        self.endpoint = endpoint
+        self.attempt_failed = False
+        self.attempt_stats = es
+        endpoint.inflight += 1
+        self.attempt_began = now
+        self.fast = True
+        self.send(conn)
+        return True
+
+    def fast_done(self, outcome: Outcome) -> None:
+        """The fast attempt is over: what ``exchange()`` and its callers do after it."""
+        self.sending = False
+        self.conn = None
+        if outcome is not None:
+            # Failed before an answer: the coroutine takes over from here (retries).
+            self.coro = self.resume(outcome)
+            self.proto.loop.call_soon(self.step, None)
+            return
+        state = self.state
+        pool = self.pool
+        endpoint = self.endpoint
+        assert state is not None and pool is not None and endpoint is not None
+        now = self.proto.loop.time()
+        try:
+            # end_attempt(), report_attempt() and end_forward(), inlined
+            if endpoint.inflight > 0:
+                endpoint.inflight -= 1
+            failed = self.attempt_failed
+            es = self.attempt_stats
+            if es is not None:
+                es.inflight.value -= 1
+                es.duration.observe(now - self.attempt_began)
+                if failed:
+                    es.errors.value += 1
+            pool.report(endpoint, not failed, now)
+            budget = state.budget
+            budget.requests -= 1
+            if self.retry_slot:
+                budget.release()
+                self.retry_slot = False
+            if state.stats is not None:
+                state.stats.inflight.value -= 1
+        except Exception:
+            log.exception("proxy exchange failed")
+            self.respond_error(500, "internal-error")
+            self.must_close = True
+        finally:
+            self.finish(now)
+
+    async def resume(self, first: tuple[int, str, int]) -> None:
+        """After a failed fast attempt: the rest of ``run()`` from where it stood."""
+        state = self.state
+        pool = self.pool
+        endpoint = self.endpoint
+        assert state is not None and pool is not None and endpoint is not None
+        try:
+            ok = False
+            try:
+                outcome: Outcome = first
+                try:
+                    # The fast attempt's connection was a reused one (connect_and_exchange).
+                    if first[1] == "upstream-reset" and self.replay is not None:
+                        outcome = await self.connect_and_exchange(state.spec, endpoint, 2)
+                finally:
+                    self.end_attempt(endpoint)
+                self.report_attempt(pool, endpoint, outcome)
+                ok = await self.attempts(pool, (endpoint, outcome))
+            finally:
+                self.end_forward(state, ok, None)
+        except Exception:
+            log.exception("proxy exchange failed")
+            self.respond_error(500, "internal-error")
+            self.must_close = True
+        finally:
+            self.finish()
+
+    async def connect_and_exchange(
+        self, spec: RouteSpec, endpoint: Endpoint, tries: int = 3
+    ) -> Outcome:
         listener = self.proto.listener
         loop = self.proto.loop
-        for _ in range(3):
+        for _ in range(tries):
             self.attempt_failed = False
             timeout = spec.connect_timeout
             if self.deadline is not None:
@@ -525,9 +723,25 @@ class Exchange:
         return (502, "upstream-reset", _RETRY_MAYBE)
 
     async def exchange(self, conn: UpstreamConnection) -> Outcome:
-        proto = self.proto
-        fut: asyncio.Future[Outcome] = proto.loop.create_future()
+        fut: asyncio.Future[Outcome] = self.proto.loop.create_future()
         self.fut = fut
+        self.send(conn)
+        try:
+            return await fut
+        finally:
+            self.fut = None
+            self.cancel_timer()
+            if not self.tunneling:
+                self.sending = False
+                self.conn = None
+
+    def waiting(self) -> bool:
+        """An attempt is in flight and not yet resolved."""
+        return self.fast or (self.fut is not None and not self.fut.done())
+
+    def send(self, conn: UpstreamConnection) -> None:
+        """Start the exchange on ``conn``: the request head and what body is there."""
+        proto = self.proto
         self.conn = conn
         conn.start(self, self.method == b"HEAD")
         if proto.write_paused:
@@ -538,32 +752,30 @@ class Exchange:
         head = self.head
         if head is None:
             head = self.head = self.build_head()
-        parts = [head]
-        pending = self.buffer
-        if self.replay:
-            pending = self.replay + pending
         framed = self.chunked_in
-        for data in pending:
-            parts.append(chunk(data) if framed else data)
-        if self.buffer:
-            self.record_sent(self.buffer)
-            self.buffer = []
-            self.buffered = 0
-        if self.request_done and framed:
-            parts.append(LAST_CHUNK)
-        conn.write(b"".join(parts))
+        if not self.buffer and not self.replay and not framed:
+            data = head  # the usual case: a bodiless request, or its body still to come
+        else:
+            parts = [head]
+            pending = self.buffer
+            if self.replay:
+                pending = self.replay + pending
+            for data in pending:
+                parts.append(chunk(data) if framed else data)
+            if self.buffer:
+                self.record_sent(self.buffer)
+                self.buffer = []
+                self.buffered = 0
+            if self.request_done and framed:
+                parts.append(LAST_CHUNK)
+            data = b"".join(parts)
+        if conn.transport is not None:  # conn.write(), inlined
+            proto.batch.write(conn.transport, data)
         self.sending = True
-        self.mark_client_activity()
-        proto.flow.resume_reading(WAITING)
+        self.client_activity = proto.loop.time()
+        if proto.flow.reasons & WAITING:
+            proto.flow.resume_reading(WAITING)
         self.arm_timer()
-        try:
-            return await fut
-        finally:
-            self.fut = None
-            self.cancel_timer()
-            if not self.tunneling:
-                self.sending = False
-                self.conn = None
 
     def mark_client_activity(self) -> None:
         self.client_activity = self.proto.loop.time()
@@ -580,6 +792,10 @@ class Exchange:
             replay.append(data)
 
     def resolve(self, outcome: Outcome) -> None:
+        if self.fast:
+            self.fast = False
+            self.fast_done(outcome)
+            return
         fut = self.fut
         if fut is not None and not fut.done():
             fut.set_result(outcome)
@@ -656,7 +872,7 @@ class Exchange:
 
     def on_timer(self) -> None:
         """Called when the handle fires, perhaps early (it is shared): re-arms if so."""
-        if self.fut is None or self.fut.done():
+        if not self.waiting():
             return
         state = self.state
         assert state is not None
@@ -718,7 +934,7 @@ class Exchange:
             if self.chunked_in:
                 conn.write(LAST_CHUNK)
             self.client_activity = self.proto.loop.time()
-            if self.fut is not None and not self.response_started:
+            if self.waiting() and not self.response_started:
                 self.arm_timer()
 
     def request_failed(self, status: int, reason: str) -> None:
@@ -767,32 +983,15 @@ class Exchange:
             return
         self.response_started = True
         self.status = status
-        out = [status_line(status)]
-        content_length: bytes | None = None
-        upgrade: bytes | None = None
-        chunked = False
-        listed: set[bytes] | None = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"content-length":
-                    content_length = value
-                elif lname == b"transfer-encoding":
-                    chunked = True
-                elif lname == b"upgrade":
-                    upgrade = value
-                elif lname == b"connection" and value.lower() not in _SELF_HEADERS:
-                    tokens = connection_tokens(value) - _SELF_HEADERS
-                    if tokens:
-                        listed = tokens if listed is None else listed | tokens
-                continue
-            out += (name, b": ", value, CRLF)
-        if listed:
-            out = [status_line(status)]
-            for name, value in headers:
-                lname = name.lower()
-                if lname not in HOP_BY_HOP and lname not in listed:
-                    out += (name, b": ", value, CRLF)
+        key = tuple(headers)
+        parsed = _RESPONSE_HEADERS.get(key)
+        if parsed is None:
+            parsed = response_headers(headers)
+            if len(_RESPONSE_HEADERS) >= _RESPONSE_HEADERS_MAX:
+                _RESPONSE_HEADERS.clear()
+            _RESPONSE_HEADERS[key] = parsed
+        forwarded, content_length, chunked, upgrade = parsed
+        out = [STATUS_LINES.get(status) or status_line(status), forwarded]
         if self.set_cookie is not None:
             out += (b"set-cookie: ", self.set_cookie, CRLF)
         if status == 101:
@@ -846,7 +1045,9 @@ class Exchange:
         if head is not None:
             self.pending_head = None
             data = head + data
-        self.proto.write(data)
+        proto = self.proto
+        if not proto.closed:  # proto.write(), inlined
+            proto.batch.write(proto.transport, data)
 
     def on_response_flush(self) -> None:
         self.flush_pending()
@@ -871,7 +1072,11 @@ class Exchange:
                 self.proto.listener.upstreams.release(conn)
             else:
                 conn.close()
-        self.resolve(None)
+        if self.fast:  # resolve(None), inlined
+            self.fast = False
+            self.fast_done(None)
+        else:
+            self.resolve(None)
 
     def on_upstream_upgraded(self, rest: bytes) -> None:
         proto = self.proto
@@ -932,6 +1137,45 @@ class Exchange:
         self.proto.flow.resume_reading(PEER_FULL)
 
 
+# An upstream answers with the same few header sets over and over (Date changes once a
+# second): what response_headers() makes of one is kept, up to this many sets.
+_RESPONSE_HEADERS_MAX = 512
+_ResponseHeaders = tuple[bytes, bytes | None, bool, bytes | None]
+_RESPONSE_HEADERS: dict[tuple[tuple[bytes, bytes], ...], _ResponseHeaders] = {}
+
+
+def response_headers(headers: list[tuple[bytes, bytes]]) -> _ResponseHeaders:
+    """The end-to-end headers of a response as bytes, its Content-Length, whether it is
+    chunked, and its Upgrade; hop-by-hop headers and those its Connection lists dropped."""
+    out: list[bytes] = []
+    content_length: bytes | None = None
+    upgrade: bytes | None = None
+    chunked = False
+    listed: set[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                chunked = True
+            elif lname == b"upgrade":
+                upgrade = value
+            elif lname == b"connection" and value.lower() not in _SELF_HEADERS:
+                tokens = connection_tokens(value) - _SELF_HEADERS
+                if tokens:
+                    listed = tokens if listed is None else listed | tokens
+            continue
+        out += (name, b": ", value, CRLF)
+    if listed:
+        out = []
+        for name, value in headers:
+            lname = name.lower()
+            if lname not in HOP_BY_HOP and lname not in listed:
+                out += (name, b": ", value, CRLF)
+    return b"".join(out), content_length, chunked, upgrade
+
+
 def cookie_value(header: bytes | None, name: bytes) -> bytes | None:
     if not header:
         return None
@@ -948,6 +1192,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.listener = listener
         self.loop = listener.loop
         self.max_header_bytes = listener.spec.max_header_bytes
+        self.batch = listener.upstreams.batch
 
         # Per-connection state
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -955,6 +1200,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
         self.active: Exchange | None = None
+        # The exchange whose head this buffer completed, started once the buffer is parsed.
+        self.starting: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self.pending_error: bytes | None = None
         # Two timer handles, each re-armed only when a wait must end sooner than the handle
@@ -1049,6 +1296,12 @@ class HttpProxyProtocol(asyncio.Protocol):
                 self.reject(500, "internal-error")
             else:
                 self.reject(400, "bad-request")
+        ex = self.starting
+        if ex is not None:
+            # After the parser has finished the buffer (even for a 404), so that a bodiless
+            # request is complete (and its keep-alive known) by then.
+            self.starting = None
+            ex.go()
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -1057,6 +1310,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             if self.eof_from_upstream:
                 self.close()
             elif tunnel_transport is not None and tunnel_transport.can_write_eof():
+                self.batch.flush()
                 tunnel_transport.write_eof()
             return True
         if self.active is not None and self.parsing is None and not self.in_head:
@@ -1155,7 +1409,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.parsing = ex
         if self.active is None:
             self.active = ex
-            ex.start()
+            self.starting = ex
         else:
             self.pipeline.append(ex)
             self.flow.pause_reading(PIPELINE)
@@ -1178,10 +1432,11 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed:
-            self.transport.write(data)
+            self.batch.write(self.transport, data)
 
     def close(self) -> None:
         if not self.closed:
+            self.batch.flush()
             self.transport.close()
 
     def reject(self, status: int, reason: str) -> None:
@@ -1223,6 +1478,21 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         self.active = None
         if self.closed or self.tunnel is not None:
+            return
+        if (
+            not self.pipeline
+            and self.pending_error is None
+            and not (ex.must_close or not ex.request_done or not ex.keep_alive)
+            and not self.listener.stopping
+        ):
+            # The usual case, in one go: what the general path below does for it.
+            if self.flow.reasons:
+                self.flow.resume_reading(PEER_FULL | WAITING | PIPELINE)
+            if self.in_head:
+                if self.wait != _WAIT_HEAD:
+                    self.arm_timer(head=True)
+            else:
+                self.arm_timer(head=False)
             return
         self.flow.resume_reading(PEER_FULL | WAITING)
         if ex.must_close or not ex.request_done or not ex.keep_alive or self.listener.stopping:
@@ -1324,6 +1594,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             if self.tunnel is not None:
                 self.tunnel.close()
         elif self.transport.can_write_eof():
+            self.batch.flush()
             self.transport.write_eof()
 
     def on_head_timeout(self) -> None:

@@ -101,10 +101,14 @@ class Listener:
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), drain_timeout)
+        self._flush()
         for conn in list(self.connections):
             conn.transport.abort()
         self._closed()
         await asyncio.sleep(0)
+
+    def _flush(self) -> None:
+        """Send what is queued for the connections, before they are cut."""
 
     def _closed(self) -> None:
         """Release what the listener itself owns, after its connections are gone."""
@@ -172,6 +176,9 @@ class HttpListener(Listener):
 
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpProxyProtocol(self)
+
+    def _flush(self) -> None:
+        self.upstreams.batch.flush()
 
     def _closed(self) -> None:
         if self._own_upstreams:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -25,10 +26,38 @@ log = logging.getLogger("interknit.proxy")
 SetEjected = Callable[[str, str, float | None], Awaitable[None]]
 
 
+class _Watch:
+    """What ``report`` knows of a pool's detector, so that a plain success costs no call.
+
+    A success changes nothing in the detector when the endpoint is a member, has no failure
+    counted and no ejection is due to run out (which the detector would settle first).
+    ``suspects`` may hold more than the endpoints with failures (only a failure adds one);
+    ``due`` may be earlier than the detector's next expiry, never later.
+    """
+
+    __slots__ = ("detector", "due", "members", "suspects")
+
+    def __init__(self, detector: OutlierDetector[str]) -> None:
+        self.detector = detector
+        self.members: set[str] = set()
+        self.suspects: set[str] = set()
+        self.due = -math.inf
+
+    def set_members(self, pool: Pool) -> None:
+        keys = {ep.key for ep in pool.endpoints}
+        self.detector.set_members(keys)
+        self.members = keys
+
+    def sync_due(self) -> None:
+        due = self.detector.next_expiry()
+        self.due = math.inf if due is None else due
+
+
 class PassiveHealth:
     def __init__(self, set_ejected: SetEjected, metrics: CollectorRegistry) -> None:
         self._set_ejected = set_ejected
         self._detectors: dict[Pool, OutlierDetector[str]] = {}
+        self._watches: dict[Pool, _Watch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.ejections = Counter(
             "interknit_proxy_ejections",
@@ -48,8 +77,9 @@ class PassiveHealth:
         if settings is None:
             return
         pool = route_pool.pool
-        detector = self._detectors.get(pool)
-        if detector is None:
+        watch = self._watches.get(pool)
+        key = endpoint.key
+        if watch is None:
             detector = self._detectors[pool] = OutlierDetector(
                 consecutive_failures=settings.consecutive_failures,
                 base_ejection_time=settings.base_ejection_time,
@@ -57,10 +87,20 @@ class PassiveHealth:
                 max_ejection_time=settings.max_ejection_time,
                 interval=settings.interval,
             )
-            detector.set_members(ep.key for ep in pool.endpoints)
-        elif endpoint.key not in detector:
-            detector.set_members(ep.key for ep in pool.endpoints)
-        until = detector.on_result(endpoint.key, ok, now)
+            watch = self._watches[pool] = _Watch(detector)
+            watch.set_members(pool)
+        else:
+            if ok and key in watch.members:
+                if key not in watch.suspects and now < watch.due:
+                    return
+                watch.suspects.discard(key)
+            detector = watch.detector
+            if key not in watch.members:
+                watch.set_members(pool)
+        if not ok:
+            watch.suspects.add(key)
+        until = detector.on_result(key, ok, now)
+        watch.sync_due()
         if until is None:
             return
         self.ejections.labels(pool.name).inc()
@@ -102,8 +142,10 @@ class PassiveHealth:
         """Return endpoints whose ejection ran out (clears ``ejected_until`` in the registry)."""
         for pool, detector in self._detectors.items():
             # Follow the pool's membership, so the ejection cap counts today's endpoints.
-            detector.set_members(ep.key for ep in pool.endpoints)
+            watch = self._watches[pool]
+            watch.set_members(pool)
             returned = detector.expire(now)
+            watch.sync_due()
             for key in returned:
                 log.info(
                     "endpoint returned",

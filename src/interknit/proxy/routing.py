@@ -16,6 +16,7 @@ class CompiledRoute:
     """One route's match as bytes tests, plus the spec it came from."""
 
     __slots__ = (
+        "any",
         "headers",
         "host",
         "host_suffix",
@@ -40,6 +41,8 @@ class CompiledRoute:
         self.path_regex: re.Pattern[bytes] | None = None
         self.method: bytes | None = None
         self.headers: tuple[tuple[bytes, bytes | None], ...] = ()
+        # It takes every request: no test at all.
+        self.any = True
         if m is None:
             return
         if m.host is not None:
@@ -59,6 +62,15 @@ class CompiledRoute:
         self.headers = tuple(
             (name.lower().encode(), None if value is None else value.encode())
             for name, value in m.headers
+        )
+        self.any = (
+            self.host is None
+            and self.host_suffix is None
+            and self.path_exact is None
+            and self.path_prefix is None
+            and self.path_regex is None
+            and self.method is None
+            and not self.headers
         )
 
     def matches(self, method: bytes, host: bytes, path: bytes, headers: dict[bytes, bytes]) -> bool:
@@ -84,10 +96,12 @@ class CompiledRoute:
 class Router:
     """The routes of one listener, in order."""
 
-    __slots__ = ("routes",)
+    __slots__ = ("catch_all", "routes")
 
     def __init__(self, routes: Sequence[RouteSpec]) -> None:
         self.routes = tuple(CompiledRoute(spec, i) for i, spec in enumerate(routes))
+        # The first route takes every request: no need to look at one.
+        self.catch_all = bool(self.routes) and self.routes[0].any
 
     def match(
         self, method: bytes, host: bytes, path: bytes, headers: dict[bytes, bytes]

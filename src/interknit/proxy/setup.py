@@ -113,10 +113,38 @@ def demand_settings(sections: Sequence[ListenerSection]) -> dict[RouteSpec, Dema
     return out
 
 
+class WallClock:
+    """Wall-clock time from the caller's monotonic ``now``, reading ``time.time()`` once a second.
+
+    Per request, ``time.time()`` is a measurable share of the proxy's work; the offset between
+    the two clocks drifts by far less than a second in a second. A ``now`` outside the window
+    the offset was read for (another clock, or one that went back) reads the clock afresh.
+    """
+
+    __slots__ = ("offset", "since", "until")
+
+    # How long (on the caller's clock) one reading of the offset serves.
+    PERIOD = 1.0
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.since = 0.0
+        self.until = -1.0
+
+    def __call__(self, now: float) -> float:
+        if self.since <= now < self.until:
+            return now + self.offset
+        wall = time.time()
+        self.offset = wall - now
+        self.since = now
+        self.until = now + self.PERIOD
+        return wall
+
+
 class RoutePool:
     """A route's ``balance.Pool`` as the proxy's ``PoolLike``, with its sticky cookie."""
 
-    __slots__ = ("options", "pool", "reporter", "service", "sticky")
+    __slots__ = ("clock", "options", "pool", "reporter", "service", "sticky")
 
     def __init__(
         self,
@@ -125,27 +153,33 @@ class RoutePool:
         sticky: StickyCookie | None,
         reporter: Reporter,
         options: PoolOptions,
+        clock: WallClock | None = None,
     ) -> None:
         self.pool = pool
         self.service = service
         self.sticky = sticky
         self.reporter = reporter
         self.options = options
+        self.clock = clock or WallClock()
 
     def pick(
         self, hash_key: bytes | None, now: float, exclude: Container[Endpoint] = ()
     ) -> Endpoint | None:
-        return self.pool.pick(hash_key, time.time(), exclude)
+        clock = self.clock  # clock(now), inlined: this runs for every request
+        wall = now + clock.offset if clock.since <= now < clock.until else clock(now)
+        return self.pool.pick(hash_key, wall, exclude)
 
     def report(self, endpoint: Endpoint, ok: bool, now: float) -> None:
-        self.reporter(self, endpoint, ok, time.time())
+        clock = self.clock
+        wall = now + clock.offset if clock.since <= now < clock.until else clock(now)
+        self.reporter(self, endpoint, ok, wall)
 
     def pick_sticky(
         self, cookie: str | None, hash_key: bytes | None, now: float, exclude: Container[Endpoint]
     ) -> tuple[Endpoint | None, str | None]:
         if self.sticky is None:
-            return self.pool.pick(hash_key, time.time(), exclude), None
-        return self.sticky.choose(cookie, self.pool, hash_key, time.time(), exclude)
+            return self.pool.pick(hash_key, self.clock(now), exclude), None
+        return self.sticky.choose(cookie, self.pool, hash_key, self.clock(now), exclude)
 
 
 class RegistryPools:
@@ -165,6 +199,11 @@ class RegistryPools:
         self._reporter: Reporter = reporter or (lambda pool, ep, ok, now: None)
         self._rng = rng
         self._pools: dict[RouteSpec, RoutePool] = {}
+        # The same pools by the identity of the spec asked with: a frozen spec hashes every
+        # field each time, and the proxy asks with the same object for every request. The
+        # spec is held with its pool, so that its id is not reused while cached.
+        self._by_id: dict[int, tuple[RouteSpec, RoutePool]] = {}
+        self._clock = WallClock()
         self._by_service: dict[str, list[RoutePool]] = {}
 
     def set_reporter(self, reporter: Reporter) -> None:
@@ -173,9 +212,13 @@ class RegistryPools:
             route_pool.reporter = reporter
 
     def pool(self, route: RouteSpec) -> RoutePool | None:
+        cached = self._by_id.get(id(route))
+        if cached is not None and cached[0] is route:
+            return cached[1]
         found = self._pools.get(route)
         if found is None:
             found = self._build(route)
+        self._by_id[id(route)] = (route, found)
         return found
 
     def _build(self, route: RouteSpec) -> RoutePool:
@@ -193,7 +236,7 @@ class RegistryPools:
         sticky = None
         if route.sticky_cookie is not None:
             sticky = StickyCookie(self._secret, route.sticky_cookie)
-        found = RoutePool(pool, route.service, sticky, self._reporter, options)
+        found = RoutePool(pool, route.service, sticky, self._reporter, options, self._clock)
         self._pools[route] = found
         if route.service is not None:
             self._by_service.setdefault(route.service, []).append(found)
@@ -202,6 +245,7 @@ class RegistryPools:
     def prepare(self, routes: Sequence[RouteSpec]) -> None:
         """Build pools up front so that the first request finds them, and drop old ones."""
         wanted = set(routes)
+        self._by_id.clear()
         for route in list(self._pools):
             if route not in wanted:
                 old = self._pools.pop(route)

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import httptools
 
+from interknit.proxy.corking import WriteBatch
+
 # Endpoints are few and connections cheap to hold; more idle ones than this only pin memory.
 DEFAULT_MAX_IDLE = 32
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -82,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.on_upstream_failed("upstream-reset", self.received)
         elif self.tunnel is not None:
+            self.pool.batch.flush()  # what the upstream sent last goes out before the close
             self.tunnel.close()
 
     def eof_received(self) -> bool | None:
@@ -95,7 +98,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         if tunnel is not None:
-            tunnel.write(data)
+            self.pool.batch.write(tunnel, data)
             return
         sink = self.sink
         if sink is None:
@@ -161,7 +164,8 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             # Read here: after the callback returns the parser reports False.
-            self._complete(sink, self.parser.should_keep_alive())
+            self.sink = None  # _complete(), inlined
+            sink.on_response_complete(self.parser.should_keep_alive())
 
     # Exchange interface
 
@@ -176,7 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
-            self.transport.write(data)
+            self.pool.batch.write(self.transport, data)
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closed:
@@ -198,6 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.closed = True
             self.pool.forget(self)
             if self.transport is not None:
+                self.pool.batch.flush()
                 self.transport.abort()
 
     def on_idle_timer(self) -> None:
@@ -232,6 +237,8 @@ class UpstreamPool:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.loop = loop
+        # Every write of the proxy's HTTP connections on this loop, client side included.
+        self.batch = WriteBatch(loop)
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._idle: dict[tuple[str, int], deque[UpstreamConnection]] = {}
