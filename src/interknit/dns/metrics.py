@@ -43,7 +43,11 @@ class DnsMetrics:
         registry.register(_Collector(self))
 
     def observe(self, reply: Reply, transport: str) -> None:
-        key = (reply.qtype if reply.qtype < 256 else 256, reply.rcode, transport)
+        key = (
+            reply.udp_key
+            if transport == "udp"
+            else (reply.qtype if reply.qtype < 256 else 256, reply.rcode, transport)
+        )
         queries = self.queries
         queries[key] = queries.get(key, 0) + 1
         if reply.truncated:

@@ -54,6 +54,12 @@ class RateLimiter:
         self._keys: dict[str, object] = {}
         self._buckets: dict[object, list[float]] = {}
 
+    def exempt(self, address: str) -> bool:
+        key = self._keys.get(address)
+        if key is None:
+            key = self._key_of(address)
+        return key is _EXEMPT
+
     def check(self, address: str, now: float) -> Verdict:
         key = self._keys.get(address)
         if key is None:

@@ -45,6 +45,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._cached = server.zone.answer_cached
         self._observe = server.metrics.observe
         self._sendto: Callable[[bytes, Any], None] | None = None
+        # Sources the rate limiter exempts (loopback by default), known without asking it.
+        self._exempt: set[str] = set()
 
     # -- Protocol interface --
 
@@ -58,11 +60,15 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         now = self._clock()
         host: str = addr[0]
         limiter = self._limiter
-        if limiter is not None:
-            verdict = limiter.check(host, now)
-            if verdict is not Verdict.ALLOW:
-                self._limited(data, addr, now, verdict)
-                return
+        if limiter is not None and host not in self._exempt:
+            if limiter.exempt(host):
+                if len(self._exempt) < 1024:
+                    self._exempt.add(host)
+            else:
+                verdict = limiter.check(host, now)
+                if verdict is not Verdict.ALLOW:
+                    self._limited(data, addr, now, verdict)
+                    return
         hit = self._cached(data, host, now)
         sendto = self._sendto
         assert sendto is not None

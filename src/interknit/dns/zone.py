@@ -111,7 +111,7 @@ class ZoneConfig:
 class Reply:
     """A packed reply and what the metrics want to know about it."""
 
-    __slots__ = ("qtype", "rcode", "service", "truncated", "wire")
+    __slots__ = ("qtype", "rcode", "service", "truncated", "udp_key", "wire")
 
     def __init__(
         self, wire: bytes, qtype: int, rcode: int, service: str | None, truncated: bool
@@ -121,6 +121,9 @@ class Reply:
         self.rcode = rcode
         self.service = service
         self.truncated = truncated
+        # The metrics key of this reply over UDP, built once: cached replies are counted on
+        # every hit.
+        self.udp_key = (qtype if qtype < 256 else 256, rcode, "udp")
 
 
 # One packed record: (answer record, additional records, how many additional records).
