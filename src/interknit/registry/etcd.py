@@ -70,9 +70,10 @@ from interknit.registry.etcd_records import (
     build_instance,
 )
 from interknit.registry.etcd_state import Change, Entry, EtcdState
+from interknit.registry.fanout import Fanout, Listener, ResyncListener
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import CheckStatus, Event, Instance, InstanceSpec
-from interknit.registry.registry import Listener, ResyncListener, Unavailable
+from interknit.registry.registry import Unavailable
 from interknit.registry.state import DEFAULT_HISTORY, Conflict, NotFound, RegistryError
 
 log = logging.getLogger("interknit.registry.etcd")
@@ -131,12 +132,9 @@ class EtcdRegistry:
         # Every etcd change up to this revision has been applied to the local copy.
         self._applied = 0
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._listeners: list[Listener] = []
-        self._resync_listeners: list[ResyncListener] = []
-        self._waiters: dict[str | None, set[asyncio.Future[None]]] = {}
+        self._fanout = Fanout(metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._waking = False
         self._lease_lost = asyncio.Event()
         self._synced = asyncio.Event()
         # Owner work: instances of ours to look at (TTL lost, expiry due), and expiry times.
@@ -198,19 +196,14 @@ class EtcdRegistry:
                 await self._client.revoke(self.lease_id)
             with contextlib.suppress(OSError):
                 self._lease_path.unlink()
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        self._fanout.wake_waiters()
         for _, fut in self._revision_waiters:
             if not fut.done():
                 fut.set_result(None)
         await self._client.close()
 
     def subscribe(self, listener: Listener, on_resync: ResyncListener | None = None) -> None:
-        self._listeners.append(listener)
-        if on_resync is not None:
-            self._resync_listeners.append(on_resync)
+        self._fanout.subscribe(listener, on_resync)
 
     # ------------------------------------------------------------------ writes
 
@@ -787,16 +780,7 @@ class EtcdRegistry:
         if self._orphans and (node is None or node.lease != self.lease_id):
             self._lease_lost.set()
         self._advance(revision)
-        for listener in self._resync_listeners:
-            try:
-                listener()
-            except Exception:
-                log.exception("registry resync listener failed")
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-        self._waiters.clear()
+        self._fanout.resynced()
         self._dirty.update(k for k, e in self.state.entries.items() if e.owner == mine)
         self._owner_wake.set()
 
@@ -820,35 +804,7 @@ class EtcdRegistry:
         self._advance(changes[-1].revision)
 
     def _publish(self, events: list[Event]) -> None:
-        if self._metrics is not None:
-            self._metrics.observe(events)
-        for event in events:
-            if event.reason in ("register", "update", "deregister"):
-                continue
-            inst = event.instance
-            log.info(
-                "registry change",
-                extra={
-                    "event": f"registry.{event.reason}",
-                    "service": inst.service,
-                    "instance": inst.id,
-                    "health": inst.health,
-                    "output": inst.output,
-                    "revision": event.revision,
-                },
-            )
-        for listener in self._listeners:
-            try:
-                listener(events)
-            except Exception:
-                log.exception("registry listener failed")
-        touched = {event.instance.service for event in events}
-        for key in (*touched, None):
-            waiters = self._waiters.pop(key, None)
-            if waiters:
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
+        self._fanout.publish(events)
 
     # ------------------------------------------------------------------ owner duties
 
@@ -959,12 +915,7 @@ class EtcdRegistry:
     def wake_all(self) -> None:
         """Answer every blocking query now and every later one at once (the node is stopping:
         a graceful stop must not wait out their ``wait``)."""
-        self._waking = True
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-        self._waiters.clear()
+        self._fanout.wake_all()
 
     def changed_since(self, service: str | None, revision: int) -> bool:
         if service is None:
@@ -973,22 +924,9 @@ class EtcdRegistry:
 
     async def wait_for_change(self, service: str | None, revision: int, timeout: float) -> bool:
         """Wait until ``service`` (or anything, for None) changes after ``revision``."""
-        if self.changed_since(service, revision) or self._waking:
-            return self.changed_since(service, revision)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(service, set()).add(fut)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            pass
-        finally:
-            waiters = self._waiters.get(service)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    self._waiters.pop(service, None)
-        return self.changed_since(service, revision)
+        return await self._fanout.wait(
+            service, lambda: self.changed_since(service, revision), timeout
+        )
 
 
 # ---------------------------------------------------------------------- small helpers

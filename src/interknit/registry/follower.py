@@ -17,8 +17,8 @@ from typing import Any
 
 import aiohttp
 
+from interknit.registry.fanout import Listener, ResyncListener
 from interknit.registry.model import Event, EventType, Instance
-from interknit.registry.registry import Listener, ResyncListener
 from interknit.registry.state import RegistryState
 
 log = logging.getLogger("interknit.follower")

@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+from interknit.registry.fanout import Fanout, Listener, ResyncListener
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import CheckStatus, Event, Instance, InstanceSpec
 from interknit.registry.state import DEFAULT_HISTORY, RegistryError, RegistryState
@@ -25,10 +26,6 @@ from interknit.registry.store import Store, StoreError
 log = logging.getLogger("interknit.registry")
 
 T = TypeVar("T")
-Listener = Callable[[Sequence[Event]], None]
-# Called when the local copy was replaced wholesale (a reload, an etcd re-list): consumers
-# rebuild from ``registry.state`` instead of applying events.
-ResyncListener = Callable[[], None]
 # A write: given the time, change the state and return (result, events).
 Op = Callable[[float], tuple[Any, list[Event]]]
 
@@ -97,13 +94,9 @@ class Registry:
         self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._listeners: list[Listener] = []
-        self._resync_listeners: list[ResyncListener] = []
-        # Waiters by service; the key None is for waiters on every service.
-        self._waiters: dict[str | None, set[asyncio.Future[None]]] = {}
+        self._fanout = Fanout(metrics)
         self._timer_wake: asyncio.Event | None = None
         self._closed = False
-        self._waking = False
 
     @property
     def stale(self) -> bool:
@@ -146,10 +139,7 @@ class Registry:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        self._fanout.wake_waiters()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._store.close)
         self._executor.shutdown(wait=True)
@@ -157,16 +147,7 @@ class Registry:
     def subscribe(self, listener: Listener, on_resync: ResyncListener | None = None) -> None:
         """Call ``listener`` with every batch of committed events (in-process consumers), and
         ``on_resync`` whenever the whole state was replaced."""
-        self._listeners.append(listener)
-        if on_resync is not None:
-            self._resync_listeners.append(on_resync)
-
-    def _resynced(self) -> None:
-        for listener in self._resync_listeners:
-            try:
-                listener()
-            except Exception:
-                log.exception("registry resync listener failed")
+        self._fanout.subscribe(listener, on_resync)
 
     # ------------------------------------------------------------------ writes
 
@@ -290,43 +271,10 @@ class Registry:
             log.exception("store reload failed")
             return
         self.state.restore(snapshot.instances, snapshot.revision, self._clock())
-        self._resynced()
+        self._fanout.resynced()
 
     def _publish(self, events: list[Event]) -> None:
-        if self._metrics is not None:
-            self._metrics.observe(events)
-        # Registrations are routine and can come thousands a second: debug. Health changes,
-        # expiries and ejections are what an operator looks for: info.
-        debug = log.isEnabledFor(logging.DEBUG)
-        for event in events:
-            routine = event.reason in ("register", "update", "deregister")
-            if routine and not debug:
-                continue
-            inst = event.instance
-            log.log(
-                logging.DEBUG if routine else logging.INFO,
-                "registry change",
-                extra={
-                    "event": f"registry.{event.reason}",
-                    "service": inst.service,
-                    "instance": inst.id,
-                    "health": inst.health,
-                    "output": inst.output,
-                    "revision": event.revision,
-                },
-            )
-        for listener in self._listeners:
-            try:
-                listener(events)
-            except Exception:
-                log.exception("registry listener failed")
-        touched = {event.instance.service for event in events}
-        for key in (*touched, None):
-            waiters = self._waiters.pop(key, None)
-            if waiters:
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
+        self._fanout.publish(events)
         if self._timer_wake is not None:
             self._timer_wake.set()
 
@@ -352,12 +300,7 @@ class Registry:
     def wake_all(self) -> None:
         """Answer every blocking query now and every later one at once (the node is stopping:
         a graceful stop must not wait out their ``wait``)."""
-        self._waking = True
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-        self._waiters.clear()
+        self._fanout.wake_all()
 
     def changed_since(self, service: str | None, revision: int) -> bool:
         if service is None:
@@ -370,18 +313,6 @@ class Registry:
         Only changes of that service wake the waiter: a watcher of one service is not woken by
         the churn of all the others.
         """
-        if self.changed_since(service, revision) or self._waking:
-            return self.changed_since(service, revision)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(service, set()).add(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            waiters = self._waiters.get(service)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    self._waiters.pop(service, None)
-        return self.changed_since(service, revision)
+        return await self._fanout.wait(
+            service, lambda: self.changed_since(service, revision), timeout
+        )
