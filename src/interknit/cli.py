@@ -10,13 +10,14 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from interknit.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 DEFAULT_API = "http://127.0.0.1:7470"
 HEALTH_STYLE = {
@@ -216,6 +217,8 @@ def _emit(data: Any, as_json: bool, table: Table | None) -> None:
     if as_json or table is None:
         click.echo(json.dumps(data, indent=2))
     else:
+        from rich.console import Console
+
         Console().print(table)
 
 
@@ -351,6 +354,8 @@ def drain(api: Api, service: str, instance_id: str, status: str | None, as_json:
 def services(api: Api, as_json: bool) -> None:
     """List services with their instance counts."""
     result = api.call("GET", "/v1/services")
+    from rich.table import Table
+
     table = Table(title=f"services (revision {result['revision']})")
     for column in ("service", "instances", "passing"):
         table.add_column(column)
@@ -379,6 +384,8 @@ def instances(api: Api, service: str, healthy: bool, tag: str | None, as_json: b
         query["tag"] = tag
     qs = ("?" + urllib.parse.urlencode(query)) if query else ""
     result = api.call("GET", f"/v1/services/{_q(service)}{qs}")
+    from rich.table import Table
+
     table = Table(
         title=f"{service} (revision {result['revision']})"
         + (" [red]STALE[/]" if result.get("stale") else "")

@@ -16,11 +16,10 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dns.edns
-import dns.exception
-import dns.message
-import dns.rdatatype
+if TYPE_CHECKING:
+    import dns.edns
 
 # Record types and classes we name.
 A = 1
@@ -158,6 +157,11 @@ def parse_query(data: bytes) -> Query | None:
 
 def parse_unusual(data: bytes) -> Query:
     """Parse any query with dnspython; raises ``FormatError`` when dnspython cannot."""
+    # Imported here: dnspython costs the node about 8 MiB, and only odd queries need it.
+    import dns.edns
+    import dns.exception
+    import dns.message
+
     try:
         msg = dns.message.from_wire(data)
     except (dns.exception.DNSException, ValueError, IndexError, struct.error) as exc:
@@ -311,8 +315,22 @@ def qtype_name(qtype: int) -> str:
 
 
 _QTYPE_NAMES = {
-    t: dns.rdatatype.to_text(dns.rdatatype.RdataType(t))
-    for t in (A, NS, SOA, HINFO, TXT, AAAA, SRV, 5, 12, 15, 65, 64, 257, IXFR, AXFR, ANY)
+    A: "A",
+    NS: "NS",
+    5: "CNAME",
+    SOA: "SOA",
+    12: "PTR",
+    HINFO: "HINFO",
+    15: "MX",
+    TXT: "TXT",
+    AAAA: "AAAA",
+    SRV: "SRV",
+    64: "SVCB",
+    65: "HTTPS",
+    257: "CAA",
+    IXFR: "IXFR",
+    AXFR: "AXFR",
+    ANY: "ANY",
 }
 RCODE_NAMES = {
     NOERROR: "NOERROR",
