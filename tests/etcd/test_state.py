@@ -11,8 +11,6 @@ from interknit.registry.etcd_records import (
     Layout,
     NodeRecord,
     Registration,
-    spec_from_json,
-    spec_to_json,
 )
 from interknit.registry.etcd_state import Change, EtcdState
 from interknit.registry.model import Check, InstanceSpec
@@ -63,7 +61,7 @@ def test_layout_parses_only_its_own_keys() -> None:
 @settings(max_examples=50)
 def test_records_round_trip(port: int, weight: int, tags: list[str], check: Check | None) -> None:
     spec = InstanceSpec("h.example", port, zone="z", weight=weight, tags=tuple(tags), check=check)
-    assert spec_from_json(spec_to_json(spec)) == spec
+    assert InstanceSpec.from_json(spec.to_json()) == spec
     reg = Registration(spec, "node-9")
     assert Registration.decode(reg.encode()) == reg
     health = Health("critical", "draining", "out", 1.5, 2.5, "lease")

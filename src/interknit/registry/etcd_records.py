@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from interknit.registry.model import (
-    Check,
     CheckStatus,
     EventReason,
     Instance,
@@ -73,46 +72,19 @@ class Layout:
 # ---------------------------------------------------------------------- records
 
 
-def spec_to_json(spec: InstanceSpec) -> dict[str, Any]:
-    return {
-        "address": spec.address,
-        "port": spec.port,
-        "zone": spec.zone,
-        "region": spec.region,
-        "weight": spec.weight,
-        "tags": list(spec.tags),
-        "meta": dict(spec.meta),
-        "check": None if spec.check is None else spec.check.to_json(),
-    }
-
-
-def spec_from_json(data: dict[str, Any]) -> InstanceSpec:
-    check = data.get("check")
-    return InstanceSpec(
-        address=data["address"],
-        port=int(data["port"]),
-        zone=data.get("zone"),
-        region=data.get("region"),
-        weight=int(data.get("weight", 1)),
-        tags=tuple(data.get("tags", ())),
-        meta=tuple(sorted(data.get("meta", {}).items())),
-        check=None if check is None else Check.from_json(check),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Registration:
     spec: InstanceSpec
     owner: str
 
     def encode(self) -> bytes:
-        body = {"spec": spec_to_json(self.spec), "owner": self.owner}
+        body = {"spec": self.spec.to_json(), "owner": self.owner}
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Registration:
         data = json.loads(raw)
-        return cls(spec=spec_from_json(data["spec"]), owner=str(data.get("owner", "")))
+        return cls(spec=InstanceSpec.from_json(data["spec"]), owner=str(data.get("owner", "")))
 
 
 @dataclass(frozen=True, slots=True)

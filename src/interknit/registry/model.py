@@ -126,6 +126,34 @@ class InstanceSpec:
     def meta_dict(self) -> dict[str, str]:
         return dict(self.meta)
 
+    def to_json(self) -> dict[str, Any]:
+        """The registration's fields as the API writes them."""
+        return {
+            "address": self.address,
+            "port": self.port,
+            "zone": self.zone,
+            "region": self.region,
+            "weight": self.weight,
+            "tags": list(self.tags),
+            "meta": dict(self.meta),
+            "check": None if self.check is None else self.check.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InstanceSpec:
+        """Read back what ``to_json`` wrote (trusted input: a store)."""
+        check = data.get("check")
+        return cls(
+            address=data["address"],
+            port=int(data["port"]),
+            zone=data.get("zone"),
+            region=data.get("region"),
+            weight=int(data.get("weight", 1)),
+            tags=tuple(data.get("tags", ())),
+            meta=tuple(sorted(data.get("meta", {}).items())),
+            check=None if check is None else Check.from_json(check),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Instance:
@@ -203,18 +231,10 @@ class Instance:
         """The API's instance object (DESIGN.md); cached, so callers must not mutate it."""
         cached = self._json
         if cached is None:
-            spec = self.spec
             cached = {
                 "service": self.service,
                 "id": self.id,
-                "address": spec.address,
-                "port": spec.port,
-                "zone": spec.zone,
-                "region": spec.region,
-                "weight": spec.weight,
-                "tags": list(spec.tags),
-                "meta": dict(spec.meta),
-                "check": None if spec.check is None else spec.check.to_json(),
+                **self.spec.to_json(),
                 "health": self.health,
                 "ejected_until": self.ejected_until,
                 "output": self.output,
@@ -240,17 +260,7 @@ class Instance:
     def from_record(cls, raw: bytes | str) -> Instance:
         data = json.loads(raw)
         record, state = data["instance"], data["state"]
-        check = record.get("check")
-        spec = InstanceSpec(
-            address=record["address"],
-            port=int(record["port"]),
-            zone=record.get("zone"),
-            region=record.get("region"),
-            weight=int(record.get("weight", 1)),
-            tags=tuple(record.get("tags", ())),
-            meta=tuple(sorted(record.get("meta", {}).items())),
-            check=None if check is None else Check.from_json(check),
-        )
+        spec = InstanceSpec.from_json(record)
         return cls(
             service=record["service"],
             id=record["id"],
