@@ -9,13 +9,24 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 INTERKNIT = str(Path(sys.executable).with_name("interknit"))
+
+
+def wait_for(fn: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll ``fn`` until it is true; a node that is restarting (an HTTP error) counts as no."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if fn():
+                return
+        time.sleep(0.03)
+    raise AssertionError("condition not reached")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

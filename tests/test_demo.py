@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 
 import httpx
 
-from tests.nodeproc import INTERKNIT, free_port
-
-
-def wait_for(fn: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if fn():
-                return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
+from tests.nodeproc import INTERKNIT, free_port, wait_for
 
 
 def test_demo_serves_fails_over_and_stops_cleanly() -> None:

@@ -3,8 +3,6 @@ available from their copies when etcd goes away."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import dns.message
@@ -13,19 +11,7 @@ import httpx
 
 from tests.backends import Backend
 from tests.etcd.cluster import EtcdCluster
-from tests.nodeproc import NodeProcess, free_port
-
-
-def wait_for(fn: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if fn():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
+from tests.nodeproc import NodeProcess, free_port, wait_for
 
 
 def etcd_node(tmp_path: Path, cluster: EtcdCluster, name: str, extra: str = "") -> NodeProcess:

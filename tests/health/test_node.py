@@ -5,25 +5,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.backends import Backend
-from tests.nodeproc import NodeProcess, free_port
+from tests.nodeproc import NodeProcess, free_port, wait_for
 
 CHECK = {"http": "/health", "interval": "100ms", "timeout": "300ms", "rise": 2, "fall": 2}
-
-
-def wait_for(fn: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return
-        time.sleep(0.03)
-    raise AssertionError("condition not reached")
 
 
 def health(node: NodeProcess, iid: str) -> str:

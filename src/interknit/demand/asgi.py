@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry
 from interknit.demand.asyncio_gate import Gate, Rejected
 from interknit.demand.deadline import GRPC_TIMEOUT, X_REQUEST_TIMEOUT
 from interknit.demand.http import X_PRIORITY, health, read_demand, refusal
-from interknit.demand.metrics import DemandMetrics
 from interknit.demand.overload import OverloadMonitor
 from interknit.demand.settings import DemandSettings
 
@@ -51,12 +50,8 @@ class AdmissionMiddleware:
     ) -> None:
         self.app = app
         if gate is None:
-            gate = Gate.from_settings(
-                settings or DemandSettings(concurrency="adaptive"),
-                route=route,
-                metrics=None if registry is None else DemandMetrics(registry),
-                overload=overload or OverloadMonitor(),
-                timeout=timeout,
+            gate = Gate.for_app(
+                settings, route=route, registry=registry, overload=overload, timeout=timeout
             )
         self.gate = gate
         self.health_path = health_path

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from prometheus_client import CollectorRegistry
+
 from interknit.demand.limiter import ADMIT, Limiter, Reject
 from interknit.demand.metrics import DemandMetrics, RouteMetrics
 from interknit.demand.overload import OverloadMonitor
@@ -104,6 +106,26 @@ class Gate:
             priority=settings.priority,
             timeout=timeout,
             clock=clock,
+        )
+
+    @classmethod
+    def for_app(
+        cls,
+        settings: DemandSettings | None,
+        *,
+        route: str = "app",
+        registry: CollectorRegistry | None = None,
+        overload: OverloadMonitor | None = None,
+        timeout: float | None = None,
+    ) -> Gate:
+        """The gate the application middlewares build when they are not handed one: adaptive
+        concurrency unless ``settings`` say otherwise, and an overload monitor for /health."""
+        return cls.from_settings(
+            settings or DemandSettings(concurrency="adaptive"),
+            route=route,
+            metrics=None if registry is None else DemandMetrics(registry),
+            overload=overload or OverloadMonitor(),
+            timeout=timeout,
         )
 
     # Admission ------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aetcd import rpc
+
+T = TypeVar("T")
 
 log = logging.getLogger("interknit.registry.etcd")
 
@@ -171,7 +173,11 @@ class EtcdClient:
         for channel in channels.values():
             await channel.close()
 
-    async def _call(self, stub_cls: Any, method: str, request: Any) -> Any:
+    async def _failover(
+        self, attempt: Callable[[str, float], Awaitable[T]], what: str, share: bool = True
+    ) -> T:
+        """Run ``attempt(target, budget)`` on the current endpoint, moving to the next one on a
+        connection failure or timeout, each endpoint at most once, all within ``timeout``."""
         if self._closed:
             raise EtcdUnavailable("the etcd client is closed")
         loop = asyncio.get_running_loop()
@@ -183,17 +189,25 @@ class EtcdClient:
             if remaining <= 0:
                 break
             # Give each endpoint a fair share of the time when there are several.
-            budget = remaining if len(self.targets) == 1 else max(remaining / 2, 0.2)
-            stub = stub_cls(self._channel(target))
+            budget = remaining if not share or len(self.targets) == 1 else max(remaining / 2, 0.2)
             try:
-                return await getattr(stub, method)(request, timeout=budget)
+                return await attempt(target, budget)
+            except TimeoutError:
+                errors.append(f"{target}: {what} timed out")
             except rpc.AioRpcError as exc:
                 code = exc.code().name
                 if code not in _TRANSIENT:
-                    raise EtcdError(f"etcd refused the request: {exc.details()}") from None
+                    raise EtcdError(f"etcd refused the {what}: {exc.details()}") from None
                 errors.append(f"{target}: {exc.details() or code}")
-                self.rotate()
+            self.rotate()
         raise EtcdUnavailable("; ".join(errors) or "no etcd endpoint answered in time")
+
+    async def _call(self, stub_cls: Any, method: str, request: Any) -> Any:
+        async def attempt(target: str, budget: float) -> Any:
+            stub = stub_cls(self._channel(target))
+            return await getattr(stub, method)(request, timeout=budget)
+
+        return await self._failover(attempt, "request")
 
     # ------------------------------------------------------------------ KV
 
@@ -241,34 +255,18 @@ class EtcdClient:
 
     async def keepalive(self, lease_id: int) -> int:
         """Renew ``lease_id`` once; the remaining TTL, or 0 if the lease no longer exists."""
-        if self._closed:
-            raise EtcdUnavailable("the etcd client is closed")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        errors: list[str] = []
-        for _ in range(len(self.targets)):
-            target = self.target
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
+
+        async def attempt(target: str, budget: float) -> int:
             stub = rpc.LeaseStub(self._channel(target))
-            try:
-                async with asyncio.timeout(remaining):
-                    call = stub.LeaseKeepAlive(
-                        iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=remaining
-                    )
-                    async for reply in call:
-                        return int(reply.TTL)
-                    raise EtcdUnavailable(f"{target}: keepalive stream ended without a reply")
-            except TimeoutError:
-                errors.append(f"{target}: keepalive timed out")
-            except rpc.AioRpcError as exc:
-                code = exc.code().name
-                if code not in _TRANSIENT:
-                    raise EtcdError(f"etcd refused the keepalive: {exc.details()}") from None
-                errors.append(f"{target}: {exc.details() or code}")
-            self.rotate()
-        raise EtcdUnavailable("; ".join(errors) or "no etcd endpoint answered in time")
+            async with asyncio.timeout(budget):
+                call = stub.LeaseKeepAlive(
+                    iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=budget
+                )
+                async for reply in call:
+                    return int(reply.TTL)
+                raise EtcdUnavailable(f"{target}: keepalive stream ended without a reply")
+
+        return await self._failover(attempt, "keepalive", share=False)
 
     async def revoke(self, lease_id: int) -> None:
         with contextlib.suppress(EtcdError):  # already gone
