@@ -44,7 +44,7 @@ service = "app"
         r = a.register("app", "one", address="127.0.0.1", port=backend.port)
         assert r.status_code == 200, r.text
         # Visible through the other node's API, DNS and proxy.
-        wait_for(lambda: len(b.client.get("/v1/services/app").json()["instances"]) == 1)
+        wait_for(lambda: len(b.client.get("/v1/services/app").json().get("instances", [])) == 1)
         assert dns_answers(b, "app.ik.internal.") == {"127.0.0.1"}
         with httpx.Client(timeout=5) as c:
             assert c.get(f"http://127.0.0.1:{port}/").text == "app-1"
@@ -89,7 +89,7 @@ def test_killed_node_takes_its_instances_with_it(tmp_path: Path) -> None:
     b = etcd_node(tmp_path, cluster, "node-b")
     try:
         assert a.register("app", "eph", address="127.0.0.1", port=80).status_code == 200
-        wait_for(lambda: len(b.client.get("/v1/services/app").json()["instances"]) == 1)
+        wait_for(lambda: len(b.client.get("/v1/services/app").json().get("instances", [])) == 1)
         a.kill9()
         # After node-a's lease (3s) runs out, its instance is gone everywhere.
         wait_for(lambda: b.client.get("/v1/services").json()["services"] == {}, timeout=15)
