@@ -88,10 +88,12 @@ demand = {{ concurrency = 1, queue = 0 }}
         node.register("api", "a", port=b.port)
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=10) as proxy:
-            codes = Counter(proxy.get("/limited").status_code for _ in range(30))
+            answers = [proxy.get("/limited") for _ in range(30)]
+            codes = Counter(r.status_code for r in answers)
             assert codes[200] >= 5 and codes[429] >= 10
-            r = proxy.get("/limited")
-            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            # A token may refill between requests on a slow machine; every refusal says when.
+            refused = [r for r in answers if r.status_code == 429]
+            assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
         assert node.client.get("/v1/health").status_code == 200  # 429s are not overload
         results: list[int] = []
 
