@@ -51,6 +51,7 @@ from interknit.proxy.wire import (
     NO_BODY_STATUSES,
     REQUEST_REWRITTEN,
     STATUS_LINES,
+    SimpleHead,
     chunk,
     connection_tokens,
     error_response,
@@ -1020,6 +1021,55 @@ class Exchange:
             out.append(b"connection: keep-alive\r\n")
         out.append(CRLF)
         self.pending_head = b"".join(out)
+
+    def on_response_whole(self, head: SimpleHead, body: bytes) -> bool:
+        """A whole simple response (``wire.SimpleHead``: 2xx-5xx but 204, 304 and 502-504,
+        one Content-Length, upstream keep-alive): what ``on_response_head``, ``_body`` and
+        ``_complete`` do for it, in one call. Declined (False) unless the request is over and
+        plain, so that the general path keeps every unusual case."""
+        conn = self.conn
+        if (
+            conn is None
+            or not self.request_done
+            or not self.sending
+            or self.request_broken
+            or self.upgrade is not None
+            or self.response_started
+        ):
+            return False
+        proto = self.proto
+        self.response_started = True
+        self.status = head.status
+        self.bytes_out += len(body)
+        if (
+            self.set_cookie is None
+            and self.keep_alive
+            and not self.must_close
+            and not self.http10
+            and not proto.listener.stopping
+        ):
+            data = head.whole + body
+        else:
+            out = [head.prefix]
+            if self.set_cookie is not None:
+                out += (b"set-cookie: ", self.set_cookie, CRLF)
+            out += (b"content-length: ", head.length_bytes, CRLF)
+            if self.must_close or not self.keep_alive or proto.listener.stopping:
+                out.append(b"connection: close\r\n")
+            elif self.http10:
+                out.append(b"connection: keep-alive\r\n")
+            out += (CRLF, body)
+            data = b"".join(out)
+        if not proto.closed:  # proto.write(), inlined
+            proto.batch.write(proto.transport, data)
+        self.conn = None
+        proto.listener.upstreams.release(conn)
+        if self.fast:  # resolve(None), inlined
+            self.fast = False
+            self.fast_done(None)
+        else:
+            self.resolve(None)
+        return True
 
     def retry_elsewhere(self) -> bool:
         """For a 502/503/504 answer: retry if allowed and another endpoint is there to try."""

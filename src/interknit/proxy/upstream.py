@@ -18,6 +18,7 @@ from typing import Protocol
 import httptools
 
 from interknit.proxy.corking import WriteBatch
+from interknit.proxy.wire import SIMPLE_HEAD_MAX, SimpleHead, simple_head
 
 # Endpoints are few and connections cheap to hold; more idle ones than this only pin memory.
 DEFAULT_MAX_IDLE = 32
@@ -30,6 +31,10 @@ class ResponseSink(Protocol):
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
 
     def on_response_body(self, data: bytes) -> None: ...
+
+    def on_response_whole(self, head: SimpleHead, body: bytes) -> bool:
+        """A whole simple response at once; False (before doing anything): parse it instead."""
+        ...
 
     def on_response_complete(self, keep_alive: bool) -> None: ...
 
@@ -54,6 +59,8 @@ class UpstreamConnection(asyncio.Protocol):
         # Per-connection state
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # The parser is between two messages (has no part of one): the fast path may run.
+        self.at_boundary = True
         self.closed = False
         self.idle_handle: asyncio.TimerHandle | None = None
         self.idle_handle_at = 0.0
@@ -107,6 +114,20 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.received = True
         self.last_activity = self.pool.loop.time()
+        if self.at_boundary and not self.head_only:
+            # The fast path: one whole simple response in this read (see wire.simple_head)
+            # goes to the exchange in one call; the parser never sees it and stays where it
+            # was, between two messages. The exchange may decline (it then wants the usual
+            # events), and so does anything short, long or unusual: the parser takes those.
+            end = data.find(b"\r\n\r\n")
+            if 0 < end < SIMPLE_HEAD_MAX:
+                head = simple_head(data[:end])
+                if (
+                    head is not None
+                    and len(data) - end - 4 == head.length
+                    and sink.on_response_whole(head, data[end + 4 :])
+                ):
+                    return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -132,6 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
     # Parser callbacks
 
     def on_message_begin(self) -> None:
+        self.at_boundary = False
         self.headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -151,6 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
             # give the next exchange a fresh parser.
             keep_alive = self.parser.should_keep_alive()
             self.parser = httptools.HttpResponseParser(self)
+            self.at_boundary = True
             self._complete(sink, keep_alive)
 
     def on_body(self, body: bytes) -> None:
@@ -159,6 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
+        self.at_boundary = True
         if self.status < 200:
             return  # informational, or a 101 that data_received turns into a tunnel
         sink = self.sink

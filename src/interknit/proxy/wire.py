@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http
 import os
+import re
 from itertools import count
 
 STATUS_LINES: dict[int, bytes] = {
@@ -98,3 +99,88 @@ class RequestIds:
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# Responses that skip the parser (see UpstreamConnection.data_received): the common answer of
+# a kept-alive upstream, a whole "HTTP/1.1 200 OK" head with one Content-Length and the whole
+# body in one read. Its head is read here with rules stricter than llhttp's, so that whatever
+# passes would have passed the parser with the same meaning; anything else (other versions,
+# 1xx/204/304, 502-504 which may be retried, Transfer-Encoding, a Connection other than
+# keep-alive, Upgrade, TE, Trailer, a second or non-numeric Content-Length, obsolete line
+# folding, bytes outside printable ASCII) goes to the parser as before.
+_SIMPLE_STATUS = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\t\x20-\x7e]*")
+# A token, a colon, optional blanks (httptools strips those, and keeps the rest as it came).
+_SIMPLE_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e]*)")
+_SIMPLE_DIGITS = re.compile(rb"[0-9]{1,15}")
+_SIMPLE_DROP = frozenset({b"connection", b"keep-alive", b"content-length"})
+_SIMPLE_NOT = frozenset({204, 304, 502, 503, 504})
+# Longer heads are rare and not worth caching.
+SIMPLE_HEAD_MAX = 2048
+_SIMPLE_CACHE_MAX = 256
+
+
+class SimpleHead:
+    """A response head the fast path may forward: what the exchange needs of it, built once.
+
+    ``prefix``: the status line (as ``STATUS_LINES`` has it) and the end-to-end headers;
+    ``whole``: ``prefix`` with the Content-Length and the blank line, the usual full head.
+    """
+
+    __slots__ = ("length", "length_bytes", "prefix", "status", "whole")
+
+    def __init__(self, status: int, prefix: bytes, length: int, length_bytes: bytes) -> None:
+        self.status = status
+        self.prefix = prefix
+        self.length = length
+        self.length_bytes = length_bytes
+        self.whole = prefix + b"content-length: " + length_bytes + CRLF + CRLF
+
+
+def parse_simple_head(head: bytes) -> SimpleHead | None:
+    """``head`` (up to, without, its blank line) as a ``SimpleHead``, or None: not simple."""
+    lines = head.split(b"\r\n")
+    status_match = _SIMPLE_STATUS.fullmatch(lines[0])
+    if status_match is None:
+        return None
+    status = int(status_match.group(1))
+    if status in _SIMPLE_NOT:
+        return None
+    out = [status_line(status)]
+    length_bytes: bytes | None = None
+    for line in lines[1:]:
+        field = _SIMPLE_FIELD.fullmatch(line)
+        if field is None:
+            return None  # a bare CR or LF, folding, a bad name, a byte out of range
+        name, value = field.group(1), field.group(2)
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname not in _SIMPLE_DROP:
+                return None  # Transfer-Encoding, Upgrade, TE, Trailer, Proxy-Connection
+            if lname == b"content-length":
+                if length_bytes is not None or _SIMPLE_DIGITS.fullmatch(value) is None:
+                    return None
+                length_bytes = value
+            elif lname == b"connection" and value.lower() != b"keep-alive":
+                return None  # close, upgrade, or headers to drop: the parser's business
+            continue
+        out += (name, b": ", value, CRLF)
+    if length_bytes is None:
+        return None
+    return SimpleHead(status, b"".join(out), int(length_bytes), length_bytes)
+
+
+_SIMPLE_CACHE: dict[bytes, SimpleHead | None] = {}
+
+
+def simple_head(head: bytes) -> SimpleHead | None:
+    """``parse_simple_head``, remembered: an upstream repeats its heads (Date changes once a
+    second), so most responses cost one dictionary lookup."""
+    try:
+        return _SIMPLE_CACHE[head]
+    except KeyError:
+        pass
+    found = parse_simple_head(head)
+    if len(_SIMPLE_CACHE) >= _SIMPLE_CACHE_MAX:
+        _SIMPLE_CACHE.clear()
+    _SIMPLE_CACHE[head] = found
+    return found
