@@ -1,7 +1,7 @@
 """The response fast path (``wire.simple_head``) against the parser it stands in for.
 
 Each case goes through a real listener to a scripted upstream, twice: once as it is, once
-with the fast path switched off (``simple_head`` answering None, so httptools parses every
+with the fast path switched off (no head short enough for it, so httptools parses every
 response). What the client receives must be the same bytes, and the upstream must see the
 same connections. A head the fast path accepts must also be one httptools reads the same way.
 """
@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from interknit.proxy import RouteSpec
+from interknit.proxy import http as http_module
 from interknit.proxy import upstream as upstream_module
-from interknit.proxy.wire import SimpleHead, parse_simple_head, simple_head
+from interknit.proxy.wire import SimpleHead, parse_simple_head
 
 DATE = b"Date: Thu, 27 Nov 2026 07:55:16 GMT\r\n"
 OK = b"HTTP/1.1 200 OK\r\nServer: t\r\n" + DATE + b"Content-Length: 2\r\n\r\nok"
@@ -64,7 +65,7 @@ class Upstream:
 @contextlib.contextmanager
 def parser_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     with monkeypatch.context() as m:
-        m.setattr(upstream_module, "simple_head", lambda head: None)
+        m.setattr(upstream_module, "SIMPLE_HEAD_MAX", 0)  # no head is short enough
         yield
 
 
@@ -246,14 +247,15 @@ async def test_fast_path_is_taken_for_the_plain_case(
 ) -> None:
     """The comparison above is only worth something if the fast path does run."""
     taken: list[SimpleHead] = []
+    original = http_module.Exchange.on_response_whole
 
-    def spy(head: bytes) -> SimpleHead | None:
-        found = simple_head(head)
-        if found is not None:
-            taken.append(found)
-        return found
+    def spy(self: Any, head: SimpleHead, body: bytes) -> bool:
+        done = original(self, head, body)
+        if done:
+            taken.append(head)
+        return done
 
-    monkeypatch.setattr(upstream_module, "simple_head", spy)
+    monkeypatch.setattr(http_module.Exchange, "on_response_whole", spy)
     u = Upstream([[OK]])
     p = await proxy(RouteSpec(servers=(await u.start(),)))
     got = await client_bytes(p.port, [GET, GET])

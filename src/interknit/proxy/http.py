@@ -29,15 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from interknit.balance.base import Endpoint
 from interknit.proxy.flow import PEER_FULL, PIPELINE, WAITING, FlowControl
-from interknit.proxy.observe import EndpointStats, RouteStats, access_log
+from interknit.proxy.observe import BUCKETS, EndpointStats, RouteStats, access_log
 from interknit.proxy.pools import Admission, Permit, PoolLike
 from interknit.proxy.retry import IDEMPOTENT_METHODS, RETRYABLE_STATUSES, RetryBudget
 from interknit.proxy.routing import CompiledRoute, host_without_port, split_target
@@ -123,6 +124,7 @@ class Exchange:
         "buffered",
         "bytes_in",
         "bytes_out",
+        "cached",
         "chunked_in",
         "chunked_out",
         "client_activity",
@@ -177,7 +179,7 @@ class Exchange:
         proto: HttpProxyProtocol,
         method: bytes,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]],
         hdict: dict[bytes, bytes],
         http10: bool,
         now: float,
@@ -186,6 +188,7 @@ class Exchange:
         self.method = method
         self.target = target
         self.headers = headers
+        self.cached: CachedRequest | None = None
         self.hdict = hdict
         self.http10 = http10
         self.host = hdict.get(b"host", b"")
@@ -324,7 +327,9 @@ class Exchange:
             index = self.status // 100 - 1  # stats.count(), inlined
             if 0 <= index < 5:
                 stats.codes[index].value += 1
-            stats.duration.observe(duration)
+            histogram = stats.duration  # observe(), inlined
+            histogram.counts[bisect_left(BUCKETS, duration)] += 1
+            histogram.sum += duration
             if self.reason:
                 stats.error(self.reason)
         if access_log.isEnabledFor(logging.INFO):
@@ -345,7 +350,7 @@ class Exchange:
                 self.reason or "-",
                 self.request_id.decode("latin-1") or "-",
             )
-        proto.exchange_finished(self)
+        proto.exchange_finished(self, now)
 
     def respond_error(self, status: int, reason: str, retry_after: int | None = None) -> None:
         """Answer from the proxy itself, unless the upstream's answer has begun already."""
@@ -601,7 +606,7 @@ class Exchange:
         es: EndpointStats | None = None
         if stats is not None:
             stats.inflight.value += 1
-            es = stats.endpoint(endpoint.key)
+            es = stats.endpoints.get(endpoint.key) or stats.endpoint(endpoint.key)
             es.requests.value += 1
             es.inflight.value += 1
         state.budget.requests += 1
@@ -613,10 +618,10 @@ class Exchange:
         endpoint.inflight += 1
         self.attempt_began = now
         self.fast = True
-        self.send(conn)
+        self.send(conn, now)
         return True
 
-    def fast_done(self, outcome: Outcome) -> None:
+    def fast_done(self, outcome: Outcome, now: float | None = None) -> None:
         """The fast attempt is over: what ``exchange()`` and its callers do after it."""
         self.sending = False
         self.conn = None
@@ -629,7 +634,8 @@ class Exchange:
         pool = self.pool
         endpoint = self.endpoint
         assert state is not None and pool is not None and endpoint is not None
-        now = self.proto.loop.time()
+        if now is None:
+            now = self.proto.loop.time()
         try:
             # end_attempt(), report_attempt() and end_forward(), inlined
             if endpoint.inflight > 0:
@@ -638,7 +644,10 @@ class Exchange:
             es = self.attempt_stats
             if es is not None:
                 es.inflight.value -= 1
-                es.duration.observe(now - self.attempt_began)
+                took = now - self.attempt_began
+                histogram = es.duration  # observe(), inlined
+                histogram.counts[bisect_left(BUCKETS, took)] += 1
+                histogram.sum += took
                 if failed:
                     es.errors.value += 1
             pool.report(endpoint, not failed, now)
@@ -740,11 +749,13 @@ class Exchange:
         """An attempt is in flight and not yet resolved."""
         return self.fast or (self.fut is not None and not self.fut.done())
 
-    def send(self, conn: UpstreamConnection) -> None:
+    def send(self, conn: UpstreamConnection, now: float | None = None) -> None:
         """Start the exchange on ``conn``: the request head and what body is there."""
         proto = self.proto
+        if now is None:
+            now = proto.loop.time()
         self.conn = conn
-        conn.start(self, self.method == b"HEAD")
+        conn.start(self, self.method == b"HEAD", now)
         if proto.write_paused:
             conn.pause_reading()
         if self.expect_continue and not self.body_seen and not self.request_done:
@@ -770,10 +781,15 @@ class Exchange:
             if self.request_done and framed:
                 parts.append(LAST_CHUNK)
             data = b"".join(parts)
-        if conn.transport is not None:  # conn.write(), inlined
-            proto.batch.write(conn.transport, data)
+        transport = conn.transport
+        if transport is not None:  # conn.write() and batch.write(), inlined
+            batch = proto.batch
+            queued = batch.pending
+            if not queued:
+                proto.loop.call_soon(batch.flush)
+            queued.append((transport, data))
         self.sending = True
-        self.client_activity = proto.loop.time()
+        self.client_activity = now
         if proto.flow.reasons & WAITING:
             proto.flow.resume_reading(WAITING)
         self.arm_timer()
@@ -803,6 +819,18 @@ class Exchange:
 
     def build_head(self) -> bytes:
         proto = self.proto
+        cached = self.cached
+        if cached is not None and cached.host and self.forward_timeout is None:
+            # The same head as below, from parts made once per cached request.
+            start = cached.start
+            if start is None:
+                start = cached.prepare()
+            request_id = cached.request_id
+            if request_id is None:
+                self.request_id = request_id = proto.listener.request_ids.next()
+                return b"%s%s%s%s\r\n\r\n" % (start, proto.client_ip, cached.middle, request_id)
+            self.request_id = request_id
+            return start + proto.client_ip + cached.middle + request_id + b"\r\n\r\n"
         out = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         override = self.forward_timeout
         for name, value in self.headers:
@@ -866,7 +894,9 @@ class Exchange:
             when = self.client_activity + spec.response_timeout
         if self.deadline is not None and self.deadline < when:
             when = self.deadline
-        self.proto.exchange_timer_at(when)
+        proto = self.proto
+        if proto.exchange_timer is None or proto.exchange_timer_when > when:
+            proto.exchange_timer_at(when)
 
     def cancel_timer(self) -> None:
         """Nothing to undo: the handle may fire, finds no attempt waiting, and lets go."""
@@ -1060,13 +1090,18 @@ class Exchange:
                 out.append(b"connection: keep-alive\r\n")
             out += (CRLF, body)
             data = b"".join(out)
-        if not proto.closed:  # proto.write(), inlined
-            proto.batch.write(proto.transport, data)
+        if not proto.closed:  # proto.write() and batch.write(), inlined
+            batch = proto.batch
+            pending = batch.pending
+            if not pending:
+                proto.loop.call_soon(batch.flush)
+            pending.append((proto.transport, data))
         self.conn = None
-        proto.listener.upstreams.release(conn)
+        now = conn.last_activity  # this loop turn's time, read as the response came
+        proto.listener.upstreams.release(conn, now)
         if self.fast:  # resolve(None), inlined
             self.fast = False
-            self.fast_done(None)
+            self.fast_done(None, now)
         else:
             self.resolve(None)
         return True
@@ -1236,6 +1271,75 @@ def cookie_value(header: bytes | None, name: bytes) -> bytes | None:
     return None
 
 
+# Requests by the bytes of their whole head (see HttpProxyProtocol.data_received): a client on
+# a kept-alive connection tends to send the same head again and again.
+_REQUEST_MAX_BYTES = 2048
+_REQUESTS_MAX = 128
+
+
+class CachedRequest:
+    """What parsing one whole bodiless kept-alive request head gave, to be given again for the
+    same bytes without parsing them.
+
+    Why this is safe: llhttp is deterministic, and the bytes are only looked up when the
+    parser is where it was when it parsed them (between two messages, the last kept alive,
+    nothing else in the read), so the parser would produce the same callbacks, and the
+    callbacks the same request: one that passed every check (size, Host, version, method,
+    framing) and has no body, no Expect and no Upgrade. The lists shared between the
+    exchanges made from it are never changed by them.
+    """
+
+    __slots__ = (
+        "hdict",
+        "headers",
+        "host",
+        "http10",
+        "method",
+        "middle",
+        "request_id",
+        "start",
+        "target",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        hdict: dict[bytes, bytes],
+        http10: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = tuple(headers)
+        self.hdict = hdict
+        self.http10 = http10
+        self.host = hdict.get(b"host", b"")
+        # The upstream head around the client's address and the request id (build_head).
+        self.start: bytes | None = None
+        self.middle = b""
+        self.request_id = hdict.get(b"x-request-id") or None
+
+    def prepare(self) -> bytes:
+        """Build ``start`` and ``middle``: what ``Exchange.build_head`` writes for this head
+        with no timeout override and a Host."""
+        out = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        for name, value in self.headers:
+            out += (name, b": ", value, CRLF)
+        forwarded = self.hdict.get(b"x-forwarded-for")
+        out.append(b"x-forwarded-for: ")
+        if forwarded:
+            out += (forwarded, b", ")
+        self.middle = b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\nx-request-id: " % (
+            self.host
+        )
+        self.start = start = b"".join(out)
+        return start
+
+
+_REQUESTS: dict[bytes, CachedRequest] = {}
+
+
 class HttpProxyProtocol(asyncio.Protocol):
     def __init__(self, listener: HttpListener) -> None:
         # Global state
@@ -1274,7 +1378,14 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.eof_from_client = False
         self.eof_from_upstream = False
 
+        # Between two messages after a kept-alive one (or none yet): a request head in one
+        # read may come from the cache of requests (data_received).
+        self.at_rest = True
+        # Heads no longer than this cannot break max_header_bytes, and are worth caching.
+        self.cache_limit = min(self.max_header_bytes, _REQUEST_MAX_BYTES)
+
         # Per-request state (the request being parsed)
+        self.last_head: Exchange | None = None
         self.parsing: Exchange | None = None
         self.in_head = False
         self.url = b""
@@ -1333,6 +1444,17 @@ class HttpProxyProtocol(asyncio.Protocol):
         active = self.active
         if active is not None and active.sending:
             active.client_activity = self.loop.time()
+        # A whole bodiless request head in one read, while the parser rests between two
+        # kept-alive messages: the same bytes parsed before give the same request (see
+        # CachedRequest). Otherwise parse, and remember the result if it is such a request.
+        remember = False
+        if self.at_rest and len(data) <= self.cache_limit:
+            entry = _REQUESTS.get(data)
+            if entry is not None:
+                self.request_from_cache(entry)
+                return
+            remember = data.find(b"\r\n\r\n") == len(data) - 4
+            self.last_head = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -1346,12 +1468,57 @@ class HttpProxyProtocol(asyncio.Protocol):
                 self.reject(500, "internal-error")
             else:
                 self.reject(400, "bad-request")
+        else:
+            if remember:
+                self.remember(data)
         ex = self.starting
         if ex is not None:
             # After the parser has finished the buffer (even for a 404), so that a bodiless
             # request is complete (and its keep-alive known) by then.
             self.starting = None
             ex.go()
+
+    def remember(self, data: bytes) -> None:
+        """Keep what parsing ``data`` (one whole head, nothing after it) gave, if it is a
+        plain bodiless kept-alive request, for the next time the same bytes come."""
+        ex = self.last_head
+        if (
+            ex is None
+            or not ex.request_done
+            or not ex.keep_alive
+            or ex.body_seen
+            or ex.chunked_in
+            or ex.content_length is not None
+            or ex.expect_continue
+            or ex.upgrade is not None
+            or not self.at_rest
+        ):
+            return
+        if len(_REQUESTS) >= _REQUESTS_MAX:
+            _REQUESTS.clear()
+        _REQUESTS[data] = CachedRequest(ex.method, ex.target, ex.headers, ex.hdict, ex.http10)
+
+    def request_from_cache(self, entry: CachedRequest) -> None:
+        """What the parser callbacks do for the request ``entry`` was made from."""
+        self.cancel_timer()
+        ex = Exchange(
+            self,
+            entry.method,
+            entry.target,
+            entry.headers,
+            entry.hdict,
+            entry.http10,
+            self.loop.time(),
+        )
+        ex.cached = entry
+        ex.keep_alive = True  # only kept-alive requests are remembered
+        ex.request_done = True  # request_complete(): nothing is sent yet
+        if self.active is None:
+            self.active = ex
+            ex.go()
+        else:
+            self.pipeline.append(ex)
+            self.flow.pause_reading(PIPELINE)
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -1387,6 +1554,7 @@ class HttpProxyProtocol(asyncio.Protocol):
     # Parser callbacks
 
     def on_message_begin(self) -> None:
+        self.at_rest = False
         self.in_head = True
         self.url = b""
         self.headers = []
@@ -1457,6 +1625,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         if b"upgrade" in hdict and b"upgrade" in connection_tokens(hdict.get(b"connection", b"")):
             ex.upgrade = hdict[b"upgrade"]
         self.parsing = ex
+        self.last_head = ex
         if self.active is None:
             self.active = ex
             self.starting = ex
@@ -1475,7 +1644,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         self.parsing = None
         # Read here: afterwards httptools reports False.
-        ex.keep_alive = bool(self.parser.should_keep_alive())
+        ex.keep_alive = keep_alive = bool(self.parser.should_keep_alive())
+        # After a message that ends the connection, llhttp refuses more: not a rest.
+        self.at_rest = keep_alive
         ex.request_complete()
 
     # Connection management
@@ -1523,7 +1694,7 @@ class HttpProxyProtocol(asyncio.Protocol):
                 self.client_ip.decode(),
             )
 
-    def exchange_finished(self, ex: Exchange) -> None:
+    def exchange_finished(self, ex: Exchange, now: float | None = None) -> None:
         if ex is not self.active:
             return
         self.active = None
@@ -1542,7 +1713,7 @@ class HttpProxyProtocol(asyncio.Protocol):
                 if self.wait != _WAIT_HEAD:
                     self.arm_timer(head=True)
             else:
-                self.arm_timer(head=False)
+                self.arm_timer(head=False, now=now)
             return
         self.flow.resume_reading(PEER_FULL | WAITING)
         if ex.must_close or not ex.request_done or not ex.keep_alive or self.listener.stopping:
@@ -1566,15 +1737,17 @@ class HttpProxyProtocol(asyncio.Protocol):
         else:
             self.arm_timer(head=False)
 
-    def arm_timer(self, head: bool) -> None:
+    def arm_timer(self, head: bool, now: float | None = None) -> None:
         """Bound the wait for a request head (header_timeout) or for a next request."""
         spec = self.listener.spec
+        if now is None:
+            now = self.loop.time()
         if head:
             self.wait = _WAIT_HEAD
-            self.wait_until = self.loop.time() + spec.header_timeout
+            self.wait_until = now + spec.header_timeout
         else:
             self.wait = _WAIT_IDLE
-            self.wait_until = self.loop.time() + spec.keepalive_timeout
+            self.wait_until = now + spec.keepalive_timeout
         timer = self.timer
         if timer is not None:
             if self.timer_at <= self.wait_until:

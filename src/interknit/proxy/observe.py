@@ -27,7 +27,8 @@ from prometheus_client.metrics_core import (
 
 access_log = logging.getLogger("interknit.access")
 
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BUCKETS = BUCKETS
 # As prometheus-client writes ``le`` (its floatToGoString gives str() for bounds like these).
 _BUCKET_LABELS = (*(str(b) for b in _BUCKETS), "+Inf")
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -53,7 +54,9 @@ class _Value:
 
 
 class _Histogram:
-    """A histogram's child: a count per bucket (not cumulative; the last is +Inf) and a sum."""
+    """A histogram's child: a count per bucket (not cumulative; the last is +Inf) and a sum.
+
+    The proxy's hot path does what ``observe`` does inline (``http.Exchange.finish``)."""
 
     __slots__ = ("counts", "created", "sum")
 
@@ -234,12 +237,12 @@ class RouteStats:
     """Pre-resolved metric children of one route on one listener."""
 
     __slots__ = (
-        "_endpoints",
         "_errors",
         "_labels",
         "_metrics",
         "codes",
         "duration",
+        "endpoints",
         "inflight",
         "retries",
     )
@@ -254,7 +257,8 @@ class RouteStats:
         self.inflight = metrics.inflight.labels(listener, route)
         self.retries = metrics.retries.labels(listener, route)
         self._errors: dict[str, Any] = {}
-        self._endpoints: dict[str, EndpointStats] = {}
+        # Read directly on the hot path (endpoint() makes a missing one).
+        self.endpoints: dict[str, EndpointStats] = {}
 
     def count(self, status: int) -> None:
         index = status // 100 - 1
@@ -268,9 +272,9 @@ class RouteStats:
         child.inc()
 
     def endpoint(self, key: str) -> EndpointStats:
-        found = self._endpoints.get(key)
+        found = self.endpoints.get(key)
         if found is None:
-            found = self._endpoints[key] = EndpointStats(self._metrics, (*self._labels, key))
+            found = self.endpoints[key] = EndpointStats(self._metrics, (*self._labels, key))
         return found
 
 

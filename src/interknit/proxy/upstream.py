@@ -18,7 +18,7 @@ from typing import Protocol
 import httptools
 
 from interknit.proxy.corking import WriteBatch
-from interknit.proxy.wire import SIMPLE_HEAD_MAX, SimpleHead, simple_head
+from interknit.proxy.wire import SIMPLE_HEAD_MAX, SIMPLE_HEADS, UNSEEN, SimpleHead, simple_head
 
 # Endpoints are few and connections cheap to hold; more idle ones than this only pin memory.
 DEFAULT_MAX_IDLE = 32
@@ -121,7 +121,10 @@ class UpstreamConnection(asyncio.Protocol):
             # events), and so does anything short, long or unusual: the parser takes those.
             end = data.find(b"\r\n\r\n")
             if 0 < end < SIMPLE_HEAD_MAX:
-                head = simple_head(data[:end])
+                key = data[:end]
+                head = SIMPLE_HEADS.get(key, UNSEEN)  # simple_head(), its usual case inlined
+                if head is UNSEEN:
+                    head = simple_head(key)
                 if (
                     head is not None
                     and len(data) - end - 4 == head.length
@@ -193,12 +196,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # Exchange interface
 
-    def start(self, sink: ResponseSink, head_only: bool) -> None:
+    def start(self, sink: ResponseSink, head_only: bool, now: float) -> None:
         self.sink = sink
         self.head_only = head_only
         self.received = False
         self.status = 0
-        self.last_activity = self.pool.loop.time()
+        self.last_activity = now
         if self.read_paused:
             self.resume_reading()
 
@@ -294,7 +297,7 @@ class UpstreamPool:
             conn = await self.connect(address, port)
         return conn
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamConnection, now: float | None = None) -> None:
         """Keep ``conn`` for the next request to the same endpoint, or close it."""
         conn.sink = None
         if conn.closed or conn.tunnel is not None:
@@ -309,7 +312,9 @@ class UpstreamPool:
             conn.resume_reading()  # so that an EOF while idle is noticed
         idle.append(conn)
         conn.idle = True
-        conn.idle_since = now = self.loop.time()
+        if now is None:
+            now = self.loop.time()
+        conn.idle_since = now
         if conn.idle_handle is None:
             conn.idle_handle_at = now + self.idle_timeout
             conn.idle_handle = self.loop.call_at(conn.idle_handle_at, conn.on_idle_timer)

@@ -9,6 +9,7 @@ import http
 import os
 import re
 from itertools import count
+from typing import Any
 
 STATUS_LINES: dict[int, bytes] = {
     int(s): b"HTTP/1.1 %d %s\r\n" % (int(s), s.phrase.encode()) for s in http.HTTPStatus
@@ -169,18 +170,19 @@ def parse_simple_head(head: bytes) -> SimpleHead | None:
     return SimpleHead(status, b"".join(out), int(length_bytes), length_bytes)
 
 
-_SIMPLE_CACHE: dict[bytes, SimpleHead | None] = {}
+# What parse_simple_head() made of a head; UNSEEN for one it has not seen (None: not simple).
+SIMPLE_HEADS: dict[bytes, SimpleHead | None] = {}
+UNSEEN: Any = object()
 
 
 def simple_head(head: bytes) -> SimpleHead | None:
     """``parse_simple_head``, remembered: an upstream repeats its heads (Date changes once a
     second), so most responses cost one dictionary lookup."""
-    try:
-        return _SIMPLE_CACHE[head]
-    except KeyError:
-        pass
+    found = SIMPLE_HEADS.get(head, UNSEEN)
+    if found is not UNSEEN:
+        return found  # type: ignore[no-any-return]
     found = parse_simple_head(head)
-    if len(_SIMPLE_CACHE) >= _SIMPLE_CACHE_MAX:
-        _SIMPLE_CACHE.clear()
-    _SIMPLE_CACHE[head] = found
+    if len(SIMPLE_HEADS) >= _SIMPLE_CACHE_MAX:
+        SIMPLE_HEADS.clear()
+    SIMPLE_HEADS[head] = found
     return found

@@ -1,0 +1,171 @@
+"""The cache of request heads (``http.CachedRequest``) against the parser it stands in for.
+
+Each scenario runs through a real listener to a recording upstream twice: with the cache, and
+with it switched off (every request parsed by httptools). The client must receive the same
+bytes, and the upstream the same requests (request ids aside, which are new every time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from interknit.proxy import RouteSpec
+from interknit.proxy import http as http_module
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Recorder:
+    """An upstream that keeps every byte it receives (per connection) and answers OK."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = len(self.received)
+        self.received.append(b"")
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.received[index] += head
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if length:
+                    self.received[index] += await reader.readexactly(int(length.group(1)))
+                writer.write(OK)
+                await writer.drain()
+        writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def exchange(port: int, pieces: Sequence[bytes], settle: float = 0.25) -> bytes:
+    """Send each piece in turn, collecting what comes back until it goes quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = b""
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            while True:
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), settle)
+                except TimeoutError:
+                    break
+                if not data:
+                    return out + b"<closed>"
+                out += data
+    finally:
+        writer.close()
+    return out
+
+
+GET = b"GET /a?b=c HTTP/1.1\r\nHost: example.test\r\nAccept: */*\r\n\r\n"
+SCENARIOS: dict[str, list[list[bytes]]] = {
+    "repeated": [[GET, GET, GET]],
+    "pipelined in one read, then one by one": [[GET * 3, GET, GET]],
+    "connection close": [
+        [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"],
+        [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"],
+    ],
+    "more after connection close": [
+        [GET, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET, GET],
+    ],
+    "http/1.0 kept alive, and without host": [
+        [b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nHost: a\r\n\r\n"] * 3,
+        [b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"] * 3,
+    ],
+    "connection lists a header": [
+        [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n\r\n"] * 3
+    ],
+    "forwarded-for and request id from the client": [
+        [b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.1\r\nX-Request-Id: r-1\r\n\r\n"] * 3
+    ],
+    "two hosts": [[b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"] * 2],
+    "no host": [[b"GET / HTTP/1.1\r\n\r\n"] * 2],
+    "expect on a get": [[b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n"] * 3],
+    "upgrade": [[b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"] * 2],
+    "bodies": [
+        [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"] * 2,
+        [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"] * 2,
+        [b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"] * 2,
+    ],
+    "split across reads": [[GET[:20], GET[20:], GET, GET[:20], GET[20:]]],
+    "then a bad request": [[GET, GET, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n", GET]],
+    "leading blank lines": [[b"\r\n" + GET, b"\r\n" + GET]],
+    "connect": [[b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"] * 2],
+    "http/2 preface": [[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] * 2],
+}
+
+
+def normalized(data: bytes) -> bytes:
+    """Request ids, and the upstream's own port as Host for a request without one."""
+    data = re.sub(rb"x-request-id: [0-9a-f]{16}-[0-9a-f]+", b"x-request-id: ID", data)
+    return re.sub(rb"host: 127\.0\.0\.1:\d+", b"host: UPSTREAM", data)
+
+
+async def run(proxy: Any, name: str, connections: list[list[bytes]], **kw: Any) -> Any:
+    recorder = Recorder()
+    p = await proxy(RouteSpec(servers=(await recorder.start(),)), name=name, **kw)
+    replies = [await exchange(p.port, pieces) for pieces in connections]
+    await asyncio.sleep(0.05)
+    recorder.close()
+    return replies, [normalized(r) for r in recorder.received]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+async def test_upstream_and_client_see_what_the_parser_alone_gives(
+    scenario: str, proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connections = SCENARIOS[scenario]
+    http_module._REQUESTS.clear()
+    cached = await run(proxy, "cached", connections)
+    with monkeypatch.context() as m:
+        m.setattr(http_module, "_REQUEST_MAX_BYTES", -1)  # listeners made now never look
+        parsed = await run(proxy, "parsed", connections)
+    assert cached == parsed
+    assert any(cached[0])
+
+
+async def test_the_cache_is_used_and_keeps_the_listeners_limit(
+    proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hits: list[bytes] = []
+    original = http_module.HttpProxyProtocol.request_from_cache
+
+    def spy(self: Any, entry: Any) -> None:
+        hits.append(entry.target)
+        original(self, entry)
+
+    monkeypatch.setattr(http_module.HttpProxyProtocol, "request_from_cache", spy)
+    http_module._REQUESTS.clear()
+    replies, received = await run(proxy, "hits", [[GET, GET, GET]])
+    assert replies[0].count(b"HTTP/1.1 200 OK") == 3
+    assert hits == [b"/a?b=c", b"/a?b=c"]
+    assert len(set(re.findall(rb"x-request-id: ([^\r]+)", received[0]))) == 1  # normalized
+    # A head cached by a listener with a large limit is still too large for a small one.
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 1100 + b"\r\n\r\n"
+    await run(proxy, "large", [[big, big]])
+    replies, _ = await run(proxy, "small", [[big]], max_header_bytes=1024)
+    assert replies[0].startswith(b"HTTP/1.1 431 ")
+
+
+async def test_request_ids_stay_unique_on_cached_requests(proxy: Any) -> None:
+    recorder = Recorder()
+    p = await proxy(RouteSpec(servers=(await recorder.start(),)))
+    await exchange(p.port, [GET] * 5)
+    ids = re.findall(rb"x-request-id: ([^\r]+)", recorder.received[0])
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert recorder.received[0].count(b"x-forwarded-for: 127.0.0.1\r\n") == 5
+    recorder.close()
