@@ -86,16 +86,29 @@ def connection_tokens(value: bytes) -> set[bytes]:
 
 
 class RequestIds:
-    """Request ids: a random per-process prefix and a counter, so no ``uuid4`` per request."""
+    """Request ids: a random per-process prefix and a counter, so no ``uuid4`` per request.
 
-    __slots__ = ("_counter", "_prefix")
+    They are formatted a batch at a time (in one comprehension, cheaper per id than a call
+    each); ``ready`` holds the next ones, last first, for a hot path to pop itself."""
+
+    __slots__ = ("_counter", "_prefix", "ready")
+
+    BATCH = 256
 
     def __init__(self) -> None:
         self._prefix = os.urandom(8).hex().encode()
         self._counter = count(1)
+        self.ready: list[bytes] = []
 
     def next(self) -> bytes:
-        return b"%s-%x" % (self._prefix, next(self._counter))
+        ready = self.ready
+        if not ready:
+            prefix = self._prefix
+            start = next(self._counter)
+            # One counter step per batch: the ids of a batch are start*BATCH + 0..BATCH-1.
+            first = (start - 1) * self.BATCH + 1
+            ready += [b"%s-%x" % (prefix, n) for n in range(first + self.BATCH - 1, first - 1, -1)]
+        return ready.pop()
 
 
 def chunk(data: bytes) -> bytes:
