@@ -6,6 +6,7 @@ seconds and back, so that config, API bodies and CLI flags all accept the same s
 
 from __future__ import annotations
 
+import functools
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -19,6 +20,12 @@ def parse_duration(text: str) -> float:
     """Return seconds for a duration such as ``"250ms"``; raise ValueError with the reason."""
     if not isinstance(text, str):
         raise ValueError("must be a duration string such as '250ms', '5s' or '1m'")
+    return _parse(text)
+
+
+# Every registration spells out its check's durations, nearly always the same few strings.
+@functools.lru_cache(maxsize=512)
+def _parse(text: str) -> float:
     value = text.strip()
     if len(value) > 32 or not _WHOLE.fullmatch(value):
         raise ValueError(f"{text[:40]!r} is not a duration such as '250ms', '5s' or '1m'")

@@ -21,13 +21,22 @@ from interknit.registry.fanout import Fanout, Listener, ResyncListener
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import CheckStatus, Event, Instance, InstanceSpec
 from interknit.registry.state import DEFAULT_HISTORY, RegistryError, RegistryState
-from interknit.registry.store import Store, StoreError
+from interknit.registry.store import Batch, Store, StoreError
 
 log = logging.getLogger("interknit.registry")
 
 T = TypeVar("T")
 # A write: given the time, change the state and return (result, events).
 Op = Callable[[float], tuple[Any, list[Event]]]
+# What a write waits for before it is answered: its commit (None: nothing).
+Durable = asyncio.Future[None] | None
+
+
+async def _durable(written: tuple[T, Durable]) -> T:
+    result, durable = written
+    if durable is not None:
+        await durable
+    return result
 
 
 class RegistryBackend(Protocol):
@@ -91,11 +100,17 @@ class Registry:
         self._clock = clock
         self._metrics = metrics
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="interknit-store")
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        # Events applied to the state but not yet handed to the store, and the writes waiting
+        # for them (or, with no events, for the commit in flight) to reach the disk.
+        self._queued: list[Event] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._committing = False
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._fanout = Fanout(metrics)
         self._timer_wake: asyncio.Event | None = None
+        self._timer_due = 0.0  # when the timers task wakes by itself
         self._closed = False
 
     @property
@@ -106,7 +121,7 @@ class Registry:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         snapshot = await loop.run_in_executor(self._executor, self._store.load)
         self.state.restore(snapshot.instances, snapshot.revision, self._clock())
         self._wake = asyncio.Event()
@@ -131,7 +146,7 @@ class Registry:
         self._closed = True
         # Let the writer drain what is queued before it is cancelled.
         for _ in range(100):
-            if not self._pending:
+            if not self._queued and not self._waiters and not self._committing:
                 break
             await asyncio.sleep(0.01)
         for task in self._tasks:
@@ -150,32 +165,47 @@ class Registry:
         self._fanout.subscribe(listener, on_resync)
 
     # ------------------------------------------------------------------ writes
+    #
+    # A write changes the in-memory state at once, on the event loop, and then waits until the
+    # commit that carries its events is on the disk. The ``*_nowait`` forms return the result
+    # and the future to wait for (None: nothing to wait for, answer at once), so that the API's
+    # hot path can answer from a callback instead of a task per request.
 
-    async def register(
+    def register_nowait(
         self, service: str, instance_id: str, spec: InstanceSpec
-    ) -> tuple[Instance, int]:
+    ) -> tuple[tuple[Instance, int], Durable]:
         def op(now: float) -> tuple[Any, list[Event]]:
             events = self.state.register(service, instance_id, spec, now)
             return self._current(service, instance_id), events
 
-        result: tuple[Instance, int] = await self._submit(op)
-        return result
+        return self.write(op)
 
-    async def deregister(self, service: str, instance_id: str) -> int:
+    def deregister_nowait(self, service: str, instance_id: str) -> tuple[int, Durable]:
         def op(now: float) -> tuple[Any, list[Event]]:
             events = self.state.deregister(service, instance_id)
             return self.state.revision, events
 
-        revision: int = await self._submit(op)
-        return revision
+        return self.write(op)
 
-    async def heartbeat(self, service: str, instance_id: str) -> tuple[Instance, int]:
+    def heartbeat_nowait(
+        self, service: str, instance_id: str
+    ) -> tuple[tuple[Instance, int], Durable]:
         def op(now: float) -> tuple[Any, list[Event]]:
             events = self.state.heartbeat(service, instance_id, now)
             return self._current(service, instance_id), events
 
-        result: tuple[Instance, int] = await self._submit(op)
-        return result
+        return self.write(op)
+
+    async def register(
+        self, service: str, instance_id: str, spec: InstanceSpec
+    ) -> tuple[Instance, int]:
+        return await _durable(self.register_nowait(service, instance_id, spec))
+
+    async def deregister(self, service: str, instance_id: str) -> int:
+        return await _durable(self.deregister_nowait(service, instance_id))
+
+    async def heartbeat(self, service: str, instance_id: str) -> tuple[Instance, int]:
+        return await _durable(self.heartbeat_nowait(service, instance_id))
 
     async def set_operator(
         self, service: str, instance_id: str, status: str
@@ -207,12 +237,24 @@ class Registry:
         return inst, self.state.revision
 
     async def _submit(self, op: Op) -> Any:
+        return await _durable(self.write(op))
+
+    def write(self, op: Op) -> tuple[Any, Durable]:
+        """Apply ``op`` to the state now; return its result and the future of the commit that
+        makes it durable. A write that changed nothing still waits for the commits before it:
+        it may repeat a write that is not on the disk yet, and must not be answered first."""
         if self._closed or self._wake is None:
             raise Unavailable("the registry is shutting down")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, fut))
-        self._wake.set()
-        return await fut
+        # A RegistryError raised here has changed nothing: the state checks before it writes.
+        result, events = op(self._clock())
+        if events:
+            self._queued.extend(events)
+            self._wake.set()
+        elif not self._queued and not self._committing:
+            return result, None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(fut)
+        return result, fut
 
     async def _writer(self) -> None:
         assert self._wake is not None
@@ -220,48 +262,52 @@ class Registry:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._apply(loop, batch)
+            while self._queued or self._waiters:
+                events, self._queued = self._queued, []
+                waiters, self._waiters = self._waiters, []
+                self._committing = True
+                try:
+                    await self._commit(loop, events, waiters)
+                finally:
+                    self._committing = False
 
-    async def _apply(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Op, asyncio.Future[Any]]]
+    async def _commit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        events: list[Event],
+        waiters: list[asyncio.Future[None]],
     ) -> None:
-        now = self._clock()
-        events: list[Event] = []
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        for op, fut in batch:
-            try:
-                result, evs = op(now)
-            except RegistryError as exc:
-                outcomes.append((fut, None, exc))
-                continue
-            events.extend(evs)
-            outcomes.append((fut, result, None))
         if events:
+            # Events after these are already applied to the state: the batch's revision is
+            # its last event's, not the state's.
+            batch = Batch.of(events, events[-1].revision)
             try:
-                await loop.run_in_executor(
-                    self._executor, self._store.commit, events, self.state.revision
+                await loop.run_in_executor(self._executor, self._store.commit, batch)
+            except Exception as exc:
+                # A StoreError is the disk saying no; anything else is a bug, but it must not
+                # kill the writer and leave every later write waiting forever.
+                log.error(
+                    "store commit failed",
+                    extra={"event": "store.error", "error": str(exc)},
+                    exc_info=not isinstance(exc, StoreError),
                 )
-            except StoreError as exc:
-                log.error("store commit failed", extra={"event": "store.error", "error": str(exc)})
+                # Writes applied after this batch rest on it: they fail with it.
+                queued, self._queued = self._queued, []
+                later, self._waiters = self._waiters, []
                 await self._reload(loop)
                 failure = Unavailable(f"the store could not take the write: {exc}")
-                for fut, _, _ in outcomes:
+                for fut in (*waiters, *later):
                     if not fut.done():
                         fut.set_exception(failure)
+                del queued
                 return
             if self._metrics is not None:
                 self._metrics.commits.inc()
                 self._metrics.committed_events.inc(len(events))
             self._publish(events)
-        for fut, result, error in outcomes:
-            if fut.done():
-                continue
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     async def _reload(self, loop: asyncio.AbstractEventLoop) -> None:
         """Undo in memory what the store refused, so memory never runs ahead of the disk."""
@@ -275,8 +321,12 @@ class Registry:
 
     def _publish(self, events: list[Event]) -> None:
         self._fanout.publish(events)
+        # Wake the timers only for a deadline sooner than the one they sleep until: most
+        # writes push a lease further out, and a wakeup per commit is wasted work.
         if self._timer_wake is not None:
-            self._timer_wake.set()
+            deadline = self.state.next_deadline()
+            if deadline is not None and deadline < self._timer_due:
+                self._timer_wake.set()
 
     # ------------------------------------------------------------------ timers
 
@@ -285,9 +335,11 @@ class Registry:
         while True:
             deadline = self.state.next_deadline()
             delay = 3600.0 if deadline is None else max(0.0, deadline - self._clock())
+            delay = min(delay, 3600.0)
+            self._timer_due = self._clock() + delay
             self._timer_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_wake.wait(), timeout=min(delay, 3600.0))
+                await asyncio.wait_for(self._timer_wake.wait(), timeout=delay)
             due = self.state.next_deadline()
             if due is not None and due <= self._clock():
                 try:

@@ -27,6 +27,8 @@ MAX_BODY = 64 * 1024
 LABEL_HINT = "must be a DNS label: lowercase letters, digits and '-', 1 to 63 characters"
 _META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _PATH = re.compile(r"/[\x21-\x7e]{0,1023}")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
 def _label(value: str) -> str:
@@ -36,6 +38,8 @@ def _label(value: str) -> str:
 
 
 def _address(value: str) -> str:
+    if _IPV4.fullmatch(value):
+        return value  # the usual case, without building an address object
     try:
         ipaddress.ip_address(value)
         return value
@@ -97,10 +101,16 @@ class CheckBody(BaseModel):
         def dur(raw: str | None, default: float | None) -> float | None:
             return default if raw is None else parse_duration(raw)
 
+        if self.ttl is not None:
+            # interval, timeout, rise and fall mean nothing to a TTL check and are not kept:
+            # holding them here would make the same registration differ after a restart.
+            return Check(
+                ttl=parse_duration(self.ttl),
+                deregister_after=dur(self.deregister_after, None),
+            )
         return Check(
             http=self.http,
             tcp=bool(self.tcp),
-            ttl=dur(self.ttl, None),
             interval=dur(self.interval, 2.0) or 2.0,
             timeout=dur(self.timeout, 1.0) or 1.0,
             rise=self.rise or 2,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from interknit.registry.model import (
     CheckStatus,
@@ -189,6 +190,8 @@ class RegistryState:
         if current is None:
             kind = "none" if spec.check is None else spec.check.kind
             status = _INITIAL_STATUS[kind]
+            # Built with its revisions in place: copying a frozen value costs more than making it.
+            rev = self.revision + 1
             new = Instance(
                 service=service,
                 id=instance_id,
@@ -196,8 +199,10 @@ class RegistryState:
                 check_status=status,
                 output="" if status == "passing" else NEVER_CHECKED_OUTPUT,
                 critical_since=now if status == "critical" else None,
+                create_revision=rev,
+                mod_revision=rev,
             )
-            event = self._put(new, "register", create=True)
+            event = self._store(new, "register")
         else:
             changes: dict[str, object] = {"spec": spec}
             if spec.check != current.spec.check:
@@ -208,7 +213,7 @@ class RegistryState:
                     output="" if status == "passing" else NEVER_CHECKED_OUTPUT,
                     critical_since=now if status == "critical" else None,
                 )
-            event = self._put(current.evolve(**changes), "update")
+            event = self._put(current, "update", **changes)
         self._renew(event.instance, now)
         return [event]
 
@@ -227,8 +232,11 @@ class RegistryState:
         self._renew(current, now)
         if current.check_status == "passing":
             return []
-        fresh = current.evolve(check_status="passing", output="heartbeat", critical_since=None)
-        return [self._put(fresh, "health")]
+        return [
+            self._put(
+                current, "health", check_status="passing", output="heartbeat", critical_since=None
+            )
+        ]
 
     def set_operator(self, service: str, instance_id: str, status: str) -> list[Event]:
         current = self._require(service, instance_id)
@@ -239,7 +247,7 @@ class RegistryState:
         operator = _OPERATOR_TRANSITIONS[status]
         if operator == current.operator:
             return []
-        return [self._put(current.evolve(operator=operator), "health")]
+        return [self._put(current, "health", operator=operator)]
 
     def set_check_status(
         self,
@@ -259,14 +267,21 @@ class RegistryState:
             self._arm(current.key, critical_since, current)
         else:
             critical_since = None
-        fresh = current.evolve(check_status=status, output=output, critical_since=critical_since)
-        return [self._put(fresh, "health")]
+        return [
+            self._put(
+                current,
+                "health",
+                check_status=status,
+                output=output,
+                critical_since=critical_since,
+            )
+        ]
 
     def set_ejected(self, service: str, instance_id: str, until: float | None) -> list[Event]:
         current = self.get(service, instance_id)
         if current is None or current.ejected_until == until:
             return []
-        return [self._put(current.evolve(ejected_until=until), "eject")]
+        return [self._put(current, "eject", ejected_until=until)]
 
     def tick(self, now: float) -> list[Event]:
         """Expire leases and remove long-critical instances whose time has come."""
@@ -279,12 +294,13 @@ class RegistryState:
             lease = self._lease.get(key)
             if lease is not None and lease <= now and inst.check_status != "critical":
                 ttl = inst.spec.check.ttl if inst.spec.check else None
-                fresh = inst.evolve(
+                fresh_event = self._put(
+                    inst,
+                    "lease",
                     check_status="critical",
                     output=f"ttl of {ttl:g}s expired without a heartbeat" if ttl else "expired",
                     critical_since=lease,
                 )
-                fresh_event = self._put(fresh, "lease")
                 events.append(fresh_event)
                 inst = fresh_event.instance
                 self._arm(key, lease, inst)
@@ -371,15 +387,16 @@ class RegistryState:
                 return
             heapq.heappop(timers)
 
-    def _put(self, inst: Instance, reason: EventReason, create: bool = False) -> Event:
+    def _put(self, current: Instance, reason: EventReason, **changes: Any) -> Event:
+        """Store ``current`` with ``changes`` at the next revision (one copy, not two)."""
+        return self._store(current.evolve(mod_revision=self.revision + 1, **changes), reason)
+
+    def _store(self, inst: Instance, reason: EventReason) -> Event:
+        """Store ``inst``, which already carries the next revision as its ``mod_revision``."""
         self.revision += 1
-        rev = self.revision
-        changes: dict[str, object] = {"mod_revision": rev}
-        if create:
-            changes["create_revision"] = rev
-        inst = inst.evolve(**changes)
+        assert inst.mod_revision == self.revision
         self._services.setdefault(inst.service, {})[inst.id] = inst
-        return self._record(Event(rev, "put", reason, inst))
+        return self._record(Event(self.revision, "put", reason, inst))
 
     def _delete(self, inst: Instance, reason: EventReason) -> Event:
         self.revision += 1
