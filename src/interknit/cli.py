@@ -110,6 +110,7 @@ def main(ctx: click.Context, api: str, token: str | None) -> None:
 )
 def up(config_path: str | None, log_json: bool, log_level: str, workers: int) -> None:
     """Run a node until SIGINT or SIGTERM; SIGHUP reloads listeners and routes."""
+    import_aiohttp_without_tls()
     from interknit.logs import setup_logging
     from interknit.node import Node, NodeStartError
 
@@ -143,6 +144,7 @@ def up(config_path: str | None, log_json: bool, log_level: str, workers: int) ->
 @click.option("--node-api", required=True, help="The node whose registry to follow.")
 def worker(config_path: str, node_api: str) -> None:
     """A proxy-only worker process (started by ``interknit up --workers N``)."""
+    import_aiohttp_without_tls()
     from interknit.logs import setup_logging
     from interknit.workers import run_worker
 
@@ -211,6 +213,34 @@ def run(coro: Any) -> Any:
         return uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
         return asyncio.run(coro)
+
+
+def import_aiohttp_without_tls() -> None:
+    """Import aiohttp, for a node or a worker, as if Python had no ``ssl`` module.
+
+    At import aiohttp builds two client TLS contexts and loads the system's CA bundle into each,
+    about 2.5 MiB of a node's RSS. These processes never speak TLS through aiohttp: the API and
+    status page are plain HTTP, a worker follows its node over plain HTTP, etcd is reached with
+    gRPC. Only aiohttp's own import sees no ``ssl``; modules that already hold it keep it, and
+    anything imported afterwards gets it as usual.
+    """
+    if "aiohttp" in sys.modules:
+        return
+    # ssl, and the modules that look for it once when imported (asyncio and urllib.request,
+    # imported above, and http.client), are imported with it.
+    import http.client  # noqa: F401
+    import ssl
+
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # now "import ssl" raises ImportError
+    try:
+        import aiohttp.web
+    except ImportError:  # pragma: no cover - an aiohttp that cannot do without ssl
+        for name in [n for n in sys.modules if n == "aiohttp" or n.startswith("aiohttp.")]:
+            del sys.modules[name]
+        sys.modules["ssl"] = ssl
+        import aiohttp.web  # noqa: F401
+    finally:
+        sys.modules["ssl"] = ssl
 
 
 def _emit(data: Any, as_json: bool, table: Table | None) -> None:
