@@ -264,6 +264,11 @@ async def rss_with_connections(pid: int, port: int, count: int) -> tuple[int, in
     return before, during
 
 
+def load() -> str:
+    """The load average: other work on the machine shows here, and skews the figures."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def raise_fd_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
@@ -290,6 +295,7 @@ def report(
     print()
     print(f"command: {' '.join(sys.argv)}")
     print(f"machine: {machine()}")
+    print(f"load average (1, 5, 15 min) at the end: {load()}")
     print(f"pinning: {pin.note}")
     print(
         f"wrk -t1 -c{args.connections} -d{args.duration:g}s --latency; medians of {args.runs} "
@@ -354,7 +360,7 @@ def main() -> None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     raise_fd_limit(args.hold + 256)
     pin = pinning()
-    print(f"pinning: {pin.note}", flush=True)
+    print(f"pinning: {pin.note}; load average {load()}", flush=True)
 
     backends = [free_port(), free_port()]
     names = ("haproxy", "haproxy_tcp", "nginx", "ik", "ik_tcp", "base", "base_tcp")
@@ -410,8 +416,8 @@ def main() -> None:
                 s = wrk(c.port, args.duration, args.connections, pin.load)
                 samples[c.name].append(s)
                 print(
-                    f"run {run + 1}/{args.runs} {c.name:<22} {s.rps:>9.0f} req/s "
-                    f"p99 {s.p99_ms:.2f} ms errors {s.errors}",
+                    f"run {run + 1}/{args.runs} {c.name:<26} {s.rps:>9.0f} req/s "
+                    f"p99 {s.p99_ms:.2f} ms errors {s.errors} load {load()}",
                     flush=True,
                 )
         rss = None
