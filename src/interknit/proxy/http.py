@@ -15,7 +15,12 @@ length (or none) on a route without demand control, with an idle kept-alive conn
 the picked endpoint, is sent from the client's parser callbacks (``Exchange.fast_start``) and
 closed from the upstream's (``Exchange.fast_done``). Anything else, and a fast attempt that
 fails before an answer (a retry may follow), runs the coroutine ``run()``, or its tail
-``resume()``. Both sides write through the loop's ``corking.WriteBatch``.
+``resume()``. Both sides write through the loop's ``corking.WriteBatch``. Two shortcuts skip
+parsing where its result is already known: a whole bodiless request head that arrives in one
+read, while the parser rests between kept-alive messages, is looked up by its bytes among the
+heads parsed before (``CachedRequest``); and a whole simple response in one read (one
+Content-Length, nothing unusual, see ``wire.simple_head``) goes to the exchange in one call
+(``on_response_whole``). Anything else takes the parser, as does the first of each.
 
 Framing is re-done on both sides: the proxy never forwards Content-Length, Transfer-Encoding
 or any other hop-by-hop header as it came, so that the upstream and the client each see one
@@ -868,11 +873,15 @@ class Exchange:
     def build_head(self) -> bytes:
         proto = self.proto
         cached = self.cached
-        if cached is not None and cached.host and self.forward_timeout is None:
-            # The same head as below, from parts made once per cached request.
+        if cached is not None and self.forward_timeout is None:
             start = cached.start
             if start is None:
                 start = cached.prepare()
+        else:
+            start = None
+        if start:
+            # The same head as below, from parts made once per cached request with a Host.
+            assert cached is not None
             request_id = cached.request_id
             if request_id is None:
                 ids = proto.listener.request_ids
@@ -1335,21 +1344,12 @@ class CachedRequest:
     parser is where it was when it parsed them (between two messages, the last kept alive,
     nothing else in the read), so the parser would produce the same callbacks, and the
     callbacks the same request: one that passed every check (size, Host, version, method,
-    framing) and has no body, no Expect and no Upgrade. The lists shared between the
-    exchanges made from it are never changed by them.
+    framing) and has no body, no Expect and no Upgrade. The header list and dictionary shared
+    between the exchanges made from it are never changed by them (nor by the protocol, which
+    starts new ones for its next request).
     """
 
-    __slots__ = (
-        "hdict",
-        "headers",
-        "host",
-        "http10",
-        "method",
-        "middle",
-        "request_id",
-        "start",
-        "target",
-    )
+    __slots__ = ("hdict", "headers", "http10", "method", "middle", "request_id", "start", "target")
 
     def __init__(
         self,
@@ -1359,30 +1359,38 @@ class CachedRequest:
         hdict: dict[bytes, bytes],
         http10: bool,
     ) -> None:
+        # Made for every head parsed whole (most are never seen again): only references here,
+        # the rest on its first use (prepare).
         self.method = method
         self.target = target
-        self.headers = tuple(headers)
+        self.headers = headers
         self.hdict = hdict
         self.http10 = http10
-        self.host = hdict.get(b"host", b"")
-        # The upstream head around the client's address and the request id (build_head).
+        # The upstream head around the client's address and the request id (build_head);
+        # None until prepared, b"" for a head without Host (build_head then does it all).
         self.start: bytes | None = None
         self.middle = b""
-        self.request_id = hdict.get(b"x-request-id") or None
+        self.request_id: bytes | None = None
 
     def prepare(self) -> bytes:
         """Build ``start`` and ``middle``: what ``Exchange.build_head`` writes for this head
         with no timeout override and a Host."""
+        hdict = self.hdict
+        host = hdict.get(b"host")
+        if not host:
+            self.start = b""
+            return b""
         out = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         for name, value in self.headers:
             out += (name, b": ", value, CRLF)
-        forwarded = self.hdict.get(b"x-forwarded-for")
+        forwarded = hdict.get(b"x-forwarded-for")
         out.append(b"x-forwarded-for: ")
         if forwarded:
             out += (forwarded, b", ")
-        self.middle = b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\nx-request-id: " % (
-            self.host
+        self.middle = (
+            b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\nx-request-id: " % host
         )
+        self.request_id = hdict.get(b"x-request-id") or None
         self.start = start = b"".join(out)
         return start
 
