@@ -19,9 +19,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from interknit import __version__
-from interknit.admin.app import Panels, Tokens, build_app
+from interknit.admin.app import HttpMetrics, Panels, Tokens, build_app
 from interknit.config import Config, ConfigError, ServiceSection, load_config, split_hostport
 from interknit.registry.api import RegistryApi
+from interknit.registry.fastpath import FastApi
 from interknit.registry.metrics import RegistryMetrics, StateCollector
 from interknit.registry.model import Check, Event, Instance, InstanceSpec
 from interknit.registry.registry import Registry, RegistryBackend, Unavailable
@@ -90,6 +91,8 @@ class Node:
         self.panels: Panels = {}
         self.listen: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
+        self._api_server: asyncio.Server | None = None
+        self._api_fast: FastApi | None = None
         self._ready = False
         self._stopping = False
         self._stop_hooks: list[Callable[[], Any]] = []
@@ -155,13 +158,16 @@ class Node:
             raise NodeStartError(str(exc)) from None
         tokens = self.config.registry.tokens
         api = RegistryApi(self.registry, self.registry_metrics)
+        token_check = Tokens(tokens.read, tokens.write)
+        http_metrics = HttpMetrics(self.metrics)
         app = build_app(
             api,
             self.metrics,
-            Tokens(tokens.read, tokens.write),
+            token_check,
             self.info,
             self.panels,
             self.readiness,
+            http_metrics,
         )
         for add in self.route_hooks:
             add(app)
@@ -170,8 +176,12 @@ class Node:
         self._runner = runner
         host, port = split_hostport(self.config.registry.listen)
         sock = bind_tcp(host, port, "the registry API")
-        site = web.SockSite(runner, sock)
-        await site.start()
+        # The hot API requests are answered by the fast path; it hands a connection to the
+        # aiohttp application at the first request it does not answer itself.
+        assert runner.server is not None
+        fast = FastApi(api, runner.server, token_check, http_metrics)
+        self._api_fast = fast
+        self._api_server = await asyncio.get_running_loop().create_server(fast, sock=sock)
         bound = sock.getsockname()
         self.listen["api"] = f"http://{_hostport(host, bound[1])}"
         await self._register_static_services()
@@ -333,6 +343,10 @@ class Node:
             result = hook()
             if asyncio.iscoroutine(result):
                 await result
+        if self._api_server is not None:
+            self._api_server.close()
+        if self._api_fast is not None:
+            await self._api_fast.stop(self.drain_timeout)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.registry.close()

@@ -12,9 +12,10 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from interknit.plainmetrics import Collector, Family
 from interknit.registry.api import WATCHES_KEY, RegistryApi, dumps, error_response
 from interknit.registry.state import RegistryError
 
@@ -41,43 +42,62 @@ class Tokens:
             found |= hmac.compare_digest(token, candidate)
         return found
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.read or self.write)
+
     def check(self, request: web.Request) -> web.Response | None:
-        if request.path in OPEN_PATHS:
+        denied = self.deny(request.path, request.method, request.headers.get("Authorization", ""))
+        return None if denied is None else error_response(*denied)
+
+    def deny(self, path: str, method: str, authorization: str) -> tuple[int, str] | None:
+        """The status and message that refuse this request, or None to let it through."""
+        if path in OPEN_PATHS:
             return None
-        header = request.headers.get("Authorization", "")
+        header = authorization
         token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
-        if request.method in READ_METHODS:
+        if method in READ_METHODS:
             if not self.read or self._known(token, self.read) or self._known(token, self.write):
                 return None
             if not token:
-                return error_response(401, "a read token is required (Authorization: Bearer)")
-            return error_response(401, "the token is not valid")
+                return 401, "a read token is required (Authorization: Bearer)"
+            return 401, "the token is not valid"
         if not self.write:
             return None
         if self._known(token, self.write):
             return None
         if token and self._known(token, self.read):
-            return error_response(403, "a read token cannot write; use a write token")
+            return 403, "a read token cannot write; use a write token"
         if not token:
-            return error_response(401, "a write token is required (Authorization: Bearer)")
-        return error_response(401, "the token is not valid")
+            return 401, "a write token is required (Authorization: Bearer)"
+        return 401, "the token is not valid"
 
 
 class HttpMetrics:
+    """API request counts and latencies, as plain numbers folded into families at scrape time
+    (prometheus-client's children cost a lock and a few calls per request)."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
+        self.requests = Family(
+            "counter",
             "interknit_http_requests",
             "API requests by endpoint, method and status code.",
             ["endpoint", "method", "code"],
-            registry=registry,
         )
-        self.latency = Histogram(
+        self.latency = Family(
+            "histogram",
             "interknit_http_request_duration_seconds",
             "API request latency by endpoint (blocking queries and watches excluded).",
             ["endpoint"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=registry,
         )
+        registry.register(Collector([self.requests, self.latency]))
+
+    def observe(self, endpoint: str, method: str, status: int, seconds: float | None) -> None:
+        """Count one request; ``seconds`` None leaves the latency out (it waited on purpose)."""
+        self.requests.labels(endpoint, method, str(status)).inc()
+        if seconds is not None:
+            self.latency.labels(endpoint).observe(seconds)
 
 
 def _endpoint(request: web.Request) -> str:
@@ -93,8 +113,12 @@ def build_app(
     node_info: Callable[[], dict[str, Any]],
     panels: Panels,
     ready: Callable[[], tuple[bool, str]],
+    http_metrics: HttpMetrics | None = None,
 ) -> web.Application:
-    http_metrics = HttpMetrics(metrics_registry)
+    """The node's application; ``http_metrics`` is shared with the API's fast path, if any."""
+    if http_metrics is None:
+        http_metrics = HttpMetrics(metrics_registry)
+    counted = http_metrics
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -102,7 +126,7 @@ def build_app(
         endpoint = _endpoint(request)
         status = 500
         try:
-            denied = tokens.check(request)
+            denied = tokens.check(request) if tokens.enabled else None
             if denied is not None:
                 status = denied.status
                 return denied
@@ -126,9 +150,11 @@ def build_app(
                 message = f"no such endpoint: {request.path}"
             return error_response(exc.status, message)
         finally:
-            http_metrics.requests.labels(endpoint, request.method, str(status)).inc()
-            if "index" not in request.query and endpoint != "/v1/watch":
-                http_metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            waited = endpoint == "/v1/watch" or (
+                bool(request.query_string) and "index" in request.query
+            )
+            seconds = None if waited else time.perf_counter() - started
+            counted.observe(endpoint, request.method, status, seconds)
 
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[WATCHES_KEY] = set()

@@ -55,7 +55,7 @@ def json_response(registry: RegistryBackend, body: bytes, status: int = 200) -> 
 
 def error_response(status: int, message: str, detail: Any = None) -> web.Response:
     return web.Response(
-        body=dumps({"error": message, "detail": detail}),
+        body=error_body(message, detail),
         status=status,
         content_type="application/json",
     )
@@ -67,13 +67,24 @@ async def read_json(request: web.Request) -> Any:
     if length is not None and length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=length)
     # The application's client_max_size (MAX_BODY) bounds a chunked body as it is read.
-    raw = await request.read()
+    return decode_json(await request.read())
+
+
+def decode_json(raw: bytes) -> Any:
     if not raw.strip():
         raise RegistryError("body: a JSON object is required", [{"field": "body"}])
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RegistryError(f"body: malformed JSON ({exc})", [{"field": "body"}]) from None
+
+
+def deregistered_body(service: str, instance_id: str, revision: int) -> bytes:
+    return dumps({"service": service, "id": instance_id, "revision": revision})
+
+
+def error_body(message: str, detail: Any = None) -> bytes:
+    return dumps({"error": message, "detail": detail})
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -158,13 +169,20 @@ class RegistryApi:
                     gauge.dec()
             else:
                 await registry.wait_for_change(service, index, wait)
+        return json_response(registry, self.lookup_body(service, healthy, tag, index is None))
+
+    def lookup_body(
+        self, service: str, healthy: bool, tag: str | None, must_exist: bool = True
+    ) -> bytes:
+        """A service's instances as the lookup answers them (NotFound for an unknown service
+        unless a blocking query waits for it to appear)."""
+        registry = self.registry
         state = registry.state
-        if not state.has_service(service) and index is None:
+        if must_exist and not state.has_service(service):
             raise NotFound(f"service {service!r} is not registered", {"service": service})
         items = self._instances_json(service, healthy, tag)
         stale = b"true" if registry.stale else b"false"
-        body = b'{"revision":%d,"stale":%s,"instances":%s}' % (state.revision, stale, items)
-        return json_response(registry, body)
+        return b'{"revision":%d,"stale":%s,"instances":%s}' % (state.revision, stale, items)
 
     def _instances_json(self, service: str, healthy: bool, tag: str | None) -> bytes:
         state = self.registry.state
@@ -186,7 +204,7 @@ class RegistryApi:
 
     async def get_instance(self, request: web.Request) -> web.Response:
         inst = self._require(request)
-        return json_response(self.registry, self._instance_body(inst))
+        return json_response(self.registry, self.instance_body(inst))
 
     def _require(self, request: web.Request) -> Instance:
         service = check_name("service", request.match_info["service"])
@@ -199,7 +217,7 @@ class RegistryApi:
             )
         return inst
 
-    def _instance_body(self, inst: Instance, revision: int | None = None) -> bytes:
+    def instance_body(self, inst: Instance, revision: int | None = None) -> bytes:
         """The instance object with the registry's revision after the request."""
         rev = self.registry.state.revision if revision is None else revision
         return b'{"revision":%d,%s' % (rev, inst.json_bytes()[1:])
@@ -211,27 +229,26 @@ class RegistryApi:
         instance_id = check_name("id", request.match_info["id"])
         body: RegisterBody = parse_body(RegisterBody, await read_json(request))
         inst, revision = await self.registry.register(service, instance_id, body.to_spec())
-        return json_response(self.registry, self._instance_body(inst, revision))
+        return json_response(self.registry, self.instance_body(inst, revision))
 
     async def deregister(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
         revision = await self.registry.deregister(service, instance_id)
-        body = {"service": service, "id": instance_id, "revision": revision}
-        return json_response(self.registry, dumps(body))
+        return json_response(self.registry, deregistered_body(service, instance_id, revision))
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
         inst, revision = await self.registry.heartbeat(service, instance_id)
-        return json_response(self.registry, self._instance_body(inst, revision))
+        return json_response(self.registry, self.instance_body(inst, revision))
 
     async def set_health(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
         body: HealthBody = parse_body(HealthBody, await read_json(request))
         inst, revision = await self.registry.set_operator(service, instance_id, body.status)
-        return json_response(self.registry, self._instance_body(inst, revision))
+        return json_response(self.registry, self.instance_body(inst, revision))
 
     # ------------------------------------------------------------------ watch (SSE)
 

@@ -1,0 +1,491 @@
+"""The registry API's socket: the hot requests answered from the parser, the rest handed to
+aiohttp.
+
+Registrations, heartbeats, deregistrations and lookups come thousands a second. Through aiohttp
+each one costs a task, a request object, routing, middleware and a response object, which here
+is more than the registry's own work. This protocol parses with httptools and answers those
+routes itself, with the same handlers' logic (``RegistryApi``), tokens, metrics and error
+bodies as the aiohttp application. Everything else (other paths and methods, query strings,
+blocking queries, watches, chunked or large bodies, ``Expect``, upgrades, malformed requests)
+goes to aiohttp: the connection is handed over at the first byte of that request, and aiohttp
+serves it from then on.
+
+Handing over needs the exact byte where a request starts. The requests this protocol answers
+are framed by ``Content-Length`` alone and their heads end at the first CRLF CRLF (a head with
+a bare LF is handed over instead), so the start of the next request is always known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import httptools
+
+from interknit.admin.app import HttpMetrics, Tokens
+from interknit.registry.api import RegistryApi, decode_json, deregistered_body, error_body
+from interknit.registry.registry import Durable, Registry
+from interknit.registry.schema import MAX_BODY, RegisterBody, check_name, parse_body
+from interknit.registry.state import RegistryError
+
+log = logging.getLogger("interknit.registry")
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+MAX_HEAD = 16 * 1024
+MAX_QUEUED = 16  # parsed requests waiting for their turn before reading pauses
+KEEPALIVE_TIMEOUT = 75.0  # as aiohttp's default: an idle kept-alive connection is closed
+HEAD_TIMEOUT = 30.0  # a request head that takes longer is a slow client: closed
+SWEEP_EVERY = 5.0
+
+_PREFIX = b"/v1/services/"
+_LOOKUP = "/v1/services/{service}"
+_INSTANCE = "/v1/services/{service}/instances/{id}"
+_HEARTBEAT = "/v1/services/{service}/instances/{id}/heartbeat"
+_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden"}
+_REASONS.update({404: b"Not Found", 409: b"Conflict", 500: b"Internal Server Error"})
+_REASONS.update({503: b"Service Unavailable"})
+
+
+class _Request:
+    __slots__ = (
+        "authorization",
+        "body",
+        "endpoint",
+        "handler",
+        "keep_alive",
+        "method",
+        "names",
+        "started",
+    )
+
+    def __init__(
+        self,
+        endpoint: str,
+        method: str,
+        handler: Callable[[FastApi, ApiProtocol, _Request], None],
+        names: tuple[str, ...],
+        authorization: str,
+        started: float,
+    ) -> None:
+        self.endpoint = endpoint
+        self.method = method
+        self.handler = handler
+        self.names = names
+        self.authorization = authorization
+        self.started = started
+        self.body = b""
+        self.keep_alive = True
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    __slots__ = ("line", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.line = b""
+
+    def get(self) -> bytes:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.line = b"Date: %s\r\n" % email.utils.formatdate(now, usegmt=True).encode()
+        return self.line
+
+
+class FastApi:
+    """What every connection shares: the API's logic, the aiohttp server to hand over to, and
+    the open connections (for the idle sweep and a graceful stop)."""
+
+    def __init__(
+        self,
+        api: RegistryApi,
+        handoff: ProtocolFactory,
+        tokens: Tokens,
+        metrics: HttpMetrics,
+    ) -> None:
+        self.api = api
+        self.registry = api.registry
+        # Writes take the fast path on the embedded store, whose writes can be answered from
+        # a callback; on etcd they go through aiohttp.
+        self.writes = isinstance(api.registry, Registry)
+        self.handoff = handoff
+        self.tokens = tokens
+        self.metrics = metrics
+        self.date = _Date()
+        self.connections: set[ApiProtocol] = set()
+        self.stopping = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __call__(self) -> ApiProtocol:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return ApiProtocol(self)
+
+    async def _sweep(self) -> None:
+        # One pass every few seconds instead of a timer per connection re-armed per request.
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now = asyncio.get_running_loop().time()
+            for conn in list(self.connections):
+                conn.sweep(now)
+
+    async def stop(self, timeout: float) -> None:
+        """Close idle connections now and the others once their request is answered."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        while True:
+            for conn in list(self.connections):
+                if conn.idle():
+                    conn.close()
+            if not self.connections or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    # ------------------------------------------------------------------ handlers
+
+    def register(self, conn: ApiProtocol, req: _Request) -> None:
+        assert isinstance(self.registry, Registry)
+        service, instance_id = req.names
+        spec = parse_body(RegisterBody, decode_json(req.body)).to_spec()
+        (inst, revision), durable = self.registry.register_nowait(service, instance_id, spec)
+        conn.answer_after(durable, req, lambda: self.api.instance_body(inst, revision))
+
+    def heartbeat(self, conn: ApiProtocol, req: _Request) -> None:
+        assert isinstance(self.registry, Registry)
+        (inst, revision), durable = self.registry.heartbeat_nowait(*req.names)
+        conn.answer_after(durable, req, lambda: self.api.instance_body(inst, revision))
+
+    def deregister(self, conn: ApiProtocol, req: _Request) -> None:
+        assert isinstance(self.registry, Registry)
+        service, instance_id = req.names
+        revision, durable = self.registry.deregister_nowait(service, instance_id)
+        conn.answer_after(durable, req, lambda: deregistered_body(service, instance_id, revision))
+
+    def lookup(self, conn: ApiProtocol, req: _Request) -> None:
+        conn.respond(req, 200, self.api.lookup_body(req.names[0], False, None))
+
+
+class ApiProtocol(asyncio.Protocol):
+    def __init__(self, server: FastApi) -> None:
+        # Global state
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+
+        # Per-connection state
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        # Every byte from the start of the oldest request not yet answered here; ``start`` is
+        # where the request being parsed begins in it.
+        self.raw = bytearray()
+        self.start = 0
+        self.queue: deque[_Request] = deque()
+        self.busy = False  # a request's answer waits for its commit
+        self.head_end = 0  # where the head of the request being parsed ends in ``raw``
+        self.handoff_at: int | None = None
+        self.closing = False
+        self.paused = False
+        self.last_activity = self.loop.time()
+
+        # Per-request state (the request being parsed)
+        self.parsing: _Request | None = None
+        self.in_head = False
+        self.head_started = 0.0
+        self.url = b""
+        self.head_bytes = 0
+        self.authorization = ""
+        self.content_length: int | None = 0
+        self.framing_ok = True  # no Transfer-Encoding, Expect or Upgrade
+        self.body: list[bytes] = []
+
+    # Protocol interface
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.closing = True
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.raw += data
+        if self.handoff_at is not None:
+            return  # waits, unparsed, for the answers before it
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            # Malformed, an upgrade, or a callback's failure: aiohttp reads that request again
+            # from its first byte and answers it as it answers any other.
+            if self.handoff_at is None:
+                self.handoff_at = self._message_start()
+        if self.handoff_at is not None and not self.queue and not self.busy:
+            self._hand_over()
+        elif self.queue and not self.busy:
+            self._next()
+
+    def eof_received(self) -> bool | None:
+        if self.busy or self.queue:
+            self.closing = True  # answer what was asked, then close
+            return True
+        return None
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_started = self.loop.time()
+        self.url = b""
+        self.head_bytes = 0
+        self.authorization = ""
+        self.content_length = 0
+        self.framing_ok = True
+        self.body = []
+        self.parsing = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        lname = name.lower()
+        if lname == b"authorization":
+            self.authorization = value.decode("latin-1")
+        elif lname == b"content-length":
+            # Larger than a body may be, or said twice: aiohttp answers it.
+            if self.content_length or not value.isdigit() or int(value) > MAX_BODY:
+                self.framing_ok = False
+            else:
+                self.content_length = int(value)
+        elif lname in (b"transfer-encoding", b"expect", b"upgrade"):
+            self.framing_ok = False
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.handoff_at is not None:
+            return
+        req = self._route()
+        if req is None:
+            self.handoff_at = self._message_start()
+            return
+        self.parsing = req
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        req = self.parsing
+        if req is None or self.handoff_at is not None:
+            return
+        self.parsing = None
+        body = b"".join(self.body) if self.body else b""
+        req.body = body
+        # Read here: after this callback httptools no longer knows it.
+        req.keep_alive = self.parser.should_keep_alive()
+        # Where this request ends: its head (which _route found) and its Content-Length body.
+        self.start = self.head_end + len(body)
+        self.queue.append(req)
+        if len(self.queue) > MAX_QUEUED and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # Routing
+
+    def _message_start(self) -> int:
+        # The parser skips empty lines between requests; so does the count of bytes.
+        raw, start = self.raw, self.start
+        while start < len(raw) and raw[start] in b"\r\n":
+            start += 1
+        return start
+
+    def _route(self) -> _Request | None:
+        """The fast request this head asks for, or None to hand the connection to aiohttp."""
+        parser = self.parser
+        url = self.url
+        if (
+            not self.framing_ok
+            or self.head_bytes > MAX_HEAD
+            or not url.startswith(_PREFIX)
+            or b"?" in url
+            or b"%" in url
+            or parser.get_http_version() not in ("1.1", "1.0")
+        ):
+            return None
+        start = self._message_start()
+        head_end = self.raw.find(b"\r\n\r\n", start)
+        if head_end < 0:
+            return None
+        head_end += 4
+        # A bare LF inside the head would make the byte count disagree with the parser.
+        head = bytes(self.raw[start:head_end])
+        if head.count(b"\n") != head.count(b"\r\n"):
+            return None
+        parts = url[len(_PREFIX) :].split(b"/")
+        method = parser.get_method()
+        server = self.server
+        try:
+            names = tuple(part.decode("ascii") for part in parts)
+        except UnicodeDecodeError:
+            return None
+        handler: Callable[[FastApi, ApiProtocol, _Request], None]
+        if len(parts) == 1 and method == b"GET":
+            endpoint, handler = _LOOKUP, FastApi.lookup
+        elif len(parts) == 3 and parts[1] == b"instances" and server.writes:
+            if method == b"PUT":
+                endpoint, handler = _INSTANCE, FastApi.register
+            elif method == b"DELETE":
+                endpoint, handler = _INSTANCE, FastApi.deregister
+            else:
+                return None
+            names = (names[0], names[2])
+        elif (
+            len(parts) == 4
+            and parts[1] == b"instances"
+            and parts[3] == b"heartbeat"
+            and method == b"PUT"
+            and server.writes
+        ):
+            endpoint, handler = _HEARTBEAT, FastApi.heartbeat
+            names = (names[0], names[2])
+        else:
+            return None
+        self.head_end = head_end
+        return _Request(
+            endpoint, method.decode(), handler, names, self.authorization, self.loop.time()
+        )
+
+    # Answering
+
+    def _next(self) -> None:
+        """Answer queued requests in order until one has to wait for its commit."""
+        server = self.server
+        while self.queue and not self.busy and not self.closing:
+            req = self.queue.popleft()
+            denied = None
+            if server.tokens.enabled:
+                path = self._path_of(req)
+                denied = server.tokens.deny(path, req.method, req.authorization)
+            if denied is not None:
+                self.respond(req, denied[0], error_body(denied[1]))
+                continue
+            try:
+                if req.endpoint != _LOOKUP:
+                    for field, name in zip(("service", "id"), req.names, strict=False):
+                        check_name(field, name)
+                else:
+                    check_name("service", req.names[0])
+                req.handler(server, self, req)
+            except RegistryError as exc:
+                self.respond(req, exc.status, error_body(exc.message, exc.detail))
+            except Exception:
+                log.exception("registry API request failed")
+                self.respond(req, 500, error_body("internal error"))
+        if self.paused and len(self.queue) <= MAX_QUEUED // 2 and not self.closing:
+            self.paused = False
+            self.transport.resume_reading()
+        if not self.queue and not self.busy:
+            self._settled()
+
+    def _settled(self) -> None:
+        """Nothing is waiting to be answered: drop answered bytes, hand over, or close."""
+        if self.handoff_at is not None:
+            self._hand_over()
+            return
+        if self.start and self.parsing is None and not self.in_head:
+            del self.raw[: self.start]
+            self.start = 0
+        if self.closing or (self.server.stopping and not self.in_head):
+            self.close()
+
+    def _path_of(self, req: _Request) -> str:
+        if req.endpoint == _LOOKUP:
+            return f"/v1/services/{req.names[0]}"
+        path = f"/v1/services/{req.names[0]}/instances/{req.names[1]}"
+        return path + "/heartbeat" if req.endpoint == _HEARTBEAT else path
+
+    def answer_after(self, durable: Durable, req: _Request, body: Callable[[], bytes]) -> None:
+        if durable is None:
+            self.respond(req, 200, body())
+            return
+        self.busy = True
+
+        def done(fut: asyncio.Future[None]) -> None:
+            self.busy = False
+            exc = fut.exception()
+            if exc is None:
+                self.respond(req, 200, body())
+            elif isinstance(exc, RegistryError):
+                self.respond(req, exc.status, error_body(exc.message, exc.detail))
+            else:
+                self.respond(req, 500, error_body("internal error"))
+            self._next()
+
+        durable.add_done_callback(done)
+
+    def respond(self, req: _Request, status: int, body: bytes) -> None:
+        server = self.server
+        registry = server.registry
+        close = not req.keep_alive or self.closing or server.stopping
+        head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
+        extra = b"X-Interknit-Revision: %d\r\n" % registry.state.revision if status == 200 else b""
+        if registry.stale and status == 200:
+            extra += b"X-Interknit-Stale: 1\r\n"
+        if close:
+            extra += b"Connection: close\r\n"
+        self.transport.write(
+            b"%sContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n%s%s"
+            b"\r\n%s" % (head, len(body), server.date.get(), extra, body)
+        )
+        server.metrics.observe(req.endpoint, req.method, status, self.loop.time() - req.started)
+        if close:
+            self.closing = True
+            self.queue.clear()
+
+    # Handing over and closing
+
+    def _hand_over(self) -> None:
+        assert self.handoff_at is not None
+        rest = bytes(self.raw[self.handoff_at :])
+        self.raw = bytearray()
+        self.server.connections.discard(self)
+        transport = self.transport
+        protocol = self.server.handoff()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.paused:
+            transport.resume_reading()
+        if rest:
+            protocol.data_received(rest)
+
+    def idle(self) -> bool:
+        return not self.busy and not self.queue and not self.in_head
+
+    def sweep(self, now: float) -> None:
+        # A head trickling in byte by byte is timed from its start, not from its last byte.
+        slow = self.in_head and now - self.head_started > HEAD_TIMEOUT
+        if slow or (self.idle() and now - self.last_activity > KEEPALIVE_TIMEOUT):
+            self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        self.queue.clear()
+        self.server.connections.discard(self)
+        self.transport.close()
