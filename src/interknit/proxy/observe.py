@@ -28,9 +28,8 @@ from prometheus_client.metrics_core import (
 access_log = logging.getLogger("interknit.access")
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_BUCKETS = BUCKETS
 # As prometheus-client writes ``le`` (its floatToGoString gives str() for bounds like these).
-_BUCKET_LABELS = (*(str(b) for b in _BUCKETS), "+Inf")
+_BUCKET_LABELS = (*(str(b) for b in BUCKETS), "+Inf")
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
@@ -61,13 +60,13 @@ class _Histogram:
     __slots__ = ("counts", "created", "sum")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(_BUCKETS) + 1)
+        self.counts = [0] * (len(BUCKETS) + 1)
         self.sum = 0.0
         self.created = time.time()
 
     def observe(self, amount: float) -> None:
         # The first bound >= amount: Prometheus buckets are "less than or equal".
-        self.counts[bisect_left(_BUCKETS, amount)] += 1
+        self.counts[bisect_left(BUCKETS, amount)] += 1
         self.sum += amount
 
 

@@ -105,7 +105,7 @@ class RequestIds:
         if not ready:
             prefix = self._prefix
             start = next(self._counter)
-            # One counter step per batch: the ids of a batch are start*BATCH + 0..BATCH-1.
+            # One counter step per batch: batch k (from 1) holds (k-1)*BATCH+1 .. k*BATCH.
             first = (start - 1) * self.BATCH + 1
             ready += [b"%s-%x" % (prefix, n) for n in range(first + self.BATCH - 1, first - 1, -1)]
         return ready.pop()
