@@ -887,9 +887,10 @@ class Exchange:
                 ids = proto.listener.request_ids
                 ready = ids.ready  # ids.next(), its usual case inlined
                 self.request_id = request_id = ready.pop() if ready else ids.next()
-                return b"%s%s%s%s\r\n\r\n" % (start, proto.client_ip, cached.middle, request_id)
-            self.request_id = request_id
-            return start + proto.client_ip + cached.middle + request_id + b"\r\n\r\n"
+            else:
+                self.request_id = request_id
+            # (join is the quickest way to put five pieces together; % formatting the slowest)
+            return b"".join((start, proto.client_ip, cached.middle, request_id, b"\r\n\r\n"))
         out = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         override = self.forward_timeout
         for name, value in self.headers:
