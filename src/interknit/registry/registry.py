@@ -1,10 +1,10 @@
 """The registry's IO shell: serialises writes, makes them durable, runs lease timers, wakes
 watchers.
 
-Every write is a small function over ``RegistryState``. Writes queue up; one writer task applies
-all queued writes to the state, commits their events to the store in one transaction on the
-store's own thread, and only then answers the callers and wakes watchers. Reads go to the
-in-memory state and never wait for the disk.
+Every write is a small function over ``RegistryState``, applied on the event loop as it comes.
+Its events queue for the store's thread (``committer.py``), which commits everything queued
+since its last commit in one transaction; only then are the writes answered and the watchers
+woken. Reads go to the in-memory state and never wait for the disk.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+from interknit.registry.committer import Committer, Pending
 from interknit.registry.fanout import Fanout, Listener, ResyncListener
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import CheckStatus, Event, Instance, InstanceSpec
 from interknit.registry.state import DEFAULT_HISTORY, RegistryError, RegistryState
-from interknit.registry.store import Batch, Store, StoreError
+from interknit.registry.store import Store, StoreError
 
 log = logging.getLogger("interknit.registry")
 
@@ -99,14 +100,14 @@ class Registry:
         self._store = store
         self._clock = clock
         self._metrics = metrics
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="interknit-store")
-        # Events applied to the state but not yet handed to the store, and the writes waiting
-        # for them (or, with no events, for the commit in flight) to reach the disk.
-        self._queued: list[Event] = []
-        self._waiters: list[asyncio.Future[None]] = []
-        self._committing = False
+        # Loading and closing the store; commits run on the committer's own thread.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="interknit-store-io")
+        self._committer: Committer | None = None
+        # Writes queued for the disk and not yet answered: while there are any, a write that
+        # changes nothing waits for them too.
+        self._unanswered = 0
+        self._reloading = False
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._fanout = Fanout(metrics)
         self._timer_wake: asyncio.Event | None = None
@@ -124,12 +125,10 @@ class Registry:
         loop = self._loop = asyncio.get_running_loop()
         snapshot = await loop.run_in_executor(self._executor, self._store.load)
         self.state.restore(snapshot.instances, snapshot.revision, self._clock())
-        self._wake = asyncio.Event()
+        self._committer = Committer(self._store, loop, self._committed)
+        self._committer.start()
         self._timer_wake = asyncio.Event()
-        self._tasks = [
-            asyncio.create_task(self._writer(), name="registry-writer"),
-            asyncio.create_task(self._timers(), name="registry-timers"),
-        ]
+        self._tasks = [asyncio.create_task(self._timers(), name="registry-timers")]
         log.info(
             "registry loaded",
             extra={
@@ -144,18 +143,20 @@ class Registry:
         if self._closed:
             return
         self._closed = True
-        # Let the writer drain what is queued before it is cancelled.
-        for _ in range(100):
-            if not self._queued and not self._waiters and not self._committing:
-                break
-            await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._fanout.wake_waiters()
         loop = asyncio.get_running_loop()
+        if self._committer is not None:
+            # Commits what is queued; the answers arrive as callbacks on this loop.
+            await loop.run_in_executor(self._executor, self._committer.stop)
+            for _ in range(100):
+                if not self._unanswered:
+                    break
+                await asyncio.sleep(0.01)
+        self._fanout.wake_waiters()
         await loop.run_in_executor(self._executor, self._store.close)
         self._executor.shutdown(wait=True)
 
@@ -243,80 +244,63 @@ class Registry:
         """Apply ``op`` to the state now; return its result and the future of the commit that
         makes it durable. A write that changed nothing still waits for the commits before it:
         it may repeat a write that is not on the disk yet, and must not be answered first."""
-        if self._closed or self._wake is None:
+        committer = self._committer
+        if self._closed or committer is None:
             raise Unavailable("the registry is shutting down")
+        if self._reloading:
+            raise Unavailable("the registry is reloading its store after a failed commit")
         # A RegistryError raised here has changed nothing: the state checks before it writes.
         result, events = op(self._clock())
-        if events:
-            self._queued.extend(events)
-            self._wake.set()
-        elif not self._queued and not self._committing:
+        if not events and not self._unanswered:
             return result, None
         fut: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append(fut)
+        self._unanswered += 1
+        committer.add(events, fut)
         return result, fut
 
-    async def _writer(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queued or self._waiters:
-                events, self._queued = self._queued, []
-                waiters, self._waiters = self._waiters, []
-                self._committing = True
-                try:
-                    await self._commit(loop, events, waiters)
-                finally:
-                    self._committing = False
-
-    async def _commit(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        events: list[Event],
-        waiters: list[asyncio.Future[None]],
-    ) -> None:
-        if events:
-            # Events after these are already applied to the state: the batch's revision is
-            # its last event's, not the state's.
-            batch = Batch.of(events, events[-1].revision)
-            try:
-                await loop.run_in_executor(self._executor, self._store.commit, batch)
-            except Exception as exc:
-                # A StoreError is the disk saying no; anything else is a bug, but it must not
-                # kill the writer and leave every later write waiting forever.
-                log.error(
-                    "store commit failed",
-                    extra={"event": "store.error", "error": str(exc)},
-                    exc_info=not isinstance(exc, StoreError),
-                )
-                # Writes applied after this batch rest on it: they fail with it.
-                queued, self._queued = self._queued, []
-                later, self._waiters = self._waiters, []
-                await self._reload(loop)
-                failure = Unavailable(f"the store could not take the write: {exc}")
-                for fut in (*waiters, *later):
-                    if not fut.done():
-                        fut.set_exception(failure)
-                del queued
-                return
-            if self._metrics is not None:
-                self._metrics.commits.inc()
-                self._metrics.committed_events.inc(len(events))
-            self._publish(events)
-        for fut in waiters:
+    def _committed(self, pending: Pending, error: BaseException | None) -> None:
+        """A batch came back from the committer (on the event loop)."""
+        self._unanswered -= len(pending.waiters)
+        if error is None:
+            if pending.events:
+                if self._metrics is not None:
+                    self._metrics.commits.inc()
+                    self._metrics.committed_events.inc(len(pending.events))
+                self._publish(pending.events)
+            for fut in pending.waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            return
+        log.error(
+            "store commit failed",
+            extra={"event": "store.error", "error": str(error)},
+            exc_info=(type(error), error, error.__traceback__)
+            if not isinstance(error, StoreError)
+            else None,
+        )
+        # Writes queued behind this batch rest on it: they fail with it, and no write is
+        # taken until memory matches the store again.
+        assert self._committer is not None
+        later = self._committer.drop()
+        self._unanswered -= len(later.waiters)
+        failure = Unavailable(f"the store could not take the write: {error}")
+        for fut in (*pending.waiters, *later.waiters):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_exception(failure)
+        self._reloading = True
+        self._tasks.append(self._loop.create_task(self._reload(), name="registry-reload"))
 
-    async def _reload(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _reload(self) -> None:
         """Undo in memory what the store refused, so memory never runs ahead of the disk."""
         try:
-            snapshot = await loop.run_in_executor(self._executor, self._store.load)
+            snapshot = await self._loop.run_in_executor(self._executor, self._store.load)
         except StoreError:
-            log.exception("store reload failed")
+            log.exception("store reload failed; writes stay refused")
             return
         self.state.restore(snapshot.instances, snapshot.revision, self._clock())
+        self._reloading = False
+        assert self._committer is not None
+        self._committer.resume()
         self._fanout.resynced()
 
     def _publish(self, events: list[Event]) -> None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from interknit.registry.model import Event, Instance
+from interknit.registry.model import Instance
 
 
 class StoreError(Exception):
@@ -33,27 +32,12 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """The rows of one commit, prepared on the event loop: the store's thread then runs almost
-    no Python, so it does not wrestle the event loop for the GIL between SQLite calls."""
+    """The rows of one commit (the last word per instance), their records encoded on the event
+    loop: the store's thread then runs little Python between SQLite calls."""
 
     upserts: list[tuple[str, str, bytes]]
     deletes: list[tuple[str, str]]
     revision: int
-
-    @classmethod
-    def of(cls, events: Sequence[Event], revision: int) -> Batch:
-        # Only the last event per instance matters for the rows.
-        last: dict[tuple[str, str], Event] = {}
-        for event in events:
-            last[event.instance.key] = event
-        upserts = []
-        deletes = []
-        for key, event in last.items():
-            if event.type == "put":
-                upserts.append((key[0], key[1], event.instance.to_record()))
-            else:
-                deletes.append(key)
-        return cls(upserts, deletes, revision)
 
 
 class Store(Protocol):

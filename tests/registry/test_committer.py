@@ -1,0 +1,124 @@
+"""The registry's write path against a real SQLite store whose disk can be made to say no:
+group commit, writes that change nothing, a failed commit and the recovery after it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from interknit.registry.model import InstanceSpec
+from interknit.registry.registry import Registry, Unavailable
+from interknit.registry.store import Batch, SqliteStore, StoreError
+
+SPEC = InstanceSpec(address="10.0.0.1", port=80)
+
+
+class Disk(SqliteStore):
+    """The real store, with a gate that holds commits and a switch that makes them fail."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+        self.commits: list[Batch] = []
+
+    def commit(self, batch: Batch) -> None:
+        self.gate.wait(10)
+        if self.fail:
+            raise StoreError("disk full")
+        super().commit(batch)
+        self.commits.append(batch)
+
+
+async def started(path: Path) -> tuple[Registry, Disk]:
+    disk = Disk(path)
+    registry = Registry(disk)
+    await registry.start()
+    return registry, disk
+
+
+async def test_writes_queued_during_a_commit_share_the_next_one(tmp_path: Path) -> None:
+    registry, disk = await started(tmp_path)
+    disk.gate.clear()
+    first = asyncio.create_task(registry.register("api", "a", SPEC))
+    await asyncio.sleep(0.05)  # the committer now holds "a" at the gate
+    rest = [asyncio.create_task(registry.register("api", f"b{n}", SPEC)) for n in range(10)]
+    await asyncio.sleep(0.05)
+    assert not first.done()
+    disk.gate.set()
+    await asyncio.gather(first, *rest)
+    assert [len(b.upserts) for b in disk.commits] == [1, 10]
+    await registry.close()
+
+
+async def test_a_write_that_changes_nothing_waits_for_the_commit_it_repeats(
+    tmp_path: Path,
+) -> None:
+    registry, disk = await started(tmp_path)
+    disk.gate.clear()
+    original = asyncio.create_task(registry.register("api", "a", SPEC))
+    await asyncio.sleep(0.05)
+    repeat = asyncio.create_task(registry.register("api", "a", SPEC))
+    await asyncio.sleep(0.05)
+    assert not repeat.done()  # answering it now would acknowledge what is not on the disk
+    disk.gate.set()
+    (_, rev1), (_, rev2) = await asyncio.gather(original, repeat)
+    assert rev1 == rev2
+    # With nothing in flight, the same registration is answered at once and writes nothing.
+    await registry.register("api", "a", SPEC)
+    assert len(disk.commits) == 1
+    await registry.close()
+
+
+async def test_a_failed_commit_fails_its_writes_and_those_behind_it_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    registry, disk = await started(tmp_path)
+    await registry.register("api", "kept", SPEC)
+    resyncs: list[int] = []
+    registry.subscribe(lambda events: None, lambda: resyncs.append(registry.state.revision))
+    revision = registry.state.revision
+    disk.gate.clear()
+    disk.fail = True
+    doomed = asyncio.create_task(registry.register("api", "lost", SPEC))
+    await asyncio.sleep(0.05)
+    behind = asyncio.create_task(registry.deregister("api", "kept"))
+    await asyncio.sleep(0.05)
+    disk.gate.set()
+    for task in (doomed, behind):
+        with pytest.raises(Unavailable, match="disk full"):
+            await task
+    for _ in range(100):
+        if resyncs:
+            break
+        await asyncio.sleep(0.01)
+    # Memory went back to what the disk holds; consumers were told to rebuild.
+    assert resyncs == [revision]
+    assert registry.state.get("api", "lost") is None
+    assert registry.state.get("api", "kept") is not None
+    disk.fail = False
+    _, rev = await registry.register("api", "later", SPEC)
+    assert rev == revision + 1
+    await registry.close()
+    reopened, _ = await started(tmp_path)
+    assert {i.id for i in reopened.state.instances("api")} == {"kept", "later"}
+    await reopened.close()
+
+
+async def test_close_commits_and_answers_what_is_queued(tmp_path: Path) -> None:
+    registry, disk = await started(tmp_path)
+    disk.gate.clear()
+    writes = [asyncio.create_task(registry.register("api", f"i{n}", SPEC)) for n in range(20)]
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(registry.close())
+    await asyncio.sleep(0.05)
+    disk.gate.set()
+    await closing
+    assert all(task.done() and task.exception() is None for task in writes)
+    reopened, _ = await started(tmp_path)
+    assert len(reopened.state.instances("api")) == 20
+    await reopened.close()
