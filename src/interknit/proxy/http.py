@@ -1400,6 +1400,48 @@ _REQUESTS: dict[bytes, CachedRequest] = {}
 
 
 class HttpProxyProtocol(asyncio.Protocol):
+    # Slots: one per open connection, and read on every request; a dict of this many keys
+    # would not share them, and would cost both memory and lookups.
+    __slots__ = (
+        "active",
+        "at_rest",
+        "batch",
+        "broken",
+        "cache_limit",
+        "client_ip",
+        "closed",
+        "eof_from_client",
+        "eof_from_upstream",
+        "exchange_timer",
+        "exchange_timer_when",
+        "flow",
+        "hdict",
+        "head_bytes",
+        "headers",
+        "hosts",
+        "in_head",
+        "last_head",
+        "listed",
+        "listener",
+        "loop",
+        "max_header_bytes",
+        "parser",
+        "parsing",
+        "pending_error",
+        "pipeline",
+        "rejected",
+        "starting",
+        "timer",
+        "timer_at",
+        "transport",
+        "tunnel",
+        "upgrading",
+        "url",
+        "wait",
+        "wait_until",
+        "write_paused",
+    )
+
     def __init__(self, listener: HttpListener) -> None:
         # Global state
         self.listener = listener

@@ -52,6 +52,28 @@ class ResponseSink(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "at_boundary",
+        "closed",
+        "head_only",
+        "headers",
+        "idle",
+        "idle_handle",
+        "idle_handle_at",
+        "idle_since",
+        "key",
+        "last_activity",
+        "parser",
+        "pool",
+        "read_paused",
+        "received",
+        "reused",
+        "sink",
+        "status",
+        "transport",
+        "tunnel",
+    )
+
     def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
         # Global state
         self.pool = pool
