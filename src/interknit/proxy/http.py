@@ -222,7 +222,8 @@ class Exchange:
         self.pool: PoolLike | None = None
         self.endpoint: Endpoint | None = None
         self.next_endpoint: Endpoint | None = None
-        self.tried: list[Endpoint] = []
+        # Endpoints tried already; a tuple, so that the usual single try allocates nothing.
+        self.tried: tuple[Endpoint, ...] = ()
         self.retries = 0
         self.retry_slot = False
         self.last_error: tuple[int, str] = (502, "upstream-failed")
@@ -457,7 +458,7 @@ class Exchange:
                 # Demand control learns from upstream overload (502-504) as from failures.
                 return not self.reason and self.status not in RETRYABLE_STATUSES
             status, reason, retry = outcome
-            self.tried.append(endpoint)
+            self.tried = (*self.tried, endpoint)
             self.last_error = (status, reason)
             if retry == _RETRY_APPROVED or (retry == _RETRY_MAYBE and self.may_retry()):
                 self.retries += 1
@@ -491,7 +492,7 @@ class Exchange:
         return permit
 
     def pick(
-        self, pool: PoolLike, hash_key: bytes | None, exclude: list[Endpoint]
+        self, pool: PoolLike, hash_key: bytes | None, exclude: Sequence[Endpoint]
     ) -> Endpoint | None:
         """An endpoint, honouring the route's sticky cookie; notes the Set-Cookie to send."""
         state = self.state
