@@ -61,22 +61,13 @@ def error_response(status: int, message: str, detail: Any = None) -> web.Respons
     )
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, refusing more than MAX_BODY bytes before reading them."""
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, refusing more than MAX_BODY bytes before reading them."""
     length = request.content_length
     if length is not None and length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=length)
     # The application's client_max_size (MAX_BODY) bounds a chunked body as it is read.
-    return decode_json(await request.read())
-
-
-def decode_json(raw: bytes) -> Any:
-    if not raw.strip():
-        raise RegistryError("body: a JSON object is required", [{"field": "body"}])
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"body: malformed JSON ({exc})", [{"field": "body"}]) from None
+    return await request.read()
 
 
 def deregistered_body(service: str, instance_id: str, revision: int) -> bytes:
@@ -227,7 +218,7 @@ class RegistryApi:
     async def register(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
-        body: RegisterBody = parse_body(RegisterBody, await read_json(request))
+        body: RegisterBody = parse_body(RegisterBody, await read_body(request))
         inst, revision = await self.registry.register(service, instance_id, body.to_spec())
         return json_response(self.registry, self.instance_body(inst, revision))
 
@@ -246,7 +237,7 @@ class RegistryApi:
     async def set_health(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
-        body: HealthBody = parse_body(HealthBody, await read_json(request))
+        body: HealthBody = parse_body(HealthBody, await read_body(request))
         inst, revision = await self.registry.set_operator(service, instance_id, body.status)
         return json_response(self.registry, self.instance_body(inst, revision))
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import httptools
 
 from interknit.admin.app import HttpMetrics, Tokens
-from interknit.registry.api import RegistryApi, decode_json, deregistered_body, error_body
+from interknit.registry.api import RegistryApi, deregistered_body, error_body
 from interknit.registry.registry import Durable, Registry
 from interknit.registry.schema import MAX_BODY, RegisterBody, check_name, parse_body
 from interknit.registry.state import RegistryError
@@ -161,7 +161,7 @@ class FastApi:
     def register(self, conn: ApiProtocol, req: _Request) -> None:
         assert isinstance(self.registry, Registry)
         service, instance_id = req.names
-        spec = parse_body(RegisterBody, decode_json(req.body)).to_spec()
+        spec = parse_body(RegisterBody, req.body).to_spec()
         (inst, revision), durable = self.registry.register_nowait(service, instance_id, spec)
         conn.answer_after(durable, req, lambda: self.api.instance_body(inst, revision))
 

@@ -177,16 +177,21 @@ def validation_error(exc: ValidationError) -> RegistryError:
         message = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "is not a known field"
+        elif err["type"] == "json_invalid":
+            message = f"malformed JSON ({message.removeprefix('Invalid JSON: ')})"
+        elif err["type"] == "model_type" and not loc:
+            message = "must be a JSON object"
         details.append({"field": path, "message": message})
     first = details[0]
     return RegistryError(f"{first['field']}: {first['message']}", details)
 
 
-def parse_body(model: type[BaseModel], data: Any) -> Any:
-    if not isinstance(data, dict):
-        raise RegistryError("body: must be a JSON object", [{"field": "body"}])
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+    """A request body (JSON bytes) as ``model``; pydantic parses and validates in one pass."""
+    if not raw.strip():
+        raise RegistryError("body: a JSON object is required", [{"field": "body"}])
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(exc) from None
 
