@@ -207,9 +207,11 @@ class Exchange:
         self.upgrade: bytes | None = None
         self.tunnel_prefix = b""
         self.body_seen = False
-        self.buffer: list[bytes] = []
+        # Body chunks held (buffer) and kept for a retry (replay, None once too big to keep):
+        # an empty tuple until the first chunk, so that a bodiless request allocates no lists.
+        self.buffer: list[bytes] | tuple[()] = ()
         self.buffered = 0
-        self.replay: list[bytes] | None = []
+        self.replay: list[bytes] | tuple[()] | None = ()
         self.replayed = 0
         self.bytes_in = 0
         self.client_activity = now
@@ -823,14 +825,12 @@ class Exchange:
             data = head  # the usual case: a bodiless request, or its body still to come
         else:
             parts = [head]
-            pending = self.buffer
-            if self.replay:
-                pending = self.replay + pending
+            pending = [*self.replay, *self.buffer] if self.replay else self.buffer
             for data in pending:
                 parts.append(chunk(data) if framed else data)
             if self.buffer:
                 self.record_sent(self.buffer)
-                self.buffer = []
+                self.buffer = ()
                 self.buffered = 0
             if self.request_done and framed:
                 parts.append(LAST_CHUNK)
@@ -851,10 +851,12 @@ class Exchange:
     def mark_client_activity(self) -> None:
         self.client_activity = self.proto.loop.time()
 
-    def record_sent(self, chunks: list[bytes]) -> None:
+    def record_sent(self, chunks: Sequence[bytes]) -> None:
         replay = self.replay
         if replay is None:
             return
+        if not isinstance(replay, list):
+            replay = self.replay = []
         for data in chunks:
             self.replayed += len(data)
             if self.replayed > REPLAY_LIMIT:
@@ -1006,15 +1008,22 @@ class Exchange:
         conn = self.conn
         if self.sending and conn is not None:
             conn.write(chunk(data) if self.chunked_in else data)
-            if self.replay is not None:
+            replay = self.replay
+            if replay is not None:
                 self.replayed += len(data)
                 if self.replayed > REPLAY_LIMIT:
                     self.replay = None
+                elif isinstance(replay, list):
+                    replay.append(data)
                 else:
-                    self.replay.append(data)
+                    self.replay = [data]
             self.client_activity = self.proto.loop.time()
         else:
-            self.buffer.append(data)
+            buffer = self.buffer
+            if isinstance(buffer, list):
+                buffer.append(data)
+            else:
+                self.buffer = [data]
             self.buffered += len(data)
             if self.buffered > BUFFER_HIGH:
                 self.proto.flow.pause_reading(WAITING)

@@ -63,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "key",
         "last_activity",
+        "loop",
         "parser",
         "pool",
         "read_paused",
@@ -77,6 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
         # Global state
         self.pool = pool
+        self.loop = pool.loop
         self.key = key
         # Per-connection state
         self.transport: asyncio.Transport | None = None
@@ -135,7 +137,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.received = True
-        self.last_activity = self.pool.loop.time()
+        self.last_activity = self.loop.time()
         if self.at_boundary and not self.head_only:
             # The fast path: one whole simple response in this read (see wire.simple_head)
             # goes to the exchange in one call; the parser never sees it and stays where it
