@@ -6,6 +6,7 @@ Each rejection names the field it is about, in the words of the API (``check.int
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Annotated, Any
@@ -98,25 +99,46 @@ class CheckBody(BaseModel):
         return self
 
     def to_check(self) -> Check:
-        def dur(raw: str | None, default: float | None) -> float | None:
-            return default if raw is None else parse_duration(raw)
-
-        if self.ttl is not None:
-            # interval, timeout, rise and fall mean nothing to a TTL check and are not kept:
-            # holding them here would make the same registration differ after a restart.
-            return Check(
-                ttl=parse_duration(self.ttl),
-                deregister_after=dur(self.deregister_after, None),
-            )
-        return Check(
-            http=self.http,
-            tcp=bool(self.tcp),
-            interval=dur(self.interval, 2.0) or 2.0,
-            timeout=dur(self.timeout, 1.0) or 1.0,
-            rise=self.rise or 2,
-            fall=self.fall or 3,
-            deregister_after=dur(self.deregister_after, None),
+        # Nearly every registration of a service spells the same check: build each once.
+        return _check(
+            self.http,
+            self.tcp,
+            self.ttl,
+            self.interval,
+            self.timeout,
+            self.rise,
+            self.fall,
+            self.deregister_after,
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _check(
+    http: str | None,
+    tcp: bool | None,
+    ttl: str | None,
+    interval: str | None,
+    timeout: str | None,
+    rise: int | None,
+    fall: int | None,
+    deregister_after: str | None,
+) -> Check:
+    def dur(raw: str | None, default: float | None) -> float | None:
+        return default if raw is None else parse_duration(raw)
+
+    if ttl is not None:
+        # interval, timeout, rise and fall mean nothing to a TTL check and are not kept:
+        # holding them here would make the same registration differ after a restart.
+        return Check(ttl=parse_duration(ttl), deregister_after=dur(deregister_after, None))
+    return Check(
+        http=http,
+        tcp=bool(tcp),
+        interval=dur(interval, 2.0) or 2.0,
+        timeout=dur(timeout, 1.0) or 1.0,
+        rise=rise or 2,
+        fall=fall or 3,
+        deregister_after=dur(deregister_after, None),
+    )
 
 
 class RegisterBody(BaseModel):
