@@ -335,8 +335,7 @@ class ApiProtocol(asyncio.Protocol):
             return None
         head_end += 4
         # A bare LF inside the head would make the byte count disagree with the parser.
-        head = bytes(self.raw[start:head_end])
-        if head.count(b"\n") != head.count(b"\r\n"):
+        if self.raw.count(b"\n", start, head_end) != self.raw.count(b"\r\n", start, head_end):
             return None
         parts = url[len(_PREFIX) :].split(b"/")
         method = parser.get_method()
