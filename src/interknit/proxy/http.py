@@ -647,7 +647,7 @@ class Exchange:
             batch = proto.batch
             queued = batch.pending
             if not queued:
-                proto.loop.call_soon(batch.flush)
+                proto.loop.call_soon(batch.next_turn)
             queued.append((transport, head))
         self.sending = True
         self.client_activity = now
@@ -840,7 +840,7 @@ class Exchange:
             batch = proto.batch
             queued = batch.pending
             if not queued:
-                proto.loop.call_soon(batch.flush)
+                proto.loop.call_soon(batch.next_turn)
             queued.append((transport, data))
         self.sending = True
         self.client_activity = now
@@ -1164,7 +1164,7 @@ class Exchange:
             batch = proto.batch
             pending = batch.pending
             if not pending:
-                proto.loop.call_soon(batch.flush)
+                proto.loop.call_soon(batch.next_turn)
             pending.append((proto.transport, data))
         self.conn = None
         now = conn.last_activity  # this loop turn's time, read as the response came
