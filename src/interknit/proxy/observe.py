@@ -2,7 +2,7 @@
 
 A prometheus-client child takes a lock and a few calls per ``inc`` or ``observe``, which is a
 fair share of a proxied request. So the proxy's families keep their children as bare numbers
-(``_Value``, ``_Histogram``), resolved once per (listener, route) and (listener, route,
+(``plainmetrics``), resolved once per (listener, route) and (listener, route,
 endpoint), and one collector turns them into the same families (names, labels, buckets,
 ``_created``) when the registry is scraped. Everything runs on the proxy's event loop; a
 scrape from another thread reads numbers that at worst miss a request in flight.
@@ -11,125 +11,18 @@ scrape from another thread reads numbers that at worst miss a request in flight.
 from __future__ import annotations
 
 import logging
-import time
 import weakref
-from bisect import bisect_left
-from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+
+from interknit.plainmetrics import DEFAULT_BUCKETS, Collector, Family
 
 access_log = logging.getLogger("interknit.access")
 
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# As prometheus-client writes ``le`` (its floatToGoString gives str() for bounds like these).
-_BUCKET_LABELS = (*(str(b) for b in BUCKETS), "+Inf")
+# The proxy's hot path does what Histogram.observe does inline (``http.Exchange.finish``).
+BUCKETS = DEFAULT_BUCKETS
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-
-
-class _Value:
-    """A counter's or a gauge's child: one number."""
-
-    __slots__ = ("created", "value")
-
-    def __init__(self) -> None:
-        self.value = 0.0
-        self.created = time.time()
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.value -= amount
-
-    def set(self, value: float) -> None:
-        self.value = value
-
-
-class _Histogram:
-    """A histogram's child: a count per bucket (not cumulative; the last is +Inf) and a sum.
-
-    The proxy's hot path does what ``observe`` does inline (``http.Exchange.finish``)."""
-
-    __slots__ = ("counts", "created", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.sum = 0.0
-        self.created = time.time()
-
-    def observe(self, amount: float) -> None:
-        # The first bound >= amount: Prometheus buckets are "less than or equal".
-        self.counts[bisect_left(BUCKETS, amount)] += 1
-        self.sum += amount
-
-
-class _Family:
-    """One metric family: its children by label values, made on first use."""
-
-    __slots__ = ("children", "doc", "kind", "labelnames", "name")
-
-    def __init__(self, kind: str, name: str, doc: str, labelnames: list[str]) -> None:
-        self.kind = kind
-        self.name = name
-        self.doc = doc
-        self.labelnames = labelnames
-        self.children: dict[tuple[str, ...], Any] = {}
-
-    def labels(self, *values: str) -> Any:
-        child = self.children.get(values)
-        if child is None:
-            child = _Histogram() if self.kind == "histogram" else _Value()
-            self.children[values] = child
-        return child
-
-    def empty(self) -> Metric:
-        if self.kind == "counter":
-            return CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
-        if self.kind == "gauge":
-            return GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
-        return HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
-
-    def collect(self) -> Metric:
-        family = self.empty()
-        # list() copies in one step under the GIL, so a child added meanwhile is no error.
-        for values, child in list(self.children.items()):
-            if isinstance(family, CounterMetricFamily):
-                family.add_metric(values, child.value, created=child.created)
-            elif isinstance(family, GaugeMetricFamily):
-                family.add_metric(values, child.value)
-            elif isinstance(family, HistogramMetricFamily):
-                buckets = []
-                total = 0
-                for label, count in zip(_BUCKET_LABELS, list(child.counts), strict=True):
-                    total += count
-                    buckets.append((label, float(total)))
-                family.add_metric(values, buckets, child.sum)
-                family.add_sample(
-                    self.name + "_created",
-                    dict(zip(self.labelnames, values, strict=True)),
-                    child.created,
-                )
-        return family
-
-
-class _Collector:
-    def __init__(self, families: list[_Family]) -> None:
-        self._families = families
-
-    def describe(self) -> Iterator[Metric]:
-        for family in self._families:
-            yield family.empty()
-
-    def collect(self) -> Iterator[Metric]:
-        for family in self._families:
-            yield family.collect()
 
 
 class ProxyMetrics:
@@ -142,61 +35,61 @@ class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         route = ["listener", "route"]
         endpoint = ["listener", "route", "endpoint"]
-        self.connections = _Family(
+        self.connections = Family(
             "gauge", "interknit_proxy_connections", "Open client connections.", ["listener"]
         )
-        self.rejected_connections = _Family(
+        self.rejected_connections = Family(
             "counter",
             "interknit_proxy_rejected_connections",
             "Client connections refused over max_connections.",
             ["listener"],
         )
-        self.requests = _Family(
+        self.requests = Family(
             "counter",
             "interknit_proxy_requests",
             "Requests (HTTP) or connections (TCP) answered, by status class.",
             [*route, "code"],
         )
-        self.errors = _Family(
+        self.errors = Family(
             "counter",
             "interknit_proxy_errors",
             "Requests the proxy answered itself with an error, by reason.",
             [*route, "reason"],
         )
-        self.retries = _Family("counter", "interknit_proxy_retries", "Retried attempts.", route)
-        self.duration = _Family(
+        self.retries = Family("counter", "interknit_proxy_retries", "Retried attempts.", route)
+        self.duration = Family(
             "histogram",
             "interknit_proxy_request_duration_seconds",
             "Time from request head to last response byte.",
             route,
         )
-        self.inflight = _Family("gauge", "interknit_proxy_inflight", "Requests in flight.", route)
-        self.endpoint_requests = _Family(
+        self.inflight = Family("gauge", "interknit_proxy_inflight", "Requests in flight.", route)
+        self.endpoint_requests = Family(
             "counter",
             "interknit_proxy_endpoint_requests",
             "Attempts sent to an endpoint.",
             endpoint,
         )
-        self.endpoint_errors = _Family(
+        self.endpoint_errors = Family(
             "counter",
             "interknit_proxy_endpoint_errors",
             "Attempts to an endpoint that failed (connect, reset, timeout, 502-504).",
             endpoint,
         )
-        self.endpoint_duration = _Family(
+        self.endpoint_duration = Family(
             "histogram",
             "interknit_proxy_endpoint_duration_seconds",
             "Time of one attempt against an endpoint.",
             endpoint,
         )
-        self.endpoint_inflight = _Family(
+        self.endpoint_inflight = Family(
             "gauge",
             "interknit_proxy_endpoint_inflight",
             "Attempts in flight to an endpoint.",
             endpoint,
         )
         registry.register(
-            _Collector(
+            Collector(
                 [
                     self.connections,
                     self.rejected_connections,
