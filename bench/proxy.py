@@ -18,6 +18,10 @@ figures are noise. Nothing logs per request (nginx ``access_log off``, HAProxy w
 
 Last, the node's resident memory (VmRSS) is read with 1,000 client connections open, each
 having sent one request and kept the connection alive.
+
+wrk repeats one request; interknit reuses what it parsed of a request head it has seen on a
+kept-alive connection. ``--vary-path`` gives every request a path of its own (a wrk Lua
+script), which measures every proxy without that.
 """
 
 from __future__ import annotations
@@ -207,7 +211,24 @@ def baseline_env(src: str) -> Iterator[None]:
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
-def wrk(port: int, seconds: float, connections: int, prefix: Sequence[str]) -> Sample:
+# For --vary-path: every request a path of its own, so that no request head repeats (interknit
+# reuses the parse of a head it has seen before; this measures the path without that).
+VARY_PATH_LUA = """
+local n = 0
+request = function()
+    n = n + 1
+    return wrk.format(nil, "/p" .. n)
+end
+"""
+
+
+def wrk(
+    port: int,
+    seconds: float,
+    connections: int,
+    prefix: Sequence[str],
+    script: Path | None = None,
+) -> Sample:
     args = [
         *prefix,
         "wrk",
@@ -215,6 +236,7 @@ def wrk(port: int, seconds: float, connections: int, prefix: Sequence[str]) -> S
         f"-c{connections}",
         f"-d{seconds:g}s",
         "--latency",
+        *(["-s", str(script)] if script is not None else []),
         f"http://127.0.0.1:{port}/",
     ]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -300,6 +322,7 @@ def report(
     print(
         f"wrk -t1 -c{args.connections} -d{args.duration:g}s --latency; medians of {args.runs} "
         f'run(s); backends: 2 x nginx (1 worker, return 200 "ok")'
+        + ("; every request a path of its own (--vary-path)" if args.vary_path else "")
     )
     print()
     header = f"{'case':<34} {'req/s':>9} {'p99 ms':>8} {'req/s ratio':>11} {'p99 ratio':>9} "
@@ -345,6 +368,11 @@ def main() -> None:
     parser.add_argument("--hold", type=int, default=1000, help="connections for the RSS figure")
     parser.add_argument(
         "--only", default="", help="comma-separated case names to run (default: all)"
+    )
+    parser.add_argument(
+        "--vary-path",
+        action="store_true",
+        help="give every request a path of its own (no request head repeats)",
     )
     parser.add_argument(
         "--baseline",
@@ -407,13 +435,17 @@ def main() -> None:
         for c in cases:
             wait_ok(c.name, c.port)
         print(f"interknit node pid {node.pid}; warming up", flush=True)
+        script = None
+        if args.vary_path:
+            script = tmp / "vary-path.lua"
+            script.write_text(VARY_PATH_LUA)
         for c in run_cases:
-            wrk(c.port, 1, args.connections, pin.load)
+            wrk(c.port, 1, args.connections, pin.load, script)
 
         samples: dict[str, list[Sample]] = {c.name: [] for c in cases}
         for run in range(args.runs):
             for c in run_cases:
-                s = wrk(c.port, args.duration, args.connections, pin.load)
+                s = wrk(c.port, args.duration, args.connections, pin.load, script)
                 samples[c.name].append(s)
                 print(
                     f"run {run + 1}/{args.runs} {c.name:<26} {s.rps:>9.0f} req/s "

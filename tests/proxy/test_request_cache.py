@@ -72,38 +72,43 @@ async def exchange(port: int, pieces: Sequence[bytes], settle: float = 0.25) -> 
 
 
 GET = b"GET /a?b=c HTTP/1.1\r\nHost: example.test\r\nAccept: */*\r\n\r\n"
+# A head is kept from its second parse and used from its third: scenarios repeat theirs.
 SCENARIOS: dict[str, list[list[bytes]]] = {
-    "repeated": [[GET, GET, GET]],
-    "pipelined in one read, then one by one": [[GET * 3, GET, GET]],
+    "repeated": [[GET] * 4],
+    "pipelined in one read, then one by one": [[GET * 3, GET, GET, GET]],
     "connection close": [
+        [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"],
         [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"],
         [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"],
     ],
     "more after connection close": [
-        [GET, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET, GET],
+        [GET, GET, GET, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET, GET],
     ],
     "http/1.0 kept alive, and without host": [
-        [b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nHost: a\r\n\r\n"] * 3,
-        [b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"] * 3,
+        [b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nHost: a\r\n\r\n"] * 4,
+        [b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"] * 4,
     ],
     "connection lists a header": [
-        [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n\r\n"] * 3
+        [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n\r\n"] * 4
     ],
     "forwarded-for and request id from the client": [
-        [b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.1\r\nX-Request-Id: r-1\r\n\r\n"] * 3
+        [b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.1\r\nX-Request-Id: r-1\r\n\r\n"] * 4
     ],
     "two hosts": [[b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"] * 2],
     "no host": [[b"GET / HTTP/1.1\r\n\r\n"] * 2],
-    "expect on a get": [[b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n"] * 3],
+    "expect on a get": [[b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n"] * 4],
     "upgrade": [[b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"] * 2],
     "bodies": [
-        [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"] * 2,
-        [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"] * 2,
-        [b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"] * 2,
+        [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"] * 4,
+        [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"] * 4,
+        [b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"] * 4,
     ],
-    "split across reads": [[GET[:20], GET[20:], GET, GET[:20], GET[20:]]],
-    "then a bad request": [[GET, GET, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n", GET]],
-    "leading blank lines": [[b"\r\n" + GET, b"\r\n" + GET]],
+    "split across reads": [[GET[:20], GET[20:], GET, GET, GET[:20], GET[20:], GET]],
+    "then a bad request": [
+        [GET, GET, GET, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n", GET]
+    ],
+    "blank lines around": [[b"\r\n" + GET] * 4, [GET + b"\r\n"] * 4, [GET + b"\r\n\r\n"] * 4],
+    "a byte after the head": [[GET + b"G"] * 3],
     "connect": [[b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"] * 2],
     "http/2 preface": [[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] * 2],
 }
@@ -130,6 +135,7 @@ async def test_upstream_and_client_see_what_the_parser_alone_gives(
 ) -> None:
     connections = SCENARIOS[scenario]
     http_module._REQUESTS.clear()
+    http_module._SEEN.clear()
     cached = await run(proxy, "cached", connections)
     with monkeypatch.context() as m:
         m.setattr(http_module, "_REQUEST_MAX_BYTES", -1)  # listeners made now never look
@@ -150,13 +156,14 @@ async def test_the_cache_is_used_and_keeps_the_listeners_limit(
 
     monkeypatch.setattr(http_module.HttpProxyProtocol, "request_from_cache", spy)
     http_module._REQUESTS.clear()
-    replies, received = await run(proxy, "hits", [[GET, GET, GET]])
-    assert replies[0].count(b"HTTP/1.1 200 OK") == 3
-    assert hits == [b"/a?b=c", b"/a?b=c"]
+    http_module._SEEN.clear()
+    replies, received = await run(proxy, "hits", [[GET] * 4])
+    assert replies[0].count(b"HTTP/1.1 200 OK") == 4
+    assert hits == [b"/a?b=c", b"/a?b=c"]  # kept from its second parse, used from the third
     assert len(set(re.findall(rb"x-request-id: ([^\r]+)", received[0]))) == 1  # normalized
     # A head cached by a listener with a large limit is still too large for a small one.
     big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 1100 + b"\r\n\r\n"
-    await run(proxy, "large", [[big, big]])
+    await run(proxy, "large", [[big, big, big]])
     replies, _ = await run(proxy, "small", [[big]], max_header_bytes=1024)
     assert replies[0].startswith(b"HTTP/1.1 431 ")
 

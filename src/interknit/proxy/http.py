@@ -1407,6 +1407,9 @@ class CachedRequest:
 
 
 _REQUESTS: dict[bytes, CachedRequest] = {}
+# Heads parsed once (and fit to keep): a head is kept from its second parse on.
+_SEEN: set[bytes] = set()
+_SEEN_MAX = 256
 
 
 class HttpProxyProtocol(asyncio.Protocol):
@@ -1428,6 +1431,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         "hdict",
         "head_bytes",
         "headers",
+        "heads_parsed",
         "hosts",
         "in_head",
         "last_head",
@@ -1497,6 +1501,7 @@ class HttpProxyProtocol(asyncio.Protocol):
 
         # Per-request state (the request being parsed)
         self.last_head: Exchange | None = None
+        self.heads_parsed = 0  # in the read being parsed
         self.parsing: Exchange | None = None
         self.in_head = False
         self.url = b""
@@ -1564,8 +1569,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             if entry is not None:
                 self.request_from_cache(entry)
                 return
-            remember = data.find(b"\r\n\r\n") == len(data) - 4
+            remember = True
             self.last_head = None
+            self.heads_parsed = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -1580,7 +1586,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             else:
                 self.reject(400, "bad-request")
         else:
-            if remember:
+            # One message, whole, and the parser back at rest: these bytes were exactly one
+            # request (and perhaps blank lines, which the parser skips).
+            if remember and self.heads_parsed == 1 and self.at_rest:
                 self.remember(data)
         ex = self.starting
         if ex is not None:
@@ -1591,8 +1599,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             ex.go(ex.started_at)
 
     def remember(self, data: bytes) -> None:
-        """Keep what parsing ``data`` (one whole head, nothing after it) gave, if it is a
-        plain bodiless kept-alive request, for the next time the same bytes come."""
+        """Keep what parsing ``data`` (one whole request, nothing after it) gave, if it is a
+        plain bodiless kept-alive request, for the next time the same bytes come: from the
+        second time they are parsed, so that heads never repeated cost only a set entry."""
         ex = self.last_head
         if (
             ex is None
@@ -1603,8 +1612,12 @@ class HttpProxyProtocol(asyncio.Protocol):
             or ex.content_length is not None
             or ex.expect_continue
             or ex.upgrade is not None
-            or not self.at_rest
         ):
+            return
+        if data not in _SEEN:
+            if len(_SEEN) >= _SEEN_MAX:
+                _SEEN.clear()
+            _SEEN.add(data)
             return
         if len(_REQUESTS) >= _REQUESTS_MAX:
             _REQUESTS.clear()
@@ -1739,6 +1752,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             ex.upgrade = hdict[b"upgrade"]
         self.parsing = ex
         self.last_head = ex
+        self.heads_parsed += 1
         if self.active is None:
             self.active = ex
             self.starting = ex
