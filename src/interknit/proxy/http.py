@@ -100,7 +100,17 @@ class Rejected(Exception):
 class RouteState:
     """What a route keeps across requests on one listener: budget, metrics, admission."""
 
-    __slots__ = ("admission", "budget", "label", "route", "spec", "stats")
+    __slots__ = (
+        "admission",
+        "budget",
+        "label",
+        "plain",
+        "response_timeout",
+        "route",
+        "spec",
+        "stats",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -115,6 +125,14 @@ class RouteState:
         self.budget = budget
         self.stats = stats
         self.admission = admission
+        spec = self.spec
+        # Read once per request by the fast path (Exchange.fast_start): no demand control, no
+        # sticky cookie and no hashing, so the pool picks with no key.
+        self.plain = (
+            admission is None and spec.sticky_cookie is None and spec.balance not in _HASHED
+        )
+        self.timeout = spec.timeout
+        self.response_timeout = spec.response_timeout
 
 
 class Exchange:
@@ -595,7 +613,10 @@ class Exchange:
         listener = proto.listener
         router, states = listener.routing
         state = states[0] if router.catch_all else self.route()
-        if state is None or state.admission is not None:
+        if state is None:
+            return False
+        plain = state.plain
+        if not plain and state.admission is not None:
             return False
         self.state = state
         spec = state.spec
@@ -605,11 +626,12 @@ class Exchange:
         if now is None:
             now = proto.loop.time()
         deadline = None
-        if spec.timeout is not None:
-            deadline = self.started_at + spec.timeout
+        timeout = state.timeout
+        if timeout is not None:
+            deadline = self.started_at + timeout
             if deadline <= now:
                 return False
-        if spec.sticky_cookie is None and spec.balance not in _HASHED:
+        if plain:
             endpoint = pool.pick(None, now, self.tried)
         else:
             endpoint = self.pick(pool, self.hash_key(spec), self.tried)
@@ -653,10 +675,11 @@ class Exchange:
         self.client_activity = now
         if proto.flow.reasons & WAITING:
             proto.flow.resume_reading(WAITING)
-        if not self.request_done or spec.response_timeout is None:
+        response_timeout = state.response_timeout
+        if response_timeout is None or not self.request_done:
             self.arm_timer()
             return True
-        when = now + spec.response_timeout
+        when = now + response_timeout
         if deadline is not None and deadline < when:
             when = deadline
         if proto.exchange_timer is None or proto.exchange_timer_when > when:
