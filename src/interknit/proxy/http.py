@@ -43,7 +43,7 @@ import httptools
 
 from interknit.balance.base import Endpoint
 from interknit.proxy.flow import PEER_FULL, PIPELINE, WAITING, FlowControl
-from interknit.proxy.observe import BUCKETS, EndpointStats, RouteStats, access_log
+from interknit.proxy.observe import EndpointStats, RouteStats, access_log
 from interknit.proxy.pools import Admission, Permit, PoolLike
 from interknit.proxy.retry import IDEMPOTENT_METHODS, RETRYABLE_STATUSES, RetryBudget
 from interknit.proxy.routing import CompiledRoute, host_without_port, split_target
@@ -359,7 +359,8 @@ class Exchange:
             if 0 <= index < 5:
                 stats.codes[index].value += 1
             histogram = stats.duration  # observe(), inlined; most take under a millisecond
-            histogram.counts[0 if duration <= BUCKETS[0] else bisect_left(BUCKETS, duration)] += 1
+            bounds = histogram.bounds
+            histogram.counts[0 if duration <= bounds[0] else bisect_left(bounds, duration)] += 1
             histogram.sum += duration
             if self.reason:
                 stats.error(self.reason)
@@ -711,7 +712,8 @@ class Exchange:
                 es.inflight.value -= 1
                 took = now - self.attempt_began
                 histogram = es.duration  # observe(), inlined; most take under a millisecond
-                histogram.counts[0 if took <= BUCKETS[0] else bisect_left(BUCKETS, took)] += 1
+                bounds = histogram.bounds
+                histogram.counts[0 if took <= bounds[0] else bisect_left(bounds, took)] += 1
                 histogram.sum += took
                 if failed:
                     es.errors.value += 1
@@ -738,7 +740,8 @@ class Exchange:
             stats.codes[index].value += 1
         duration = now - self.started_at
         histogram = stats.duration  # observe(), inlined; most take under a millisecond
-        histogram.counts[0 if duration <= BUCKETS[0] else bisect_left(BUCKETS, duration)] += 1
+        bounds = histogram.bounds
+        histogram.counts[0 if duration <= bounds[0] else bisect_left(bounds, duration)] += 1
         histogram.sum += duration
         if access_log.isEnabledFor(logging.INFO):
             self.log_access(duration)
