@@ -458,7 +458,7 @@ class ApiProtocol(asyncio.Protocol):
             extra += b"Connection: close\r\n"
         server.batch.write(
             self.transport,
-            b"%sContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n%s%s"
+            b"%sContent-Type: application/json\r\nContent-Length: %d\r\n%s%s"
             b"\r\n%s" % (head, len(body), server.date.get(), extra, body),
         )
         server.metrics.observe(req.endpoint, req.method, status, self.loop.time() - req.started)
