@@ -3,6 +3,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from interknit.balance.round_robin import RoundRobin
 from tests.balance.helpers import endpoints
 
@@ -94,3 +97,37 @@ def test_random_start_keeps_the_smooth_sequence() -> None:
         rr.set_endpoints(endpoints(1, 1, 1, 1), 0.0)
         starts_equal.add(picks(rr, 1))
     assert starts_equal == set("abcd")
+
+
+def smooth_sequence(weights: list[int], count: int) -> list[int]:
+    """nginx's smooth weighted round robin, written out plainly as the oracle."""
+    current = [0] * len(weights)
+    out = []
+    for _ in range(count):
+        for i, w in enumerate(weights):
+            current[i] += w
+        best = max(range(len(weights)), key=lambda i: (current[i], -i))
+        current[best] -= sum(weights)
+        out.append(best)
+    return out
+
+
+@given(st.integers(1, 9), st.integers(1, 5), st.integers(0, 40))
+def test_equal_weights_take_the_rotation_shortcut_and_match_the_smooth_order(
+    n: int, weight: int, count: int
+) -> None:
+    rr = RoundRobin()
+    eps = endpoints(*[weight] * n)
+    rr.set_endpoints(eps, 0.0)
+    got = [eps.index(rr.pick(None, 0.0)) for _ in range(count)]  # type: ignore[arg-type]
+    assert got == smooth_sequence([weight] * n, count)
+
+
+def test_equal_weights_step_over_excluded_endpoints_and_keep_rotating() -> None:
+    rr = RoundRobin()
+    eps = endpoints(1, 1, 1)
+    rr.set_endpoints(eps, 0.0)
+    assert rr.pick(None, 0.0) is eps[0]
+    assert rr.pick(None, 0.0, exclude={eps[1]}) is eps[2]
+    assert rr.pick(None, 0.0) is eps[0]
+    assert rr.pick(None, 0.0, exclude=set(eps)) is None

@@ -27,6 +27,7 @@ class RoundRobin:
     def __init__(self, slow_start: float = SLOW_START, rng: random.Random | None = None) -> None:
         self._table = WeightTable(slow_start)
         self._current: list[float] = []
+        self._next = 0
         # With an rng, each new endpoint set starts its rotation at a random endpoint (as Envoy
         # does), so that nodes that all saw the same change do not step through it in lockstep.
         self._rng = rng
@@ -40,12 +41,28 @@ class RoundRobin:
         # nginx starts every peer at zero after a change; carrying scores over from a different
         # set would let a long-idle endpoint burst.
         self._current = [0.0] * len(endpoints)
+        self._next = 0  # the rotation's next index while every weight is the same
 
     def pick(
         self, hash_key: bytes | None, now: float, exclude: Container[Endpoint] = ()
     ) -> Endpoint | None:
-        endpoints = self._table.endpoints
-        weights = self._table.weights(now)
+        table = self._table
+        endpoints = table.endpoints
+        if table.uniform(now):
+            # Equal weights: the smooth rotation from all-zero scores is plain rotation, and
+            # this runs for every proxied request. Excluded endpoints are stepped over.
+            n = len(endpoints)
+            i = self._next
+            for _ in range(n):
+                if i >= n:
+                    i = 0
+                endpoint = endpoints[i]
+                i += 1
+                if not exclude or endpoint not in exclude:
+                    self._next = i
+                    return endpoint
+            return None
+        weights = table.weights(now)
         current = self._current
         best = -1
         best_score = 0.0
