@@ -146,6 +146,14 @@ def test_bad_names_bodies_and_unknown_instances_answer_like_the_api(node: NodePr
     assert node.client.get("/v1/services").json()["services"] == {}
 
 
+def test_an_empty_name_is_no_route_as_in_aiohttp(node: NodeProcess) -> None:
+    with connect(node) as sock:
+        sock.sendall(get("/v1/services/") + put("/v1/services/api/instances/"))
+        answers = read_responses(sock, 2)
+    assert [a[0] for a in answers] == [404, 404]
+    assert "no such endpoint" in json.loads(answers[0][2])["error"]
+
+
 def test_connection_close_and_http10_close_after_the_answer(node: NodeProcess) -> None:
     with connect(node) as sock:
         sock.sendall(put("/v1/services/api/instances/a", extra=b"Connection: close\r\n"))

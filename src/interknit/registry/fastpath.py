@@ -347,6 +347,8 @@ class ApiProtocol(asyncio.Protocol):
         parts = url[len(_PREFIX) :].split(b"/")
         method = parser.get_method()
         server = self.server
+        if not all(parts):
+            return None  # an empty segment matches no route: aiohttp's 404
         try:
             names = tuple(part.decode("ascii") for part in parts)
         except UnicodeDecodeError:
