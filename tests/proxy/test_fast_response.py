@@ -22,6 +22,7 @@ from interknit.proxy import RouteSpec
 from interknit.proxy import http as http_module
 from interknit.proxy import upstream as upstream_module
 from interknit.proxy.wire import SimpleHead, parse_simple_head
+from tests.proxy.talk import exchange
 
 DATE = b"Date: Thu, 27 Nov 2026 07:55:16 GMT\r\n"
 OK = b"HTTP/1.1 200 OK\r\nServer: t\r\n" + DATE + b"Content-Length: 2\r\n\r\nok"
@@ -67,26 +68,6 @@ def parser_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     with monkeypatch.context() as m:
         m.setattr(upstream_module, "SIMPLE_HEAD_MAX", 0)  # no head is short enough
         yield
-
-
-async def client_bytes(port: int, requests: Sequence[bytes], settle: float = 0.3) -> bytes:
-    """Everything the client receives for ``requests`` sent one after the other."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    out = b""
-    try:
-        for request in requests:
-            writer.write(request)
-            while True:
-                try:
-                    data = await asyncio.wait_for(reader.read(65536), settle)
-                except TimeoutError:
-                    break
-                if not data:
-                    return out + b"<closed>"
-                out += data
-    finally:
-        writer.close()
-    return out
 
 
 GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -231,10 +212,10 @@ async def test_client_sees_what_the_parser_alone_gives(
         servers = tuple([await u.start() for u in upstreams])
         p = await proxy(RouteSpec(servers=servers, attempts=1), name=f"fast-{fast}")
         if fast:
-            got = await client_bytes(p.port, requests)
+            got = await exchange(p.port, requests, settle=0.3)
         else:
             with parser_only(monkeypatch):
-                got = await client_bytes(p.port, requests)
+                got = await exchange(p.port, requests, settle=0.3)
         results.append((got, [(u.requests, u.connections) for u in upstreams]))
         for u in upstreams:
             u.close()
@@ -258,7 +239,7 @@ async def test_fast_path_is_taken_for_the_plain_case(
     monkeypatch.setattr(http_module.Exchange, "on_response_whole", spy)
     u = Upstream([[OK]])
     p = await proxy(RouteSpec(servers=(await u.start(),)))
-    got = await client_bytes(p.port, [GET, GET])
+    got = await exchange(p.port, [GET, GET], settle=0.3)
     assert got.count(b"HTTP/1.1 200 OK\r\n") == 2 and got.endswith(b"\r\n\r\nok")
     assert len(taken) == 2 and u.connections == 1
     u.close()
@@ -268,7 +249,7 @@ async def test_pipelined_requests_get_their_own_answers_in_order(proxy: Any) -> 
     answers = [[b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % i] for i in range(5)]
     u = Upstream(answers)
     p = await proxy(RouteSpec(servers=(await u.start(),)))
-    got = await client_bytes(p.port, [GET * 5])
+    got = await exchange(p.port, [GET * 5], settle=0.3)
     bodies = [part[-1:] for part in got.split(b"HTTP/1.1 200 OK\r\n")[1:]]
     assert bodies == [b"0", b"1", b"2", b"3", b"4"]
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from interknit.proxy import RouteSpec
 from interknit.proxy import http as http_module
+from tests.proxy.talk import exchange
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -49,26 +49,6 @@ class Recorder:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
-
-
-async def exchange(port: int, pieces: Sequence[bytes], settle: float = 0.25) -> bytes:
-    """Send each piece in turn, collecting what comes back until it goes quiet."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    out = b""
-    try:
-        for piece in pieces:
-            writer.write(piece)
-            while True:
-                try:
-                    data = await asyncio.wait_for(reader.read(65536), settle)
-                except TimeoutError:
-                    break
-                if not data:
-                    return out + b"<closed>"
-                out += data
-    finally:
-        writer.close()
-    return out
 
 
 GET = b"GET /a?b=c HTTP/1.1\r\nHost: example.test\r\nAccept: */*\r\n\r\n"

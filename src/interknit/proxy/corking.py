@@ -41,6 +41,13 @@ class WriteBatch:
             self.loop.call_soon(self.flush)
         pending.append((transport, data))
 
+    def write_next_turn(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        """``write`` for a writer that may wait one more turn (the HTTP fast path)."""
+        pending = self.pending
+        if not pending:
+            self.loop.call_soon(self.next_turn)
+        pending.append((transport, data))
+
     def next_turn(self) -> None:
         """Scheduled (instead of ``flush``) by a writer that may wait one more turn."""
         self.loop.call_soon(self.flush)

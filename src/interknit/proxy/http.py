@@ -666,7 +666,7 @@ class Exchange:
         conn.start(self, self.method == b"HEAD", now)
         head = self.head = self.build_head()
         transport = conn.transport
-        if transport is not None:
+        if transport is not None:  # batch.write_next_turn(), inlined: twice a request
             batch = proto.batch
             queued = batch.pending
             if not queued:
@@ -862,12 +862,8 @@ class Exchange:
                 parts.append(LAST_CHUNK)
             data = b"".join(parts)
         transport = conn.transport
-        if transport is not None:  # conn.write() and batch.write(), inlined
-            batch = proto.batch
-            queued = batch.pending
-            if not queued:
-                proto.loop.call_soon(batch.next_turn)
-            queued.append((transport, data))
+        if transport is not None:
+            proto.batch.write_next_turn(transport, data)
         self.sending = True
         self.client_activity = now
         if proto.flow.reasons & WAITING:
@@ -1186,7 +1182,7 @@ class Exchange:
                 out.append(b"connection: keep-alive\r\n")
             out += (CRLF, body)
             data = b"".join(out)
-        if not proto.closed:  # proto.write() and batch.write(), inlined
+        if not proto.closed:  # batch.write_next_turn(), inlined: twice a request
             batch = proto.batch
             pending = batch.pending
             if not pending:

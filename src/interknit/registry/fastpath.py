@@ -29,6 +29,7 @@ import httptools
 
 from interknit.admin.app import HttpMetrics, Tokens
 from interknit.proxy.corking import WriteBatch
+from interknit.proxy.wire import status_line
 from interknit.registry.api import RegistryApi, deregistered_body, error_body
 from interknit.registry.registry import Durable, Registry
 from interknit.registry.schema import MAX_BODY, RegisterBody, check_name, parse_body
@@ -48,9 +49,6 @@ _PREFIX = b"/v1/services/"
 _LOOKUP = "/v1/services/{service}"
 _INSTANCE = "/v1/services/{service}/instances/{id}"
 _HEARTBEAT = "/v1/services/{service}/instances/{id}/heartbeat"
-_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden"}
-_REASONS.update({404: b"Not Found", 409: b"Conflict", 500: b"Internal Server Error"})
-_REASONS.update({503: b"Service Unavailable"})
 
 
 class _Request:
@@ -63,6 +61,7 @@ class _Request:
         "method",
         "names",
         "started",
+        "url",
     )
 
     def __init__(
@@ -71,10 +70,12 @@ class _Request:
         method: str,
         handler: Callable[[FastApi, ApiProtocol, _Request], None],
         names: tuple[str, ...],
+        url: bytes,
         authorization: str,
         started: float,
     ) -> None:
         self.endpoint = endpoint
+        self.url = url  # ASCII, with no query and no escapes, or it is not a fast request
         self.method = method
         self.handler = handler
         self.names = names
@@ -214,7 +215,7 @@ class ApiProtocol(asyncio.Protocol):
         self.url = b""
         self.head_bytes = 0
         self.authorization = ""
-        self.content_length: int | None = 0
+        self.length_seen = False
         self.framing_ok = True  # no Transfer-Encoding, Expect or Upgrade
         self.body: list[bytes] = []
 
@@ -261,7 +262,7 @@ class ApiProtocol(asyncio.Protocol):
         self.url = b""
         self.head_bytes = 0
         self.authorization = ""
-        self.content_length = 0
+        self.length_seen = False
         self.framing_ok = True
         self.body = []
         self.parsing = None
@@ -277,10 +278,9 @@ class ApiProtocol(asyncio.Protocol):
             self.authorization = value.decode("latin-1")
         elif lname == b"content-length":
             # Larger than a body may be, or said twice: aiohttp answers it.
-            if self.content_length or not value.isdigit() or int(value) > MAX_BODY:
+            if self.length_seen or not value.isdigit() or int(value) > MAX_BODY:
                 self.framing_ok = False
-            else:
-                self.content_length = int(value)
+            self.length_seen = True
         elif lname in (b"transfer-encoding", b"expect", b"upgrade"):
             self.framing_ok = False
 
@@ -377,7 +377,7 @@ class ApiProtocol(asyncio.Protocol):
             return None
         self.head_end = head_end
         return _Request(
-            endpoint, method.decode(), handler, names, self.authorization, self.loop.time()
+            endpoint, method.decode(), handler, names, url, self.authorization, self.loop.time()
         )
 
     # Answering
@@ -389,7 +389,7 @@ class ApiProtocol(asyncio.Protocol):
             req = self.queue.popleft()
             denied = None
             if server.tokens.enabled:
-                path = self._path_of(req)
+                path = req.url.decode("ascii")
                 denied = server.tokens.deny(path, req.method, req.authorization)
             if denied is not None:
                 self.respond(req, denied[0], error_body(denied[1]))
@@ -423,12 +423,6 @@ class ApiProtocol(asyncio.Protocol):
         if self.closing or (self.server.stopping and not self.in_head):
             self.close()
 
-    def _path_of(self, req: _Request) -> str:
-        if req.endpoint == _LOOKUP:
-            return f"/v1/services/{req.names[0]}"
-        path = f"/v1/services/{req.names[0]}/instances/{req.names[1]}"
-        return path + "/heartbeat" if req.endpoint == _HEARTBEAT else path
-
     def answer_after(self, durable: Durable, req: _Request, body: Callable[[], bytes]) -> None:
         if durable is None:
             self.respond(req, 200, body())
@@ -452,7 +446,7 @@ class ApiProtocol(asyncio.Protocol):
         server = self.server
         registry = server.registry
         close = not req.keep_alive or self.closing or server.stopping
-        head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
+        head = status_line(status)
         extra = b"X-Interknit-Revision: %d\r\n" % registry.state.revision if status == 200 else b""
         if registry.stale and status == 200:
             extra += b"X-Interknit-Stale: 1\r\n"
