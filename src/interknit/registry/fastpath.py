@@ -31,7 +31,7 @@ from interknit.admin.app import HttpMetrics, Tokens
 from interknit.proxy.corking import WriteBatch
 from interknit.proxy.wire import status_line
 from interknit.registry.api import RegistryApi, deregistered_body, error_body
-from interknit.registry.registry import Durable, Registry
+from interknit.registry.registry import Registry
 from interknit.registry.schema import MAX_BODY, RegisterBody, check_name, parse_body
 from interknit.registry.state import RegistryError
 
@@ -134,6 +134,9 @@ class FastApi:
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
             self.batch = WriteBatch(loop)
+            if isinstance(self.registry, Registry):
+                # The answers to a commit's writes go out as soon as it is on the disk.
+                self.registry.on_answered(self.batch.flush)
             self._sweeper = loop.create_task(self._sweep())
         return ApiProtocol(self)
 
@@ -169,22 +172,47 @@ class FastApi:
         assert isinstance(self.registry, Registry)
         service, instance_id = req.names
         spec = parse_body(RegisterBody, req.body).to_spec()
-        (inst, revision), durable = self.registry.register_nowait(service, instance_id, spec)
-        conn.answer_after(durable, req, lambda: self.api.instance_body(inst, revision))
+        answer = _Answer(conn, req)
+        (inst, revision), queued = self.registry.register_nowait(service, instance_id, spec, answer)
+        answer.body = lambda: self.api.instance_body(inst, revision)
+        conn.answer_after(queued, answer)
 
     def heartbeat(self, conn: ApiProtocol, req: _Request) -> None:
         assert isinstance(self.registry, Registry)
-        (inst, revision), durable = self.registry.heartbeat_nowait(*req.names)
-        conn.answer_after(durable, req, lambda: self.api.instance_body(inst, revision))
+        service, instance_id = req.names
+        answer = _Answer(conn, req)
+        (inst, revision), queued = self.registry.heartbeat_nowait(service, instance_id, answer)
+        answer.body = lambda: self.api.instance_body(inst, revision)
+        conn.answer_after(queued, answer)
 
     def deregister(self, conn: ApiProtocol, req: _Request) -> None:
         assert isinstance(self.registry, Registry)
         service, instance_id = req.names
-        revision, durable = self.registry.deregister_nowait(service, instance_id)
-        conn.answer_after(durable, req, lambda: deregistered_body(service, instance_id, revision))
+        answer = _Answer(conn, req)
+        revision, queued = self.registry.deregister_nowait(service, instance_id, answer)
+        answer.body = lambda: deregistered_body(service, instance_id, revision)
+        conn.answer_after(queued, answer)
 
     def lookup(self, conn: ApiProtocol, req: _Request) -> None:
         conn.respond(req, 200, self.api.lookup_body(req.names[0], False, None))
+
+
+class _Answer:
+    """A write's waiter: answers its request when the commit is on the disk (or failed)."""
+
+    __slots__ = ("body", "conn", "req")
+
+    def __init__(self, conn: ApiProtocol, req: _Request) -> None:
+        self.conn = conn
+        self.req = req
+        self.body: Callable[[], bytes] = _no_body
+
+    def __call__(self, error: BaseException | None) -> None:
+        self.conn.committed(self, error)
+
+
+def _no_body() -> bytes:
+    raise AssertionError("a write was answered before its result was known")
 
 
 class ApiProtocol(asyncio.Protocol):
@@ -423,24 +451,23 @@ class ApiProtocol(asyncio.Protocol):
         if self.closing or (self.server.stopping and not self.in_head):
             self.close()
 
-    def answer_after(self, durable: Durable, req: _Request, body: Callable[[], bytes]) -> None:
-        if durable is None:
-            self.respond(req, 200, body())
-            return
-        self.busy = True
+    def answer_after(self, queued: bool, answer: _Answer) -> None:
+        """Answer a write now, or (``queued``) once ``answer`` hears from its commit."""
+        if queued:
+            self.busy = True
+        else:
+            self.respond(answer.req, 200, answer.body())
 
-        def done(fut: asyncio.Future[None]) -> None:
-            self.busy = False
-            exc = fut.exception()
-            if exc is None:
-                self.respond(req, 200, body())
-            elif isinstance(exc, RegistryError):
-                self.respond(req, exc.status, error_body(exc.message, exc.detail))
-            else:
-                self.respond(req, 500, error_body("internal error"))
-            self._next()
-
-        durable.add_done_callback(done)
+    def committed(self, answer: _Answer, error: BaseException | None) -> None:
+        self.busy = False
+        req = answer.req
+        if error is None:
+            self.respond(req, 200, answer.body())
+        elif isinstance(error, RegistryError):
+            self.respond(req, error.status, error_body(error.message, error.detail))
+        else:
+            self.respond(req, 500, error_body("internal error"))
+        self._next()
 
     def respond(self, req: _Request, status: int, body: bytes) -> None:
         server = self.server

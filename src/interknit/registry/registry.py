@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from interknit.registry.committer import Committer, Pending
+from interknit.registry.committer import Committer, Pending, Waiter
 from interknit.registry.fanout import Fanout, Listener, ResyncListener
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import CheckStatus, Event, Instance, InstanceSpec
@@ -26,18 +27,18 @@ from interknit.registry.store import Store, StoreError
 
 log = logging.getLogger("interknit.registry")
 
-T = TypeVar("T")
 # A write: given the time, change the state and return (result, events).
 Op = Callable[[float], tuple[Any, list[Event]]]
-# What a write waits for before it is answered: its commit (None: nothing).
-Durable = asyncio.Future[None] | None
 
 
-async def _durable(written: tuple[T, Durable]) -> T:
-    result, durable = written
-    if durable is not None:
-        await durable
-    return result
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    """The waiter of a write that a coroutine awaits."""
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 
 class RegistryBackend(Protocol):
@@ -110,6 +111,7 @@ class Registry:
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._tasks: list[asyncio.Task[None]] = []
         self._fanout = Fanout(metrics)
+        self._answered_hooks: list[Callable[[], None]] = []
         self._timer_wake: asyncio.Event | None = None
         self._timer_due = 0.0  # when the timers task wakes by itself
         self._closed = False
@@ -151,11 +153,9 @@ class Registry:
         loop = asyncio.get_running_loop()
         if self._committer is not None:
             # Commits what is queued; the answers arrive as callbacks on this loop.
-            await loop.run_in_executor(self._executor, self._committer.stop)
-            for _ in range(100):
-                if not self._unanswered:
-                    break
-                await asyncio.sleep(0.01)
+            self._committer.stop()
+            await loop.run_in_executor(self._executor, self._committer.join)
+            self._committer.close()
         self._fanout.wake_waiters()
         await loop.run_in_executor(self._executor, self._store.close)
         self._executor.shutdown(wait=True)
@@ -169,44 +169,64 @@ class Registry:
     #
     # A write changes the in-memory state at once, on the event loop, and then waits until the
     # commit that carries its events is on the disk. The ``*_nowait`` forms return the result
-    # and the future to wait for (None: nothing to wait for, answer at once), so that the API's
-    # hot path can answer from a callback instead of a task per request.
+    # and whether ``then`` was queued to be called once the commit is on the disk (False:
+    # nothing to wait for, answer at once), so that the API's hot path answers from a callback
+    # instead of a task per request.
 
     def register_nowait(
-        self, service: str, instance_id: str, spec: InstanceSpec
-    ) -> tuple[tuple[Instance, int], Durable]:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            events = self.state.register(service, instance_id, spec, now)
-            return self._current(service, instance_id), events
+        self, service: str, instance_id: str, spec: InstanceSpec, then: Waiter
+    ) -> tuple[tuple[Instance, int], bool]:
+        return self.write(self._register_op(service, instance_id, spec), then)
 
-        return self.write(op)
-
-    def deregister_nowait(self, service: str, instance_id: str) -> tuple[int, Durable]:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            events = self.state.deregister(service, instance_id)
-            return self.state.revision, events
-
-        return self.write(op)
+    def deregister_nowait(self, service: str, instance_id: str, then: Waiter) -> tuple[int, bool]:
+        return self.write(self._deregister_op(service, instance_id), then)
 
     def heartbeat_nowait(
-        self, service: str, instance_id: str
-    ) -> tuple[tuple[Instance, int], Durable]:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            events = self.state.heartbeat(service, instance_id, now)
-            return self._current(service, instance_id), events
+        self, service: str, instance_id: str, then: Waiter
+    ) -> tuple[tuple[Instance, int], bool]:
+        return self.write(self._heartbeat_op(service, instance_id), then)
 
-        return self.write(op)
+    def on_answered(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` on the loop after the waiters of each commit have been told: the fast
+        path sends the answers they queued then, together, instead of a turn later."""
+        self._answered_hooks.append(hook)
 
     async def register(
         self, service: str, instance_id: str, spec: InstanceSpec
     ) -> tuple[Instance, int]:
-        return await _durable(self.register_nowait(service, instance_id, spec))
+        result: tuple[Instance, int] = await self._submit(
+            self._register_op(service, instance_id, spec)
+        )
+        return result
 
     async def deregister(self, service: str, instance_id: str) -> int:
-        return await _durable(self.deregister_nowait(service, instance_id))
+        result: int = await self._submit(self._deregister_op(service, instance_id))
+        return result
 
     async def heartbeat(self, service: str, instance_id: str) -> tuple[Instance, int]:
-        return await _durable(self.heartbeat_nowait(service, instance_id))
+        result: tuple[Instance, int] = await self._submit(self._heartbeat_op(service, instance_id))
+        return result
+
+    def _register_op(self, service: str, instance_id: str, spec: InstanceSpec) -> Op:
+        def op(now: float) -> tuple[Any, list[Event]]:
+            events = self.state.register(service, instance_id, spec, now)
+            return self._current(service, instance_id), events
+
+        return op
+
+    def _deregister_op(self, service: str, instance_id: str) -> Op:
+        def op(now: float) -> tuple[Any, list[Event]]:
+            events = self.state.deregister(service, instance_id)
+            return self.state.revision, events
+
+        return op
+
+    def _heartbeat_op(self, service: str, instance_id: str) -> Op:
+        def op(now: float) -> tuple[Any, list[Event]]:
+            events = self.state.heartbeat(service, instance_id, now)
+            return self._current(service, instance_id), events
+
+        return op
 
     async def set_operator(
         self, service: str, instance_id: str, status: str
@@ -238,12 +258,17 @@ class Registry:
         return inst, self.state.revision
 
     async def _submit(self, op: Op) -> Any:
-        return await _durable(self.write(op))
+        fut: asyncio.Future[None] = self._loop.create_future()
+        result, queued = self.write(op, functools.partial(_settle, fut))
+        if queued:
+            await fut
+        return result
 
-    def write(self, op: Op) -> tuple[Any, Durable]:
-        """Apply ``op`` to the state now; return its result and the future of the commit that
-        makes it durable. A write that changed nothing still waits for the commits before it:
-        it may repeat a write that is not on the disk yet, and must not be answered first."""
+    def write(self, op: Op, then: Waiter) -> tuple[Any, bool]:
+        """Apply ``op`` to the state now; return its result and whether ``then`` waits for the
+        commit that makes it durable (else there is nothing to wait for). A write that changed
+        nothing still waits for the commits before it: it may repeat a write that is not on the
+        disk yet, and must not be answered first."""
         committer = self._committer
         if self._closed or committer is None:
             raise Unavailable("the registry is shutting down")
@@ -252,11 +277,10 @@ class Registry:
         # A RegistryError raised here has changed nothing: the state checks before it writes.
         result, events = op(self._clock())
         if not events and not self._unanswered:
-            return result, None
-        fut: asyncio.Future[None] = self._loop.create_future()
+            return result, False
         self._unanswered += 1
-        committer.add(events, fut)
-        return result, fut
+        committer.add(events, then)
+        return result, True
 
     def _committed(self, pending: Pending, error: BaseException | None) -> None:
         """A batch came back from the committer (on the event loop)."""
@@ -267,9 +291,7 @@ class Registry:
                     self._metrics.commits.inc()
                     self._metrics.committed_events.inc(len(pending.events))
                 self._publish(pending.events)
-            for fut in pending.waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            self._tell(pending.waiters, None)
             return
         log.error(
             "store commit failed",
@@ -284,11 +306,21 @@ class Registry:
         later = self._committer.drop()
         self._unanswered -= len(later.waiters)
         failure = Unavailable(f"the store could not take the write: {error}")
-        for fut in (*pending.waiters, *later.waiters):
-            if not fut.done():
-                fut.set_exception(failure)
+        self._tell([*pending.waiters, *later.waiters], failure)
         self._reloading = True
         self._tasks.append(self._loop.create_task(self._reload(), name="registry-reload"))
+
+    def _tell(self, waiters: list[Waiter], error: BaseException | None) -> None:
+        for waiter in waiters:
+            try:
+                waiter(error)
+            except Exception:  # one broken answer must not keep the others waiting
+                log.exception("answering a committed write failed")
+        for hook in self._answered_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("after-commit hook failed")
 
     async def _reload(self) -> None:
         """Undo in memory what the store refused, so memory never runs ahead of the disk."""
