@@ -122,3 +122,46 @@ async def test_close_commits_and_answers_what_is_queued(tmp_path: Path) -> None:
     reopened, _ = await started(tmp_path)
     assert len(reopened.state.instances("api")) == 20
     await reopened.close()
+
+
+async def test_the_revision_survives_a_restart_when_the_last_commits_only_put(
+    tmp_path: Path,
+) -> None:
+    # Put-only commits do not write the revision row; the newest mod_revision stands for it.
+    registry, _ = await started(tmp_path)
+    await registry.register("api", "a", SPEC)
+    await registry.register("api", "b", SPEC)
+    await registry.deregister("api", "a")  # writes the revision row: 3
+    await registry.register("api", "c", SPEC)
+    await registry.register("api", "c", InstanceSpec(address="10.0.0.2", port=80))
+    assert registry.state.revision == 5
+    await registry.close()
+    reopened, _ = await started(tmp_path)
+    assert reopened.state.revision == 5
+    _, rev = await reopened.register("api", "d", SPEC)
+    assert rev == 6
+    await reopened.close()
+
+
+async def test_a_batch_too_big_for_one_statement_or_with_deletes_commits_whole(
+    tmp_path: Path,
+) -> None:
+    registry, disk = await started(tmp_path)
+    await registry.register("api", "gone", SPEC)
+    disk.gate.clear()
+    first = asyncio.create_task(registry.register("api", "x", SPEC))
+    await asyncio.sleep(0.05)
+    many = [asyncio.create_task(registry.register("api", f"i{n}", SPEC)) for n in range(300)]
+    many.append(asyncio.create_task(registry.deregister("api", "gone")))
+    await asyncio.sleep(0.05)
+    disk.gate.set()
+    await asyncio.gather(first, *many)
+    assert [len(b.upserts) for b in disk.commits[-2:]] == [1, 300]
+    assert disk.commits[-1].deletes == [("api", "gone")]
+    revision = registry.state.revision
+    await registry.close()
+    reopened, _ = await started(tmp_path)
+    assert reopened.state.revision == revision
+    names = {i.id for i in reopened.state.instances("api")}
+    assert names == {"x", *(f"i{n}" for n in range(300))}
+    await reopened.close()
