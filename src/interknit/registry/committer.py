@@ -100,10 +100,15 @@ class Committer:
         pending.events += events
         pending.waiters.append(waiter)
         if not self._kick_scheduled:
-            # Hand over once this turn of the loop is done: the writes of the same turn go in
-            # one commit, and the switch to the woken thread does not cut into the turn.
+            # Hand over once the next turn of the loop is done: the writes of both turns go in
+            # one commit, and the switch to the woken thread does not cut into a turn. Fewer,
+            # larger commits cost less CPU than they add in waiting: handing over after this
+            # turn instead gave about 3% fewer registrations (A/B, 4 runs each).
             self._kick_scheduled = True
-            self._loop.call_soon(self._kick)
+            self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._loop.call_soon(self._kick)
 
     def _kick(self) -> None:
         self._kick_scheduled = False
