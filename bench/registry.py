@@ -4,9 +4,8 @@
 
 Each figure is measured with 32 requests in flight: registrations through interknit's HTTP API
 (aiohttp client) against etcd puts (aetcd); lookups of one service of 100 instances against an
-etcd range over the same 100 keys; and the time from a registration's acknowledgement... no:
-from just before a registration is sent to the event reaching a watcher (p50, p99). Medians of
-the runs are printed with the ratio to etcd.
+etcd range over the same 100 keys; and the time from just before a registration is sent to the
+event reaching a watcher (p50, p99). Medians of the runs are printed with the ratio to etcd.
 """
 
 from __future__ import annotations
