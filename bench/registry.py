@@ -6,6 +6,10 @@ Each figure is measured with 32 requests in flight: registrations through interk
 (aiohttp client) against etcd puts (aetcd); lookups of one service of 100 instances against an
 etcd range over the same 100 keys; and the time from just before a registration is sent to the
 event reaching a watcher (p50, p99). Medians of the runs are printed with the ratio to etcd.
+
+``--ceiling`` also measures the aiohttp client against a server that answers every request at
+once with the bytes of a registration's answer and does nothing else: what the client can send
+at all on this machine, the most any server could show here.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -24,7 +31,7 @@ import aetcd
 import aiohttp
 import uvloop
 
-from common import etcd_member, interknit_node, machine, median, percentile
+from common import etcd_member, free_port, interknit_node, machine, median, percentile
 
 IN_FLIGHT = 32
 BODY = {"address": "127.0.0.1", "port": 9000, "tags": ["bench"], "check": {"ttl": "30s"}}
@@ -116,6 +123,79 @@ async def watch_latency_interknit(http: aiohttp.ClientSession, n: int = 300) -> 
     return latencies
 
 
+class _Answerer(asyncio.Protocol):
+    """Answers each request (head plus Content-Length body) with a registration's answer."""
+
+    ANSWER = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 253\r\n"
+        b"Date: Fri, 27 Nov 2026 10:24:19 GMT\r\nX-Interknit-Revision: 1\r\n\r\n" + b"x" * 253
+    )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            at = self.buf.find(b"Content-Length: ", 0, end)
+            length = int(self.buf[at + 16 : self.buf.index(b"\r\n", at)]) if at >= 0 else 0
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length :]
+            self.transport.write(self.ANSWER)
+
+
+def _serve_answers(port: int) -> None:
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Answerer, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(serve())
+
+
+def client_ceiling(seconds: float) -> float:
+    """Registrations per second the aiohttp client reaches against ``_Answerer``."""
+    port = free_port()
+    server = multiprocessing.Process(target=_serve_answers, args=(port,), daemon=True)
+    server.start()
+    try:
+        wait_port(port)
+
+        async def measure() -> float:
+            conn = aiohttp.TCPConnector(limit=IN_FLIGHT * 2)
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=conn) as http:
+                payload = json.dumps(BODY).encode()
+                headers = {"Content-Type": "application/json"}
+
+                async def register(i: int) -> None:
+                    async with http.put(
+                        f"/v1/services/reg/instances/i{i}", data=payload, headers=headers
+                    ) as r:
+                        assert r.status == 200
+                        await r.read()
+
+                return await closed_loop(seconds, register)
+
+        return uvloop.run(measure())
+    finally:
+        server.kill()
+        server.join()
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
 async def bench_etcd(endpoint: str, seconds: float) -> dict[str, float]:
     host, port = endpoint.split(":")
     async with aetcd.Client(host=host, port=int(port)) as client:
@@ -172,6 +252,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--ceiling", action="store_true", help="also measure the client against a null server"
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(f"{IN_FLIGHT} requests in flight; {args.runs} runs of {args.seconds:g}s; medians")
@@ -200,6 +283,15 @@ def main() -> None:
     for q in ("p50", "p99"):
         a, b = ik[f"watch_{q}"] * 1000, et[f"watch_{q}"] * 1000
         print(f"{'watch propagation ' + q + ' (ms)':<34}{a:>12.2f}{b:>12.2f}{a / b:>7.2f}x")
+    if args.ceiling:
+        ceilings = [client_ceiling(args.seconds) for _ in range(args.runs)]
+        top = median(ceilings)
+        print()
+        print(f"client ceiling (null server): {top:,.0f} registrations/s;")
+        print(
+            f"etcd's puts are {et['writes'] / top:.0%} of it, interknit's registrations "
+            f"{ik['writes'] / top:.0%}"
+        )
 
 
 def fmt(r: dict[str, float]) -> str:
