@@ -135,7 +135,8 @@ class Supervisor:
             if proc is None:
                 continue
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await proc.wait()
             except TimeoutError:
                 proc.kill()
                 await proc.wait()

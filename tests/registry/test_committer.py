@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from interknit.registry.model import InstanceSpec
+from interknit.registry.model import Check, InstanceSpec
 from interknit.registry.registry import Registry, Unavailable
 from interknit.registry.store import Batch, SqliteStore, StoreError
 
@@ -165,3 +165,21 @@ async def test_a_batch_too_big_for_one_statement_or_with_deletes_commits_whole(
     names = {i.id for i in reopened.state.instances("api")}
     assert names == {"x", *(f"i{n}" for n in range(300))}
     await reopened.close()
+
+
+async def test_close_in_the_turn_a_write_woke_the_lease_timers(tmp_path: Path) -> None:
+    # A write with a sooner lease deadline wakes the timers task; if close() cancels it in that
+    # same turn, before it runs, asyncio.wait_for (3.11) returned the wake-up and swallowed the
+    # cancellation: the task slept again until the deadline and close() hung. The interleaving
+    # is made here directly: wake, then cancel, with no turn of the loop between.
+    registry, _ = await started(tmp_path)
+    await registry.register(
+        "api", "a", InstanceSpec(address="10.0.0.1", port=80, check=Check(ttl=30.0))
+    )
+    await asyncio.sleep(0.05)  # the timers task sleeps until the lease deadline
+    (timers,) = registry._tasks
+    assert registry._timer_wake is not None
+    registry._timer_wake.set()
+    closing = asyncio.ensure_future(registry.close())
+    await asyncio.wait_for(asyncio.shield(closing), 5)
+    assert timers.cancelled()

@@ -100,7 +100,8 @@ class Listener:
         if self.connections:
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), drain_timeout)
+                async with asyncio.timeout(drain_timeout):
+                    await self._drained.wait()
         self._flush()
         for conn in list(self.connections):
             conn.transport.abort()

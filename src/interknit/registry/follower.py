@@ -89,7 +89,8 @@ class Follower:
     async def start(self, wait: float = 10.0) -> None:
         self._task = asyncio.create_task(self._run(), name="registry-follower")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._synced.wait(), wait)
+            async with asyncio.timeout(wait):
+                await self._synced.wait()
 
     async def close(self) -> None:
         if self._task is not None:

@@ -354,8 +354,11 @@ class Registry:
             delay = min(delay, 3600.0)
             self._timer_due = self._clock() + delay
             self._timer_wake.clear()
+            # asyncio.timeout, not wait_for: in 3.11 wait_for returns a wake-up that lands in
+            # the same turn as a cancel and swallows the cancel, and close() then hung.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._timer_wake.wait()
             due = self.state.next_deadline()
             if due is not None and due <= self._clock():
                 try:
