@@ -56,8 +56,10 @@ class Histogram:
         self.created = time.time()
 
     def observe(self, amount: float) -> None:
-        # The first bound >= amount: Prometheus buckets are "less than or equal".
-        self.counts[bisect_left(self.bounds, amount)] += 1
+        # The first bound >= amount: Prometheus buckets are "less than or equal". Most
+        # observations fall in the first bucket, which needs no search.
+        bounds = self.bounds
+        self.counts[0 if amount <= bounds[0] else bisect_left(bounds, amount)] += 1
         self.sum += amount
 
 

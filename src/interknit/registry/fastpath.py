@@ -174,24 +174,21 @@ class FastApi:
         spec = parse_body(RegisterBody, req.body).to_spec()
         answer = _Answer(conn, req)
         (inst, revision), queued = self.registry.register_nowait(service, instance_id, spec, answer)
-        answer.body = lambda: self.api.instance_body(inst, revision)
-        conn.answer_after(queued, answer)
+        conn.answer_after(queued, answer, self.api.instance_body(inst, revision))
 
     def heartbeat(self, conn: ApiProtocol, req: _Request) -> None:
         assert isinstance(self.registry, Registry)
         service, instance_id = req.names
         answer = _Answer(conn, req)
         (inst, revision), queued = self.registry.heartbeat_nowait(service, instance_id, answer)
-        answer.body = lambda: self.api.instance_body(inst, revision)
-        conn.answer_after(queued, answer)
+        conn.answer_after(queued, answer, self.api.instance_body(inst, revision))
 
     def deregister(self, conn: ApiProtocol, req: _Request) -> None:
         assert isinstance(self.registry, Registry)
         service, instance_id = req.names
         answer = _Answer(conn, req)
         revision, queued = self.registry.deregister_nowait(service, instance_id, answer)
-        answer.body = lambda: deregistered_body(service, instance_id, revision)
-        conn.answer_after(queued, answer)
+        conn.answer_after(queued, answer, deregistered_body(service, instance_id, revision))
 
     def lookup(self, conn: ApiProtocol, req: _Request) -> None:
         conn.respond(req, 200, self.api.lookup_body(req.names[0], False, None))
@@ -205,14 +202,10 @@ class _Answer:
     def __init__(self, conn: ApiProtocol, req: _Request) -> None:
         self.conn = conn
         self.req = req
-        self.body: Callable[[], bytes] = _no_body
+        self.body = b""  # the answer once the commit is on the disk (answer_after)
 
     def __call__(self, error: BaseException | None) -> None:
         self.conn.committed(self, error)
-
-
-def _no_body() -> bytes:
-    raise AssertionError("a write was answered before its result was known")
 
 
 class ApiProtocol(asyncio.Protocol):
@@ -451,18 +444,20 @@ class ApiProtocol(asyncio.Protocol):
         if self.closing or (self.server.stopping and not self.in_head):
             self.close()
 
-    def answer_after(self, queued: bool, answer: _Answer) -> None:
-        """Answer a write now, or (``queued``) once ``answer`` hears from its commit."""
+    def answer_after(self, queued: bool, answer: _Answer, body: bytes) -> None:
+        """Answer a write with ``body`` now, or (``queued``) once ``answer`` hears from its
+        commit (which is always a later callback of the loop)."""
         if queued:
+            answer.body = body
             self.busy = True
         else:
-            self.respond(answer.req, 200, answer.body())
+            self.respond(answer.req, 200, body)
 
     def committed(self, answer: _Answer, error: BaseException | None) -> None:
         self.busy = False
         req = answer.req
         if error is None:
-            self.respond(req, 200, answer.body())
+            self.respond(req, 200, answer.body)
         elif isinstance(error, RegistryError):
             self.respond(req, error.status, error_body(error.message, error.detail))
         else:
