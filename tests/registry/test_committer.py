@@ -183,3 +183,27 @@ async def test_close_in_the_turn_a_write_woke_the_lease_timers(tmp_path: Path) -
     closing = asyncio.ensure_future(registry.close())
     await asyncio.wait_for(asyncio.shield(closing), 5)
     assert timers.cancelled()
+
+
+async def test_a_write_with_a_later_lease_does_not_wake_the_lease_timers(tmp_path: Path) -> None:
+    # The timers sleep until the soonest lease; a commit wakes them only for a sooner one. The
+    # time they wake by themselves was computed from two readings of the clock, came out a
+    # little after the soonest deadline, and so every commit woke them for nothing.
+    ticks = iter(range(10**9))
+    registry = Registry(Disk(tmp_path), clock=lambda: 1000.0 + next(ticks) * 1e-6)
+    await registry.start()
+    ttl = InstanceSpec(address="10.0.0.1", port=80, check=Check(ttl=30.0))
+    await registry.register("api", "a", ttl)
+    await asyncio.sleep(0.05)  # the timers now sleep until a's lease runs out
+    wake = registry._timer_wake
+    assert wake is not None
+    wakes: list[None] = []
+    set_wake = wake.set
+    wake.set = lambda: (wakes.append(None), set_wake())[1]  # type: ignore[method-assign]
+    for n in range(5):
+        await registry.register("api", f"later{n}", ttl)
+    assert wakes == []
+    sooner = InstanceSpec(address="10.0.0.1", port=80, check=Check(ttl=5.0))
+    await registry.register("api", "sooner", sooner)
+    assert len(wakes) == 1
+    await registry.close()

@@ -350,9 +350,12 @@ class Registry:
         assert self._timer_wake is not None
         while True:
             deadline = self.state.next_deadline()
-            delay = 3600.0 if deadline is None else max(0.0, deadline - self._clock())
-            delay = min(delay, 3600.0)
-            self._timer_due = self._clock() + delay
+            # One reading of the clock: with two, the wake-up time came out a little after the
+            # deadline, so every commit saw that same deadline as sooner and woke the timers.
+            now = self._clock()
+            wake_at = now + 3600.0 if deadline is None else min(max(deadline, now), now + 3600.0)
+            delay = wake_at - now
+            self._timer_due = wake_at
             self._timer_wake.clear()
             # asyncio.timeout, not wait_for: in 3.11 wait_for returns a wake-up that lands in
             # the same turn as a cancel and swallows the cancel, and close() then hung.
