@@ -21,9 +21,9 @@ from interknit.registry.registry import RegistryBackend
 from interknit.registry.schema import (
     MAX_BODY,
     HealthBody,
-    RegisterBody,
     check_name,
     parse_body,
+    register_spec,
 )
 from interknit.registry.state import NotFound, RegistryError
 
@@ -218,8 +218,8 @@ class RegistryApi:
     async def register(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
-        body: RegisterBody = parse_body(RegisterBody, await read_body(request))
-        inst, revision = await self.registry.register(service, instance_id, body.to_spec())
+        spec = register_spec(await read_body(request))
+        inst, revision = await self.registry.register(service, instance_id, spec)
         return json_response(self.registry, self.instance_body(inst, revision))
 
     async def deregister(self, request: web.Request) -> web.Response:

@@ -32,7 +32,7 @@ from interknit.proxy.corking import WriteBatch
 from interknit.proxy.wire import status_line
 from interknit.registry.api import RegistryApi, deregistered_body, error_body
 from interknit.registry.registry import Registry
-from interknit.registry.schema import MAX_BODY, RegisterBody, check_name, parse_body
+from interknit.registry.schema import MAX_BODY, check_name, register_spec
 from interknit.registry.state import RegistryError
 
 log = logging.getLogger("interknit.registry")
@@ -171,7 +171,7 @@ class FastApi:
     def register(self, conn: ApiProtocol, req: _Request) -> None:
         assert isinstance(self.registry, Registry)
         service, instance_id = req.names
-        spec = parse_body(RegisterBody, req.body).to_spec()
+        spec = register_spec(req.body)
         answer = _Answer(conn, req)
         (inst, revision), queued = self.registry.register_nowait(service, instance_id, spec, answer)
         conn.answer_after(queued, answer, self.api.instance_body(inst, revision))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import re
 from typing import Annotated, Any
 
@@ -216,6 +217,97 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+_REGISTER_KEYS = frozenset(RegisterBody.model_fields)
+_TTL_CHECK_KEYS = frozenset(("ttl", "deregister_after"))
+
+
+def register_spec(raw: bytes) -> InstanceSpec:
+    """``parse_body(RegisterBody, raw).to_spec()``, sooner for the bodies nearly every caller
+    sends: plain ASCII JSON with an IPv4 address and a TTL check or none.
+
+    Every registration pays for this. Through pydantic it took about 9 us in a loaded node, though
+    4 us when timed on its own: between requests its code falls out of the CPU's caches. Such a
+    body is checked here by the same rules with ``json``; any other body, and every body that
+    breaks a rule, goes through pydantic, so what is refused and how it is worded stay pydantic's
+    (a property test holds the two paths to the same answer).
+    """
+    spec = _plain_spec(raw)
+    if spec is None:
+        spec = parse_body(RegisterBody, raw).to_spec()
+    return spec
+
+
+def _plain_spec(raw: bytes) -> InstanceSpec | None:
+    # Escapes are left to pydantic: json reads a lone surrogate that pydantic refuses.
+    if b"\\" in raw or not raw.isascii():
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if type(data) is not dict or not _REGISTER_KEYS.issuperset(data):
+        return None
+    address = data.get("address")
+    port = data.get("port")
+    weight = data.get("weight", 1)
+    # type(...) is int, not isinstance: pydantic's strict int refuses true and false.
+    if (
+        type(address) is not str
+        or _IPV4.fullmatch(address) is None
+        or type(port) is not int
+        or not 1 <= port <= 65535
+        or type(weight) is not int
+        or not 1 <= weight <= 1000
+    ):
+        return None
+    zone = data.get("zone")
+    region = data.get("region")
+    if zone is not None and (type(zone) is not str or not is_label(zone)):
+        return None
+    if region is not None and (type(region) is not str or not is_label(region)):
+        return None
+    tags = data.get("tags", [])
+    if type(tags) is not list or len(tags) > 64:
+        return None
+    for tag in tags:
+        if type(tag) is not str or not is_label(tag):
+            return None
+    meta = data.get("meta", {})
+    if type(meta) is not dict or len(meta) > 64:
+        return None
+    for key, value in meta.items():
+        if type(value) is not str or len(value) > 512 or not _META_KEY.fullmatch(key):
+            return None
+    check = None
+    body = data.get("check")
+    if body is not None:
+        if type(body) is not dict or not _TTL_CHECK_KEYS.issuperset(body):
+            return None
+        ttl = body.get("ttl")
+        after = body.get("deregister_after")
+        if type(ttl) is not str or (after is not None and type(after) is not str):
+            return None
+        try:
+            too_short = parse_duration(ttl) < 0.01
+            if after is not None:
+                parse_duration(after)
+        except ValueError:
+            return None
+        if too_short:
+            return None
+        check = _check(None, None, ttl, None, None, None, None, after)
+    return InstanceSpec(
+        address=address,
+        port=port,
+        zone=zone,
+        region=region,
+        weight=weight,
+        tags=tuple(dict.fromkeys(tags)),
+        meta=tuple(sorted(meta.items())),
+        check=check,
+    )
 
 
 def check_name(field: str, value: str) -> str:
