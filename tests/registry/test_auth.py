@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,3 +76,36 @@ def test_no_tokens_means_open(tmp_path: Path) -> None:
         assert node.register("web", "a").status_code == 200
     finally:
         node.stop()
+
+
+def test_the_fast_path_reads_the_authorization_header_as_aiohttp_does(
+    secured: NodeProcess,
+) -> None:
+    # Registrations are answered by the API's fast path, which reads the header from the raw
+    # head; a query string sends the same request through aiohttp. Both must decide alike.
+    body = json.dumps(BODY).encode()
+    heads = [
+        b"Authorization: Bearer " + WRITE.encode() + b"\r\n",
+        b"authorization:Bearer " + WRITE.encode() + b"  \r\n",
+        b"AUTHORIZATION: Bearer " + READ.encode() + b"\r\n",
+        b"Authorization: Bearer " + WRITE.encode() + b"\r\nAuthorization: Bearer x\r\n",
+        b"Authorization: Bearer x\r\nAuthorization: Bearer " + WRITE.encode() + b"\r\n",
+        b"X-Authorization: Bearer " + WRITE.encode() + b"\r\n",
+        b"X-Note: Authorization: Bearer " + WRITE.encode() + b"\r\n",
+    ]
+
+    def status(path: bytes, head: bytes) -> int:
+        with socket.create_connection(("127.0.0.1", secured.api_port), timeout=10) as sock:
+            sock.sendall(
+                b"PUT %s HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"
+                % (path, head, len(body), body)
+            )
+            return int(sock.recv(65536).split(b" ", 2)[1])
+
+    seen = []
+    for n, head in enumerate(heads):
+        fast = status(b"/v1/services/web/instances/f%d" % n, head)
+        slow = status(b"/v1/services/web/instances/s%d?via=aiohttp" % n, head)
+        assert fast == slow, head
+        seen.append(fast)
+    assert seen == [200, 200, 403, 200, 401, 401, 401]

@@ -219,3 +219,27 @@ def test_garbage_never_breaks_the_node(node: NodeProcess, prefix: bytes, junk: b
             except (TimeoutError, ConnectionResetError):
                 break
     assert node.client.get("/v1/health").status_code == 200
+
+
+def test_framing_fields_are_found_in_any_case_and_only_as_field_names(node: NodeProcess) -> None:
+    # aiohttp names itself in a Server header; the fast path does not.
+    chunked = (
+        b"PUT /v1/services/api/instances/lc HTTP/1.1\r\nHost: x\r\n"
+        b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
+    )
+    mention = put("/v1/services/api/instances/m", extra=b"X-Note: Transfer-Encoding: chunked\r\n")
+    length = (
+        b"PUT /v1/services/api/instances/l HTTP/1.1\r\nHost: x\r\ncontent-length: %d\r\n\r\n%s"
+        % (
+            len(BODY),
+            BODY,
+        )
+    )
+    for request, by_aiohttp in ((chunked, True), (mention, False), (length, False)):
+        with connect(node) as sock:
+            sock.sendall(request)
+            ((status, headers, _),) = read_responses(sock, 1)
+        assert status == 200, request
+        assert ("server" in headers) == by_aiohttp, request
+    ids = {i["id"] for i in node.client.get("/v1/services/api").json()["instances"]}
+    assert {"lc", "m", "l"} <= ids

@@ -235,7 +235,7 @@ class ApiProtocol(asyncio.Protocol):
         self.head_started = 0.0
         self.url = b""
         self.head_bytes = 0
-        self.authorization = ""
+        self.authorization: str | None = None
         self.length_seen = False
         self.framing_ok = True  # no Transfer-Encoding, Expect or Upgrade
         self.body: list[bytes] = []
@@ -282,7 +282,7 @@ class ApiProtocol(asyncio.Protocol):
         self.head_started = self.loop.time()
         self.url = b""
         self.head_bytes = 0
-        self.authorization = ""
+        self.authorization = None
         self.length_seen = False
         self.framing_ok = True
         self.body = []
@@ -296,7 +296,8 @@ class ApiProtocol(asyncio.Protocol):
         self.head_bytes += len(name) + len(value) + 4
         lname = name.lower()
         if lname == b"authorization":
-            self.authorization = value.decode("latin-1")
+            if self.authorization is None:  # the first, as aiohttp's headers.get
+                self.authorization = value.decode("latin-1")
         elif lname == b"content-length":
             # Larger than a body may be, or said twice: aiohttp answers it.
             if self.length_seen or not value.isdigit() or int(value) > MAX_BODY:
@@ -398,7 +399,13 @@ class ApiProtocol(asyncio.Protocol):
             return None
         self.head_end = head_end
         return _Request(
-            endpoint, method.decode(), handler, names, url, self.authorization, self.loop.time()
+            endpoint,
+            method.decode(),
+            handler,
+            names,
+            url,
+            self.authorization or "",
+            self.loop.time(),
         )
 
     # Answering
