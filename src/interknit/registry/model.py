@@ -7,7 +7,6 @@ be shared across tasks without copying.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Callable
@@ -54,12 +53,16 @@ def _opt(value: str | None) -> str:
     return "null" if value is None else _str(value)
 
 
-@functools.lru_cache(maxsize=1024)
 def _check_json(check: Check | None) -> str:
-    # Checks repeat across instances (most services register one shape), so encode each once.
     if check is None:
         return "null"
-    return json.dumps(check.to_json(), separators=(",", ":"))
+    # Kept on the check, which the API's parsing shares among the instances that spell it
+    # alike: an lru_cache here hashed all eight fields on every registration.
+    cached = check._json
+    if cached is None:
+        cached = json.dumps(check.to_json(), separators=(",", ":"))
+        object.__setattr__(check, "_json", cached)
+    return cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class Check:
     rise: int = 2
     fall: int = 3
     deregister_after: float | None = None
+    _json: str | None = field(default=None, compare=False, repr=False)  # _check_json's
 
     @property
     def kind(self) -> Literal["http", "tcp", "ttl"]:

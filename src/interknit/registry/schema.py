@@ -221,6 +221,7 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
 
 _REGISTER_KEYS = frozenset(RegisterBody.model_fields)
 _TTL_CHECK_KEYS = frozenset(("ttl", "deregister_after"))
+_decode_json = json.JSONDecoder().decode
 
 
 def register_spec(raw: bytes) -> InstanceSpec:
@@ -244,7 +245,7 @@ def _plain_spec(raw: bytes) -> InstanceSpec | None:
     if b"\\" in raw or not raw.isascii():
         return None
     try:
-        data = json.loads(raw)
+        data = _decode_json(raw.decode("ascii"))  # not json.loads: it sniffs the encoding
     except ValueError:
         return None
     if type(data) is not dict or not _REGISTER_KEYS.issuperset(data):
