@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from interknit import heap
 from interknit.config import ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ def up(config_path: str | None, log_json: bool, log_level: str, workers: int) ->
     setup_logging(log_level, log_json)
 
     def started(node: Node) -> None:
+        heap.settle()
         click.echo(
             f"interknit node {config.node.name} is up (store: {config.registry.backend},"
             f" data in {config.node.data_dir})"

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from interknit import __version__
 from interknit.admin.app import HttpMetrics, Panels, Tokens, build_app
@@ -83,6 +88,9 @@ class Node:
         self.config_path = None if config_path is None else Path(config_path)
         self.drain_timeout = drain_timeout
         self.metrics = CollectorRegistry(auto_describe=True)
+        # The process's memory, CPU and file descriptors, and how often the collector runs.
+        ProcessCollector(registry=self.metrics)
+        GCCollector(registry=self.metrics)
         self.registry_metrics = RegistryMetrics(self.metrics)
         self.registry: RegistryBackend = self._make_registry(config)
         self.metrics.register(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from interknit import heap
 from interknit.config import Config, ConfigError, load_config
 from interknit.proxy.component import ProxyComponent
 from interknit.registry.follower import Follower, local_ejections
@@ -54,6 +55,7 @@ async def run_worker(config_path: str, api: str) -> None:
     )
     follower.subscribe(proxy.on_events, proxy.on_resync)
     await proxy.start()
+    heap.settle()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
