@@ -285,14 +285,10 @@ class Node:
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise NodeStartError(f"cannot listen on {section.listen} for DNS: {reason}") from None
 
-        def apply(events: Sequence[Event]) -> None:
-            for event in events:
-                server.apply(event)
-
         def resync() -> None:
             server.sync(list(self.registry.state.all_instances()), self.registry.state.revision)
 
-        self.registry.subscribe(apply, resync)
+        self.registry.subscribe(server.apply_all, resync)
         self.on_stop(server.stop)
         host, _ = split_hostport(section.listen)
         self.listen["dns"] = f"{_hostport(host, server.port)} (udp+tcp, zone {section.zone})"

@@ -67,7 +67,10 @@ def test_events_then_resync_agree(steps: list[tuple[bool, Instance]]) -> None:
     config = ZoneConfig(max_answers=20)
     incremental = Zone(config)
     incremental.sync([], 0)
+    batched = Zone(config)  # the same events, a commit's worth at a time
+    batched.sync([], 0)
     state: dict[tuple[str, str], Instance] = {}
+    commit: list[Event] = []
     for revision, (is_put, instance) in enumerate(steps, start=1):
         event: Event
         if is_put:
@@ -78,9 +81,15 @@ def test_events_then_resync_agree(steps: list[tuple[bool, Instance]]) -> None:
         else:
             continue
         incremental.apply(event, now=float(revision))
+        commit.append(event)
+        if revision % 3 == 0:
+            batched.apply_all(commit, now=float(revision))
+            commit = []
+    batched.apply_all(commit, now=float(len(steps)))
     full = Zone(config)
     full.sync(state.values(), len(steps))
     assert snapshot(incremental) == snapshot(full)
+    assert snapshot(batched) == snapshot(full)
     for service in SERVICES:
         exists = any(key[0] == service for key in state)
         rcode = ask(full, f"{service}.{ZONE}").rcode()

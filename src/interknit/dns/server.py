@@ -18,7 +18,7 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
@@ -140,6 +140,9 @@ class DnsServer:
 
     def apply(self, event: Event) -> None:
         self.zone.apply(event, self.clock())
+
+    def apply_all(self, events: Sequence[Event]) -> None:
+        self.zone.apply_all(events, self.clock())
 
     # -- lifecycle --
 

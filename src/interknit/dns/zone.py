@@ -330,18 +330,27 @@ class Zone:
 
     def apply(self, event: Event, now: float = -math.inf) -> None:
         """One registry event; ``now`` is when it arrived, for the lowered TTL after a change."""
+        self.apply_all((event,), now)
+
+    def apply_all(self, events: Iterable[Event], now: float = -math.inf) -> None:
+        """A commit's events, in order (``apply`` for each, for less)."""
         self._clear_cache()
-        instance = event.instance
-        members = self._members.setdefault(instance.service, {})
-        if event.type == "delete":
-            members.pop(instance.id, None)
-            if not members:
-                del self._members[instance.service]
-        else:
-            members[instance.id] = instance
-        self._dirty[instance.service] = now
-        if event.revision > self._revision:
-            self._set_revision(event.revision)
+        members_of = self._members
+        dirty = self._dirty
+        revision = self._revision
+        for event in events:
+            instance = event.instance
+            members = members_of.setdefault(instance.service, {})
+            if event.type == "delete":
+                members.pop(instance.id, None)
+                if not members:
+                    del members_of[instance.service]
+            else:
+                members[instance.id] = instance
+            dirty[instance.service] = now
+            revision = max(revision, event.revision)
+        if revision > self._revision:
+            self._set_revision(revision)
 
     def flush(self) -> None:
         """Rebuild the services that events changed since the last query."""
