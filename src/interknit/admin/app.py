@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from interknit.plainmetrics import Collector, Family
+from interknit.plainmetrics import Collector, Family, Histogram, Value
 from interknit.registry.api import WATCHES_KEY, RegistryApi, dumps, error_response
 from interknit.registry.state import RegistryError
 
@@ -92,12 +92,22 @@ class HttpMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
         registry.register(Collector([self.requests, self.latency]))
+        # Each (endpoint, method, status)'s two children, found with one lookup per request.
+        self._children: dict[tuple[str, str, int], tuple[Value, Histogram]] = {}
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float | None) -> None:
         """Count one request; ``seconds`` None leaves the latency out (it waited on purpose)."""
-        self.requests.labels(endpoint, method, str(status)).inc()
+        key = (endpoint, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(endpoint, method, str(status)),
+                self.latency.labels(endpoint),
+            )
+            self._children[key] = children
+        children[0].inc()
         if seconds is not None:
-            self.latency.labels(endpoint).observe(seconds)
+            children[1].observe(seconds)
 
 
 def _endpoint(request: web.Request) -> str:

@@ -366,35 +366,36 @@ class ApiProtocol(asyncio.Protocol):
         # A bare LF inside the head would make the byte count disagree with the parser.
         if self.raw.count(b"\n", start, head_end) != self.raw.count(b"\r\n", start, head_end):
             return None
-        parts = url[len(_PREFIX) :].split(b"/")
-        method = parser.get_method()
-        server = self.server
-        if not all(parts):
-            return None  # an empty segment matches no route: aiohttp's 404
         try:
-            names = tuple(part.decode("ascii") for part in parts)
+            parts = url[len(_PREFIX) :].decode("ascii").split("/")
         except UnicodeDecodeError:
             return None
+        if not all(parts):
+            return None  # an empty segment matches no route: aiohttp's 404
+        method = parser.get_method()
+        server = self.server
+        count = len(parts)
         handler: Callable[[FastApi, ApiProtocol, _Request], None]
-        if len(parts) == 1 and method == b"GET":
+        if count == 1 and method == b"GET":
             endpoint, handler = _LOOKUP, FastApi.lookup
-        elif len(parts) == 3 and parts[1] == b"instances" and server.writes:
+            names: tuple[str, ...] = (parts[0],)
+        elif count == 3 and parts[1] == "instances" and server.writes:
             if method == b"PUT":
                 endpoint, handler = _INSTANCE, FastApi.register
             elif method == b"DELETE":
                 endpoint, handler = _INSTANCE, FastApi.deregister
             else:
                 return None
-            names = (names[0], names[2])
+            names = (parts[0], parts[2])
         elif (
-            len(parts) == 4
-            and parts[1] == b"instances"
-            and parts[3] == b"heartbeat"
+            count == 4
+            and parts[1] == "instances"
+            and parts[3] == "heartbeat"
             and method == b"PUT"
             and server.writes
         ):
             endpoint, handler = _HEARTBEAT, FastApi.heartbeat
-            names = (names[0], names[2])
+            names = (parts[0], parts[2])
         else:
             return None
         self.head_end = head_end
