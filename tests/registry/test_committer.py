@@ -147,7 +147,7 @@ async def test_a_batch_too_big_for_one_statement_or_with_deletes_commits_whole(
     tmp_path: Path,
 ) -> None:
     registry, disk = await started(tmp_path)
-    await registry.register("api", "gone", SPEC)
+    gone, _ = await registry.register("api", "gone", SPEC)
     disk.gate.clear()
     first = asyncio.create_task(registry.register("api", "x", SPEC))
     await asyncio.sleep(0.05)
@@ -157,7 +157,7 @@ async def test_a_batch_too_big_for_one_statement_or_with_deletes_commits_whole(
     disk.gate.set()
     await asyncio.gather(first, *many)
     assert [len(b.upserts) for b in disk.commits[-2:]] == [1, 300]
-    assert disk.commits[-1].deletes == [("api", "gone")]
+    assert disk.commits[-1].deletes == [gone.create_revision]
     revision = registry.state.revision
     await registry.close()
     reopened, _ = await started(tmp_path)

