@@ -207,3 +207,23 @@ async def test_a_write_with_a_later_lease_does_not_wake_the_lease_timers(tmp_pat
     await registry.register("api", "sooner", sooner)
     assert len(wakes) == 1
     await registry.close()
+
+
+async def test_a_commit_answers_its_writes_before_it_tells_the_listeners(tmp_path: Path) -> None:
+    # The answers go out first; the listeners (DNS, the proxy, watchers) are told in the same
+    # callback of the loop, so nothing can act on an answer before they know.
+    registry, _ = await started(tmp_path)
+    order: list[str] = []
+    registry.subscribe(lambda events: order.append(f"listener {len(events)}"))
+    registry.on_answered(lambda: order.append("answers sent"))
+    done = asyncio.Event()
+
+    def answered(error: BaseException | None) -> None:
+        order.append("answer")
+        done.set()
+
+    _, queued = registry.register_nowait("api", "a", SPEC, answered)
+    assert queued
+    await asyncio.wait_for(done.wait(), 5)
+    assert order == ["answer", "answers sent", "listener 1"]
+    await registry.close()
