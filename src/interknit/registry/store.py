@@ -24,9 +24,11 @@ moved into the new one the first time it opens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -143,16 +145,11 @@ class SqliteStore:
         return Snapshot(instances=instances, revision=revision)
 
     def _delete_rows(self, db: sqlite3.Connection, keys: list[int]) -> None:
-        # Never written by this store; kept as a repair should a row of an instance outlive
-        # its removal (an older version's rows): the newest record of each instance wins.
+        # A repair: this store writes one row per instance, but rows moved from the old table
+        # could name an instance twice. The newest record of each instance wins.
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 db.executemany("DELETE FROM records WHERE created = ?", [(k,) for k in keys])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the store at {self.path}: {exc}") from exc
 
@@ -166,8 +163,7 @@ class SqliteStore:
                 raise StoreError(f"cannot write the store at {self.path}: {exc}") from exc
             return
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 # One statement for many rows: each statement step gives the GIL away and must
                 # win it back from a busy event loop, so steps are what a commit costs.
                 for start in range(0, len(rows), _ROWS_PER_STATEMENT):
@@ -179,10 +175,6 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('revision', ?)",
                     (batch.revision,),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the store at {self.path}: {exc}") from exc
 
@@ -198,8 +190,7 @@ def _move_old_table(db: sqlite3.Connection) -> None:
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
     ).fetchone():
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         used: set[int] = set()
         spare = 0
         for (record,) in db.execute("SELECT record FROM instances").fetchall():
@@ -210,6 +201,13 @@ def _move_old_table(db: sqlite3.Connection) -> None:
             used.add(created)
             db.execute("INSERT INTO records (created, record) VALUES (?, ?)", (created, record))
         db.execute("DROP TABLE instances")
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
