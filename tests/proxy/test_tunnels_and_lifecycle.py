@@ -164,3 +164,64 @@ async def test_stop_drains_in_flight_request(backends, proxy) -> None:
         await asyncio.wait_for(stopping, 5)
     idle_writer.close()
     assert not p.connections
+
+
+async def _echo_backend(push: bool = False) -> tuple[asyncio.Server, str]:
+    """Echoes every byte; with ``push`` it also sends a byte every 0.1 s on its own."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def pusher() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                writer.write(b".")
+
+        task = asyncio.create_task(pusher()) if push else None
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+        except ConnectionError:
+            pass
+        finally:
+            if task is not None:
+                task.cancel()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_tcp_relay_closes_a_connection_idle_for_its_idle_timeout(proxy) -> None:
+    # HAProxy's timeout client/server in mode tcp: a peer gone without a FIN must not hold
+    # the slot for ever. Bytes either way keep the connection open.
+    server, addr = await _echo_backend()
+    pushing, push_addr = await _echo_backend(push=True)
+    p = await proxy(RouteSpec(servers=(addr,), idle_timeout=0.4), protocol="tcp")
+    q = await proxy(RouteSpec(servers=(push_addr,), idle_timeout=0.4), protocol="tcp", name="push")
+    loop = asyncio.get_running_loop()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    writer.write(b"hi")
+    assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
+    quiet_since = loop.time()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert loop.time() - quiet_since >= 0.35
+    writer.close()
+
+    # The client talking every 0.1 s keeps it open well past the timeout.
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    for _ in range(12):
+        writer.write(b"x")
+        assert await asyncio.wait_for(reader.readexactly(1), 5) == b"x"
+        await asyncio.sleep(0.1)
+    writer.close()
+
+    # So does the upstream talking while the client only listens.
+    reader, writer = await asyncio.open_connection("127.0.0.1", q.port)
+    got = b""
+    while len(got) < 10:
+        got += await asyncio.wait_for(reader.read(100), 5)
+    assert not reader.at_eof()
+    writer.close()
+    await until(lambda: not p.connections and not q.connections)
+    server.close()
+    pushing.close()

@@ -4,6 +4,11 @@ Bytes arriving before the upstream connection is up are held (reading pauses bey
 buffer). Each side pauses the other's reading when its write buffer is full, and an EOF from
 one side becomes a ``write_eof`` on the other (half-close), so protocols that finish sending
 before they finish reading still work. The connection closes when both sides are done.
+
+A connection that moves no byte either way for its route's ``idle_timeout`` is closed, as
+HAProxy's ``timeout client`` and ``timeout server`` do in ``mode tcp``: a client that went away
+without a FIN (or an upstream that hangs) must not hold a connection slot for ever. One timer
+per connection, re-armed only when it fires early: each chunk just notes the time.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ class TcpUpstream(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.client.bytes_out += len(data)
-        self.client.transport.write(data)
+        client = self.client
+        client.bytes_out += len(data)
+        client.last_activity = client.loop.time()
+        client.transport.write(data)
 
     def eof_received(self) -> bool | None:
         self.client.upstream_eof()
@@ -73,6 +80,9 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.retries = 0
+        self.last_activity = 0.0  # when a byte last moved either way
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_timer_at = 0.0
 
     # Protocol interface
 
@@ -83,11 +93,13 @@ class TcpProxyProtocol(asyncio.Protocol):
             self.rejected = True
             self.transport.abort()
             return
-        self.started = self.loop.time()
+        self.started = self.last_activity = self.loop.time()
+        self.arm_idle_timer(self.started + self.listener.route_state.spec.idle_timeout)
         self.task = self.loop.create_task(self.connect())
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        self.last_activity = self.loop.time()
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.write(data)
@@ -111,6 +123,9 @@ class TcpProxyProtocol(asyncio.Protocol):
         if self.rejected:
             return
         self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.close()
@@ -220,6 +235,23 @@ class TcpProxyProtocol(asyncio.Protocol):
             self.client_paused = False
             if not self.transport.is_closing():
                 self.transport.resume_reading()
+
+    def arm_idle_timer(self, when: float) -> None:
+        self.idle_timer_at = when
+        self.idle_timer = self.loop.call_at(when, self.on_idle_timer)
+
+    def on_idle_timer(self) -> None:
+        self.idle_timer = None
+        if self.closed:
+            return
+        # Bytes moved since it was armed: not yet idle for long enough. (The deadline is not
+        # compared with the clock, which may read a hair before the time the handle was set for.)
+        deadline = self.last_activity + self.listener.route_state.spec.idle_timeout
+        if deadline > self.idle_timer_at:
+            self.arm_idle_timer(deadline)
+            return
+        self.reason = "idle-timeout"
+        self.close()
 
     def fail(self, status: int, reason: str) -> None:
         self.status = status
