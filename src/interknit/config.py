@@ -88,10 +88,37 @@ class TokensSection(Section):
     write: list[Annotated[str, Field(min_length=8, max_length=256)]] = Field(default_factory=list)
 
 
+def _readable_file(value: str) -> str:
+    try:
+        with open(value, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+    return value
+
+
+ReadableFile = Annotated[str, AfterValidator(_readable_file)]
+
+
+class EtcdTlsSection(Section):
+    """etcdctl's --cacert, --cert and --key, for https:// endpoints."""
+
+    ca: ReadableFile | None = None  # none: the system's root certificates
+    cert: ReadableFile | None = None
+    key: ReadableFile | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> EtcdTlsSection:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together (the client's certificate and its key)")
+        return self
+
+
 class RegistrySection(Section):
     listen: HostPort = "127.0.0.1:7470"
     backend: Literal["embedded", "etcd"] = "embedded"
     etcd: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    etcd_tls: EtcdTlsSection | None = None
     etcd_prefix: str = "/interknit/"
     etcd_timeout: Seconds = 2.0
     node_ttl: Seconds = 10.0  # a node's lease: its instances go this long after it dies

@@ -126,9 +126,25 @@ class Node:
             raise NodeStartError(
                 "the etcd backend needs the etcd extra: pip install 'interknit[etcd]'"
             ) from None
+        tls = None
+        if section.etcd_tls is not None:
+            from interknit.registry.etcd_client import EtcdTls
+
+            files = section.etcd_tls
+
+            def read(path: str | None) -> bytes | None:
+                return None if path is None else Path(path).read_bytes()
+
+            try:
+                tls = EtcdTls(ca=read(files.ca), cert=read(files.cert), key=read(files.key))
+            except OSError as exc:
+                raise NodeStartError(
+                    f"registry.etcd_tls: cannot read {exc.filename}: {exc.strerror}"
+                ) from None
         try:
             return EtcdRegistry(
                 section.etcd,
+                tls=tls,
                 node_name=config.node.name,
                 data_dir=config.node.data_dir,
                 prefix=section.etcd_prefix,

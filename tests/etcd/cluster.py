@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -19,15 +20,53 @@ from tests.conftest import require_tool
 from tests.nodeproc import free_port
 
 
+class Certificates:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+
+    def __init__(self, directory: Path) -> None:
+        openssl = require_tool("openssl")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca, self.ca_key = directory / "ca.pem", directory / "ca.key"
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+        def run(*args: str) -> None:
+            subprocess.run([openssl, *args], check=True, capture_output=True)
+
+        run("req", "-x509", *ec, "-days", "1", "-subj", "/CN=interknit-test-ca",
+            "-keyout", str(self.ca_key), "-out", str(self.ca))  # fmt: skip
+
+        def issue(name: str, usage: str) -> tuple[Path, Path]:
+            key, csr, pem = (directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
+            ext = directory / f"{name}.ext"
+            ext.write_text(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+            run("req", *ec, "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr))
+            ca = ["-CA", str(self.ca), "-CAkey", str(self.ca_key), "-CAcreateserial"]
+            run("x509", "-req", "-in", str(csr), *ca, "-days", "1", "-extfile", str(ext),
+                "-out", str(pem))  # fmt: skip
+            return pem, key
+
+        self.server, self.server_key = issue("server", "serverAuth")
+        self.client, self.client_key = issue("client", "clientAuth")
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.load_cert_chain(str(self.client), str(self.client_key))
+        return ctx
+
+
 class Member:
-    def __init__(self, binary: str, workdir: Path, name: str) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, name: str, tls: Certificates | None = None
+    ) -> None:
         self.binary = binary
         self.name = name
+        self.tls = tls
         self.data_dir = workdir / f"{name}.etcd"
         self.log_path = workdir / f"{name}.log"
         self.client_port = free_port()
         self.peer_port = free_port()
-        self.client_url = f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if tls is not None else "http"
+        self.client_url = f"{scheme}://127.0.0.1:{self.client_port}"
         self.peer_url = f"http://127.0.0.1:{self.peer_port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -47,7 +86,16 @@ class Member:
             "--election-timeout", "500",
             "--logger", "zap",
             "--log-level", "error",
-        ]  # fmt: skip
+        ] + (
+            []
+            if self.tls is None
+            else [
+                "--cert-file", str(self.tls.server),
+                "--key-file", str(self.tls.server_key),
+                "--trusted-ca-file", str(self.tls.ca),
+                "--client-cert-auth",
+            ]
+        )  # fmt: skip
 
     def start(self, initial_cluster: str, token: str) -> None:
         log = self.log_path.open("ab")
@@ -68,7 +116,9 @@ class Member:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.client_url + "/health", timeout=1) as resp:
+            context = None if self.tls is None else self.tls.context()
+            url = self.client_url + "/health"
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                 return bool(json.loads(resp.read()).get("health") == "true")
         except (OSError, ValueError):
             return False
@@ -77,10 +127,10 @@ class Member:
 class EtcdCluster:
     """``size`` members forming one cluster; members can be killed and brought back."""
 
-    def __init__(self, workdir: Path, size: int = 1) -> None:
+    def __init__(self, workdir: Path, size: int = 1, tls: Certificates | None = None) -> None:
         binary = require_tool("etcd")
         workdir.mkdir(parents=True, exist_ok=True)
-        self.members = [Member(binary, workdir, f"m{i}") for i in range(size)]
+        self.members = [Member(binary, workdir, f"m{i}", tls) for i in range(size)]
         self.initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         self.token = f"ik-{workdir.name}-{time.monotonic_ns()}"
 

@@ -54,6 +54,7 @@ from interknit.registry.etcd_client import (
     KV,
     EtcdClient,
     EtcdError,
+    EtcdTls,
     EtcdUnavailable,
     cmp_create,
     cmp_mod,
@@ -115,13 +116,14 @@ class EtcdRegistry:
         history_size: int = DEFAULT_HISTORY,
         clock: Callable[[], float] = time.time,
         metrics: RegistryMetrics | None = None,
+        tls: EtcdTls | None = None,
     ) -> None:
         self.node_name = node_name
         self.layout = Layout(prefix)
         self.state = EtcdState(self.layout, history_size)
         self.node_ttl = lease_seconds(node_ttl)
         self.start_timeout = start_timeout
-        self._client = EtcdClient(endpoints, timeout=request_timeout)
+        self._client = EtcdClient(endpoints, timeout=request_timeout, tls=tls)
         self._lease_path = Path(data_dir) / LEASE_FILE
         self._clock = clock
         self._metrics = metrics

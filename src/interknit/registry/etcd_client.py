@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 from aetcd import rpc
 
 T = TypeVar("T")
@@ -76,17 +77,34 @@ class TxnResult:
     ranges: list[list[KV]]
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """What etcdctl's ``--cacert``, ``--cert`` and ``--key`` name, read into memory: the CA
+    that signed the members' certificates (None: the system's roots), and this client's
+    certificate and key for a cluster that asks for one (``--client-cert-auth``)."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+
 def parse_endpoint(url: str) -> str:
-    """``http://host:port`` (or ``host:port``) as gRPC's ``host:port`` target."""
-    target = url
+    """``http://host:port``, ``https://host:port`` (or ``host:port``) as gRPC's target."""
+    return _parse_endpoint(url)[0]
+
+
+def _parse_endpoint(url: str) -> tuple[str, bool]:
+    """The target and whether it speaks TLS."""
+    target, secure = url, False
     if "://" in url:
         scheme, target = url.split("://", 1)
-        if scheme != "http":
-            raise ValueError(f"etcd endpoint {url!r}: only http:// is supported")
+        if scheme not in ("http", "https"):
+            raise ValueError(f"etcd endpoint {url!r}: only http:// and https:// are supported")
+        secure = scheme == "https"
     target = target.rstrip("/")
     if ":" not in target.rsplit("]", 1)[-1]:
         target += ":2379"
-    return target
+    return target, secure
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -143,11 +161,26 @@ class EtcdClient:
     """Unary calls go to the current endpoint; on a connection failure the next endpoint is
     tried, each at most once per call, all within ``timeout``."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 2.0) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], *, timeout: float = 2.0, tls: EtcdTls | None = None
+    ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
-        self.targets = [parse_endpoint(e) for e in endpoints]
+        parsed = [_parse_endpoint(e) for e in endpoints]
+        schemes = {secure for _, secure in parsed}
+        if len(schemes) > 1:
+            raise ValueError("etcd endpoints mix http:// and https://")
+        self.secure = schemes == {True}
+        if tls is not None and not self.secure:
+            raise ValueError("TLS settings need https:// etcd endpoints")
+        self.targets = [target for target, _ in parsed]
         self.timeout = timeout
+        self._credentials: Any = None
+        if self.secure:
+            tls = tls or EtcdTls()
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+            )
         self._current = 0
         self._channels: dict[str, Any] = {}
         self._closed = False
@@ -159,7 +192,10 @@ class EtcdClient:
     def _channel(self, target: str) -> Any:
         channel = self._channels.get(target)
         if channel is None:
-            channel = rpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            if self._credentials is not None:
+                channel = rpc.secure_channel(target, self._credentials, options=_CHANNEL_OPTIONS)
+            else:
+                channel = rpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
             self._channels[target] = channel
         return channel
 
