@@ -88,13 +88,9 @@ class EtcdTls:
     key: bytes | None = None
 
 
-def parse_endpoint(url: str) -> str:
-    """``http://host:port``, ``https://host:port`` (or ``host:port``) as gRPC's target."""
-    return _parse_endpoint(url)[0]
-
-
-def _parse_endpoint(url: str) -> tuple[str, bool]:
-    """The target and whether it speaks TLS."""
+def parse_endpoint(url: str) -> tuple[str, bool]:
+    """``http://host:port``, ``https://host:port`` (or ``host:port``) as gRPC's ``host:port``
+    target, and whether it speaks TLS."""
     target, secure = url, False
     if "://" in url:
         scheme, target = url.split("://", 1)
@@ -166,7 +162,7 @@ class EtcdClient:
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
-        parsed = [_parse_endpoint(e) for e in endpoints]
+        parsed = [parse_endpoint(e) for e in endpoints]
         schemes = {secure for _, secure in parsed}
         if len(schemes) > 1:
             raise ValueError("etcd endpoints mix http:// and https://")

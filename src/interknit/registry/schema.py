@@ -157,16 +157,33 @@ class RegisterBody(BaseModel):
     check: CheckBody | None = None
 
     def to_spec(self) -> InstanceSpec:
-        return InstanceSpec(
-            address=self.address,
-            port=self.port,
-            zone=self.zone,
-            region=self.region,
-            weight=self.weight,
-            tags=tuple(dict.fromkeys(self.tags)),
-            meta=tuple(sorted(self.meta.items())),
-            check=None if self.check is None else self.check.to_check(),
-        )
+        check = None if self.check is None else self.check.to_check()
+        where = (self.address, self.port, self.zone, self.region, self.weight)
+        return _spec(*where, self.tags, self.meta, check)
+
+
+def _spec(
+    address: str,
+    port: int,
+    zone: str | None,
+    region: str | None,
+    weight: int,
+    tags: list[str],
+    meta: dict[str, str],
+    check: Check | None,
+) -> InstanceSpec:
+    """A checked body's fields in their one spelling: tags once each, meta sorted, so that the
+    same registration is the same spec (and re-registering it is no change)."""
+    return InstanceSpec(
+        address=address,
+        port=port,
+        zone=zone,
+        region=region,
+        weight=weight,
+        tags=tuple(dict.fromkeys(tags)),
+        meta=tuple(sorted(meta.items())),
+        check=check,
+    )
 
 
 class HealthBody(BaseModel):
@@ -299,16 +316,7 @@ def _plain_spec(raw: bytes) -> InstanceSpec | None:
         if too_short:
             return None
         check = _check(None, None, ttl, None, None, None, None, after)
-    return InstanceSpec(
-        address=address,
-        port=port,
-        zone=zone,
-        region=region,
-        weight=weight,
-        tags=tuple(dict.fromkeys(tags)),
-        meta=tuple(sorted(meta.items())),
-        check=check,
-    )
+    return _spec(address, port, zone, region, weight, tags, meta, check)
 
 
 def check_name(field: str, value: str) -> str:

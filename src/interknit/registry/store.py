@@ -91,6 +91,11 @@ def _upsert_sql(rows: int) -> str:
     return f"INSERT OR REPLACE INTO records (created, record) VALUES {values}"
 
 
+def _upsert(db: sqlite3.Connection, rows: list[tuple[int, bytes]]) -> None:
+    """Write up to ``_ROWS_PER_STATEMENT`` rows in one statement."""
+    db.execute(_upsert_sql(len(rows)), [v for row in rows for v in row])
+
+
 class SqliteStore:
     """The embedded store: one SQLite file under the node's data directory."""
 
@@ -158,7 +163,7 @@ class SqliteStore:
         rows = batch.upserts
         if not batch.deletes and 0 < len(rows) <= _ROWS_PER_STATEMENT:
             try:
-                db.execute(_upsert_sql(len(rows)), [v for row in rows for v in row])
+                _upsert(db, rows)
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot write the store at {self.path}: {exc}") from exc
             return
@@ -167,8 +172,7 @@ class SqliteStore:
                 # One statement for many rows: each statement step gives the GIL away and must
                 # win it back from a busy event loop, so steps are what a commit costs.
                 for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                    chunk = rows[start : start + _ROWS_PER_STATEMENT]
-                    db.execute(_upsert_sql(len(chunk)), [v for row in chunk for v in row])
+                    _upsert(db, rows[start : start + _ROWS_PER_STATEMENT])
                 for created in batch.deletes:
                     db.execute("DELETE FROM records WHERE created = ?", (created,))
                 db.execute(
