@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from interknit.demand.deadline import parse_request_timeout
 from interknit.demand.overload import OverloadMonitor
-from interknit.demand.route import DemandAdmissions, RouteAdmission
+from interknit.demand.route import DemandAdmissions, RouteAdmission, Ticket
 from interknit.demand.settings import DemandSettings
 
 
@@ -33,35 +34,64 @@ async def test_routes_without_settings_have_no_admission_and_gates_are_cached() 
     assert admissions.gates() == [first.gate]
 
 
-async def test_acquire_release_and_rejection_details() -> None:
+def admit(admission: RouteAdmission, **demand: Any) -> Ticket:
+    """A ticket decided at once (these tests never queue)."""
+    ticket = admission.admit(0.0, on_decided=lambda: pytest.fail("decided later"), **demand)
+    assert ticket.admitted or ticket.refused
+    return ticket
+
+
+async def test_admit_release_and_rejection_details() -> None:
     admissions = source(concurrency=1, queue=0, reserve=0.0)
     admission = admissions.admission(Route("limited", timeout=2.0))
     assert admission is not None
-    permit = await admission.acquire(0.0, request_timeout=b"500ms", priority=b"critical")
-    assert permit is not None
+    permit = admit(admission, request_timeout=b"500ms", priority=b"critical")
+    assert permit.admitted and not permit.refused
     forwarded = permit.forward_timeout()
     assert forwarded is not None and 0.0 < parse_request_timeout(forwarded) <= 0.5
-    assert await admission.acquire(0.0) is None
-    rejection = admission.last_rejection
-    assert rejection is not None
-    assert (rejection.status, rejection.reason, rejection.retry_header) == (503, "queue_full", "1")
+    refused = admit(admission)
+    assert refused.refused and not refused.admitted
+    assert (refused.status, refused.reason, refused.retry_after) == (503, "queue_full", 1)
     permit.release(True, 0.0)
-    again = await admission.acquire(0.0)
-    assert again is not None
+    again = admit(admission)
+    assert again.admitted
     # A failed exchange is fed to the limit as a drop and frees the slot all the same.
     again.release(False, 0.0)
     assert admission.gate.limiter is not None and admission.gate.limiter.inflight == 0
+    again.release(False, 0.0)  # once only: a second release changes nothing
+    assert admission.gate.limiter.inflight == 0
+
+
+async def test_a_queued_ticket_is_decided_by_callback_or_cancelled() -> None:
+    admission = source(concurrency=1, queue=4, reserve=0.0, queue_timeout="5s").admission(
+        Route("limited")
+    )
+    assert admission is not None
+    held = admit(admission)
+    decided = asyncio.Event()
+    waiting = admission.admit(0.0, on_decided=decided.set)
+    assert not waiting.admitted and not waiting.refused
+    gone = admission.admit(0.0, on_decided=lambda: pytest.fail("cancelled"))
+    limiter = admission.gate.limiter
+    assert limiter is not None and len(limiter.queue) == 2
+    gone.cancel()  # its client left: the place is free at once
+    assert len(limiter.queue) == 1
+    held.release(True, 0.0)
+    await asyncio.wait_for(decided.wait(), 5)
+    assert waiting.admitted and limiter.inflight == 1
+    waiting.release(True, 0.0)
+    assert limiter.inflight == 0
 
 
 async def test_route_timeout_is_the_default_deadline() -> None:
     admission = source(concurrency=4).admission(Route("limited", timeout=0.25))
     assert admission is not None
-    permit = await admission.acquire(0.0)
-    assert permit is not None and permit.forward_timeout() is not None
+    permit = admit(admission)
+    assert permit.admitted and permit.forward_timeout() is not None
     bare = source(concurrency=4).admission(Route("limited"))
     assert bare is not None
-    unbounded = await bare.acquire(0.0)
-    assert unbounded is not None and unbounded.forward_timeout() is None
+    unbounded = admit(bare)
+    assert unbounded.admitted and unbounded.forward_timeout() is None
 
 
 async def test_rate_limit_per_client_from_config_spelling() -> None:
@@ -72,10 +102,10 @@ async def test_rate_limit_per_client_from_config_spelling() -> None:
     )
     admission = admissions.admission(Route("any"))
     assert admission is not None
-    assert await admission.acquire(0.0, client_key="10.0.0.1") is not None
-    assert await admission.acquire(0.0, client_key="10.0.0.2") is not None
-    assert await admission.acquire(0.0, client_key="10.0.0.1") is None
-    assert admission.last_rejection is not None and admission.last_rejection.status == 429
+    assert admit(admission, client_key="10.0.0.1").admitted
+    assert admit(admission, client_key="10.0.0.2").admitted
+    refused = admit(admission, client_key="10.0.0.1")
+    assert refused.refused and refused.status == 429
 
 
 async def test_overloaded_for_the_node_health() -> None:
@@ -85,11 +115,11 @@ async def test_overloaded_for_the_node_health() -> None:
     )
     admission = admissions.admission(Route("r"))
     assert admission is not None and not admissions.overloaded()
-    held = await admission.acquire(0.0)
-    results = await asyncio.gather(*(admission.acquire(0.0) for _ in range(10)))
-    assert results == [None] * 10
+    held = admit(admission)
+    results = [admit(admission).refused for _ in range(10)]
+    assert results == [True] * 10
     assert admissions.overloaded()
-    assert held is not None
+    assert held.admitted
     held.release(True, 0.0)
 
 

@@ -6,12 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from interknit.http1.status import STATUS_LINES
 from interknit.proxy.flow import PEER_FULL, PIPELINE, FlowControl
-from interknit.proxy.http import cookie_value
+from interknit.proxy.request import cookie_value
 from interknit.proxy.retry import RetryBudget, safe_to_retry
 from interknit.proxy.routing import Router, host_without_port, split_target
 from interknit.proxy.spec import ListenerSpec, MatchSpec, RouteSpec
-from interknit.proxy.wire import STATUS_LINES, chunk, connection_tokens, error_response
+from interknit.proxy.wire import chunk, connection_tokens, error_response
 
 
 def test_spec_validation_names_the_field() -> None:

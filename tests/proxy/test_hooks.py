@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 
 from interknit.proxy import RouteSpec
@@ -28,12 +30,26 @@ async def test_sticky_cookie_pins_a_client_to_its_endpoint(backends, proxy) -> N
     assert backends_seen == {"a", "b"}
 
 
-class Permit:
-    def __init__(self, log: list[tuple[str, bool]]) -> None:
-        self.log = log
+class Ticket:
+    """Admitted or refused at once (the proxy's ``Ticket`` interface)."""
+
+    def __init__(self, owner: OneAtATime, admitted: bool) -> None:
+        self.owner = owner
+        self.admitted = admitted
+        self.refused = not admitted
+        self.status = 503
+        self.reason = "overloaded"
+        self.retry_after = 1
+
+    def forward_timeout(self) -> str | None:
+        return None
 
     def release(self, ok: bool, now: float) -> None:
-        self.log.append(("release", ok))
+        self.owner.busy = False
+        self.owner.log.append(("release", ok))
+
+    def cancel(self) -> None:
+        raise AssertionError("never queued")
 
 
 class OneAtATime:
@@ -43,22 +59,14 @@ class OneAtATime:
         self.log: list[tuple[str, bool]] = []
         self.busy = False
 
-    async def acquire(self, now: float, **demand: object) -> Permit | None:
+    def admit(self, now: float, *, on_decided: Callable[[], None], **demand: object) -> Ticket:
         self.demand = demand
         if self.busy:
             self.log.append(("reject", False))
-            return None
+            return Ticket(self, False)
         self.busy = True
         self.log.append(("admit", True))
-        permit = Permit(self.log)
-        original = permit.release
-
-        def release(ok: bool, now: float) -> None:
-            self.busy = False
-            original(ok, now)
-
-        permit.release = release  # type: ignore[method-assign]
-        return permit
+        return Ticket(self, True)
 
 
 class Admissions:

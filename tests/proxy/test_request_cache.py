@@ -1,4 +1,5 @@
-"""The cache of request heads (``http.CachedRequest``) against the parser it stands in for.
+"""The listener's cache of request heads (``http1.headcache``) against the parser it stands in
+for.
 
 Each scenario runs through a real listener to a recording upstream twice: with the cache, and
 with it switched off (every request parsed by httptools). The client must receive the same
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from interknit.http1 import headcache
 from interknit.proxy import RouteSpec
 from interknit.proxy import http as http_module
 from tests.proxy.talk import exchange
@@ -114,11 +116,9 @@ async def test_upstream_and_client_see_what_the_parser_alone_gives(
     scenario: str, proxy: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     connections = SCENARIOS[scenario]
-    http_module._REQUESTS.clear()
-    http_module._SEEN.clear()
     cached = await run(proxy, "cached", connections)
     with monkeypatch.context() as m:
-        m.setattr(http_module, "_REQUEST_MAX_BYTES", -1)  # listeners made now never look
+        m.setattr(headcache, "MAX_BYTES", -1)  # listeners made now never keep a head
         parsed = await run(proxy, "parsed", connections)
     assert cached == parsed
     assert any(cached[0])
@@ -130,18 +130,17 @@ async def test_the_cache_is_used_and_keeps_the_listeners_limit(
     hits: list[bytes] = []
     original = http_module.HttpProxyProtocol.request_from_cache
 
-    def spy(self: Any, entry: Any) -> None:
-        hits.append(entry.target)
-        original(self, entry)
+    def spy(self: Any, head: Any, now: float) -> None:
+        hits.append(head.target)
+        original(self, head, now)
 
     monkeypatch.setattr(http_module.HttpProxyProtocol, "request_from_cache", spy)
-    http_module._REQUESTS.clear()
-    http_module._SEEN.clear()
     replies, received = await run(proxy, "hits", [[GET] * 4])
     assert replies[0].count(b"HTTP/1.1 200 OK") == 4
     assert hits == [b"/a?b=c", b"/a?b=c"]  # kept from its second parse, used from the third
     assert len(set(re.findall(rb"x-request-id: ([^\r]+)", received[0]))) == 1  # normalized
-    # A head cached by a listener with a large limit is still too large for a small one.
+    # Each listener has its own cache: a head cached by a listener with a large limit is still
+    # too large for a small one.
     big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 1100 + b"\r\n\r\n"
     await run(proxy, "large", [[big, big, big]])
     replies, _ = await run(proxy, "small", [[big]], max_header_bytes=1024)

@@ -132,6 +132,22 @@ async def test_retry_budget_stops_retries(backends, proxy) -> None:
     assert live.seen == []
 
 
+async def test_retry_budget_places_are_given_back(backends, proxy) -> None:
+    """A connect failure, then a 503 retried elsewhere, then an answer: each retry's place in
+    the budget is held by its own attempt and given back, whatever the path to it."""
+    dead = f"127.0.0.1:{await free_port()}"
+    a, b = await backends("a"), await backends("b")
+    p = await proxy(RouteSpec(servers=(dead, a.server, b.server), attempts=2))
+    budget = p.routing[1][0].budget
+    async with httpx.AsyncClient() as client:
+        for _ in range(3):
+            r = await client.get(f"http://127.0.0.1:{p.port}/x?status=503")
+            assert r.status_code == 503
+            r = await client.get(f"http://127.0.0.1:{p.port}/x")
+            assert r.status_code == 200
+    assert (budget.requests, budget.retries) == (0, 0)
+
+
 class EmptyPools:
     def pool(self, route: _RouteSpec) -> PoolLike | None:
         if route.servers == ("none:1",):

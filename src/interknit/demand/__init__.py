@@ -27,7 +27,7 @@ from interknit.demand.queue import (
     parse_priority,
 )
 from interknit.demand.rate import KeyedRateLimiter, TokenBucket, parse_rate
-from interknit.demand.route import DemandAdmissions, RouteAdmission, RoutePermit
+from interknit.demand.route import DemandAdmissions, RouteAdmission, Ticket
 from interknit.demand.settings import DemandSettings
 
 __all__ = [
@@ -53,8 +53,8 @@ __all__ = [
     "Rejected",
     "RouteAdmission",
     "RouteMetrics",
-    "RoutePermit",
     "ServiceTimes",
+    "Ticket",
     "TokenBucket",
     "format_remaining",
     "parse_grpc_timeout",

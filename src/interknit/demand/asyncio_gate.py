@@ -1,15 +1,19 @@
 """The asyncio shell over a route's demand control: rate limits, then the ``Limiter``.
 
-``Gate`` does the waiting the sans-IO core cannot: a queued request parks on a future until a
-release admits it, or a timer (its queue timeout or its deadline) refuses it. Everything that
-decides lives in ``Limiter``, ``TokenBucket`` and ``OverloadMonitor``; this file only reads the
-clock, parks, wakes and counts. The proxy and both middlewares share it::
+``Gate`` does the waiting the sans-IO core cannot: a queued request waits (a ``Waiter``) until a
+release admits it, or a timer (its queue timeout or its deadline) refuses it, and is told by a
+callback, so that the proxy waits without a task and a client that leaves can ``cancel`` its
+place at once. Everything that decides lives in ``Limiter``, ``TokenBucket`` and
+``OverloadMonitor``; this file only reads the clock, parks, wakes and counts. The middlewares
+use it as a coroutine::
 
     try:
         async with gate.admit(priority, deadline, client_key) as permit:
             ...  # do the work; set permit.dropped = True if it timed out upstream
     except Rejected as refusal:
         ...  # answer refusal.status with Retry-After: refusal.retry_header
+
+and the proxy through ``request(..., on_settled)`` (see ``demand/route.py``).
 """
 
 from __future__ import annotations
@@ -139,13 +143,17 @@ class Gate:
         """``async with gate.admit(...) as permit``: acquire, then release on exit."""
         return Admission(self, priority, deadline, client_key)
 
-    async def acquire(
+    def request(
         self,
-        priority: Priority | None = None,
-        deadline: float | None = None,
-        client_key: str | None = None,
-    ) -> Permit:
-        """Wait for admission; raise ``Rejected``. Pair every Permit with ``release``."""
+        priority: Priority | None,
+        deadline: float | None,
+        client_key: str | None,
+        on_settled: Callable[[Permit | Rejected], None],
+    ) -> Permit | Waiter:
+        """Admit at once (a ``Permit``), refuse at once (raises ``Rejected``), or queue: the
+        returned ``Waiter`` calls ``on_settled`` with a ``Permit`` or a ``Rejected`` from a
+        later turn of the loop, unless it is cancelled first. Pair every Permit with
+        ``release``."""
         now = self.clock()
         # The client's bucket first: one greedy client must not drain the route's bucket with
         # requests that its own limit refuses anyway.
@@ -178,33 +186,33 @@ class Gate:
         if isinstance(decision, Reject):
             raise self._refuse(now, decision.reason, decision.retry_after)
         assert isinstance(decision, Entry)
-        return await self._wait(limiter, decision, now)
+        return Waiter(self, limiter, decision, now, on_settled)
 
-    async def _wait(self, limiter: Limiter, entry: Entry, now: float) -> Permit:
-        if self.metrics is not None:
-            self.metrics.queued.inc()
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        entry.waiter = waiter
-        expires = now + limiter.queue.timeout
-        if entry.deadline is not None and entry.deadline < expires:
-            expires = entry.deadline
-        timer = loop.call_later(max(0.0, expires - now), self._on_timer, limiter, entry)
+    async def acquire(
+        self,
+        priority: Priority | None = None,
+        deadline: float | None = None,
+        client_key: str | None = None,
+    ) -> Permit:
+        """``request`` for a coroutine: wait for admission; raise ``Rejected``."""
+        settled: asyncio.Future[Permit | Rejected] = asyncio.get_running_loop().create_future()
+
+        def on_settled(result: Permit | Rejected) -> None:
+            if not settled.done():
+                settled.set_result(result)
+
+        got = self.request(priority, deadline, client_key, on_settled)
+        if isinstance(got, Permit):
+            return got
         try:
-            await waiter
+            result = await settled
         except asyncio.CancelledError:
             # The caller went away while queued (or just after being admitted): free the place.
-            self._wake(limiter.cancel(entry, self.clock()))
+            got.cancel()
             raise
-        finally:
-            timer.cancel()
-        done = self.clock()
-        if self.metrics is not None:
-            self.metrics.wait.observe(done - now)
-        if entry.status == ADMITTED:
-            self._admitted(done)
-            return Permit(done, entry.inflight)
-        raise self._refuse(done, entry.reason or "queue_timeout", limiter.retry_after())
+        if isinstance(result, Rejected):
+            raise result
+        return result
 
     def _on_timer(self, limiter: Limiter, entry: Entry) -> None:
         now = self.clock()
@@ -242,8 +250,8 @@ class Gate:
     def _wake(entries: Sequence[Entry]) -> None:
         for entry in entries:
             waiter = entry.waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            if waiter is not None:
+                waiter.settle()
 
     def _admitted(self, now: float) -> None:
         if self.metrics is not None:
@@ -261,6 +269,77 @@ class Gate:
     def _refuse(self, now: float, reason: RejectReason, retry_after: float) -> Rejected:
         self._count_refusal(now, reason)
         return Rejected(reason, retry_after)
+
+
+class Waiter:
+    """A request queued by ``Gate.request``, until a release admits it or its timer (queue
+    timeout or deadline) refuses it; ``cancel`` when its caller leaves."""
+
+    __slots__ = ("_callback", "_delivered", "_gate", "_limiter", "_timer", "cancelled", "entry")
+
+    def __init__(
+        self,
+        gate: Gate,
+        limiter: Limiter,
+        entry: Entry,
+        now: float,
+        on_settled: Callable[[Permit | Rejected], None],
+    ) -> None:
+        self._gate = gate
+        self._limiter = limiter
+        self.entry = entry
+        self._callback = on_settled
+        self._delivered = False
+        self.cancelled = False
+        entry.waiter = self
+        if gate.metrics is not None:
+            gate.metrics.queued.inc()
+        expires = now + limiter.queue.timeout
+        if entry.deadline is not None and entry.deadline < expires:
+            expires = entry.deadline
+        loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = loop.call_later(
+            max(0.0, expires - now), gate._on_timer, limiter, entry
+        )
+
+    def settle(self) -> None:
+        """The entry was admitted or refused: tell the caller, from the next turn, so that a
+        release never runs another request's work inside its own."""
+        if self._delivered or self.cancelled:
+            return
+        self._delivered = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        gate = self._gate
+        entry = self.entry
+        done = gate.clock()
+        if gate.metrics is not None:
+            gate.metrics.wait.observe(done - entry.enqueued_at)
+        result: Permit | Rejected
+        if entry.status == ADMITTED:
+            gate._admitted(done)
+            result = Permit(done, entry.inflight)
+        else:
+            result = gate._refuse(
+                done, entry.reason or "queue_timeout", self._limiter.retry_after()
+            )
+        asyncio.get_running_loop().call_soon(self._deliver, result)
+
+    def _deliver(self, result: Permit | Rejected) -> None:
+        if not self.cancelled:
+            self._callback(result)
+
+    def cancel(self) -> None:
+        """The caller left: free its queue place, or the slot it was admitted to meanwhile."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        gate = self._gate
+        gate._wake(self._limiter.cancel(self.entry, gate.clock()))
 
 
 class Admission:

@@ -1,13 +1,12 @@
 """Demand control for the proxy's routes: the ``Admission`` and ``AdmissionSource`` it expects.
 
 The proxy (``proxy/pools.py``) asks an ``AdmissionSource`` for a route's ``Admission`` once,
-then per request ``await admission.acquire(now, ...)``: a permit to go ahead, or ``None`` to
-answer with ``admission.last_rejection`` (status 503 or 429 and ``Retry-After``). The request's
-own demand headers go in as raw values, so the proxy parses nothing itself; the permit then
-says what to forward upstream in ``X-Request-Timeout``.
-
-``last_rejection`` is read right after ``acquire`` returns ``None``: nothing else runs on the
-loop between the coroutine's return and the caller's next line, so it is that request's.
+then per request ``admission.admit(now, ..., on_decided=...)``, which returns a ``Ticket``:
+admitted at once, refused at once (status 503 or 429 and ``Retry-After``), or queued, in which
+case ``on_decided`` is called when it is either, from a later turn of the loop, unless the
+proxy ``cancel``s it first (its client left). The request's own demand headers go in as raw
+values, so the proxy parses nothing itself; an admitted ticket then says what to forward
+upstream in ``X-Request-Timeout`` and is released once when the exchange ends.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from interknit.demand.asyncio_gate import Gate, Permit, Rejected
+from interknit.demand.asyncio_gate import Gate, Permit, Rejected, Waiter
 from interknit.demand.deadline import format_remaining
 from interknit.demand.http import read_demand
 from interknit.demand.metrics import DemandMetrics
@@ -34,20 +33,64 @@ class RouteLike(Protocol):
     def timeout(self) -> float | None: ...
 
 
-class RoutePermit:
-    """An admitted proxied request; ``release`` it exactly once when the exchange ends."""
+class Ticket:
+    """One proxied request before demand control: queued, then admitted or refused.
 
-    __slots__ = ("_gate", "_permit", "deadline")
+    Admitted: ``release`` it exactly once when the exchange ends. Refused: ``status``,
+    ``reason`` and ``retry_after`` say how to answer. Queued: ``cancel`` frees the place.
+    """
 
-    def __init__(self, gate: Gate, permit: Permit, deadline: float | None) -> None:
+    __slots__ = ("_gate", "_on_decided", "_permit", "_refusal", "_waiter", "deadline")
+
+    def __init__(self, gate: Gate, deadline: float | None, on_decided: Callable[[], None]) -> None:
         self._gate = gate
-        self._permit = permit
         self.deadline = deadline
+        self._on_decided = on_decided
+        self._permit: Permit | None = None
+        self._refusal: Rejected | None = None
+        self._waiter: Waiter | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self._permit is not None
+
+    @property
+    def refused(self) -> bool:
+        return self._refusal is not None
+
+    @property
+    def status(self) -> int:
+        return 503 if self._refusal is None else self._refusal.status
+
+    @property
+    def reason(self) -> str:
+        return "overloaded" if self._refusal is None else self._refusal.reason
+
+    @property
+    def retry_after(self) -> int:
+        """``Retry-After`` in whole seconds, at least 1."""
+        return 1 if self._refusal is None else int(self._refusal.retry_header)
+
+    def settled(self, result: Permit | Rejected) -> None:
+        self._waiter = None
+        if isinstance(result, Permit):
+            self._permit = result
+        else:
+            self._refusal = result
+        self._on_decided()
 
     def release(self, ok: bool, now: float) -> None:
         """``ok`` False (upstream failed, timed out or answered 503) feeds the limit a drop.
         ``now`` is accepted for the proxy's interface; the gate reads its own clock."""
-        self._gate.release(self._permit, dropped=not ok)
+        permit, self._permit = self._permit, None
+        if permit is not None:
+            self._gate.release(permit, dropped=not ok)
+
+    def cancel(self) -> None:
+        """The request is gone while queued: give its place up."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.cancel()
 
     def forward_timeout(self) -> str | None:
         """The ``X-Request-Timeout`` value to send upstream: the time still left, or None."""
@@ -59,13 +102,12 @@ class RoutePermit:
 class RouteAdmission:
     """One route's gate behind the proxy's ``Admission`` interface."""
 
-    __slots__ = ("gate", "last_rejection")
+    __slots__ = ("gate",)
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self.last_rejection: Rejected | None = None
 
-    async def acquire(
+    def admit(
         self,
         now: float,
         *,
@@ -73,19 +115,25 @@ class RouteAdmission:
         grpc_timeout: str | bytes | None = None,
         priority: str | bytes | None = None,
         client_key: str | None = None,
-    ) -> RoutePermit | None:
-        """Wait for admission. ``request_timeout``, ``grpc_timeout`` and ``priority`` are the
+        on_decided: Callable[[], None],
+    ) -> Ticket:
+        """Ask for admission. ``request_timeout``, ``grpc_timeout`` and ``priority`` are the
         raw ``X-Request-Timeout``, ``grpc-timeout`` and ``X-Priority`` values; ``client_key`` is
         the client's address (or the header the route keys rate limits on). ``now`` is accepted
         for the proxy's interface; deadlines are on the gate's own clock."""
         gate = self.gate
         level, deadline = read_demand(gate, gate.clock(), request_timeout, grpc_timeout, priority)
+        ticket = Ticket(gate, deadline, on_decided)
         try:
-            permit = await gate.acquire(level, deadline, client_key)
+            got = gate.request(level, deadline, client_key, ticket.settled)
         except Rejected as rejected:
-            self.last_rejection = rejected
-            return None
-        return RoutePermit(gate, permit, deadline)
+            ticket._refusal = rejected
+            return ticket
+        if isinstance(got, Permit):
+            ticket._permit = got
+        else:
+            ticket._waiter = got
+        return ticket
 
 
 class DemandAdmissions:

@@ -5,10 +5,10 @@ from interknit.proxy.pools import (
     Admission,
     AdmissionSource,
     BalancedPool,
-    Permit,
     PoolLike,
     PoolSource,
     StaticPoolSource,
+    Ticket,
 )
 from interknit.proxy.spec import ListenerSpec, MatchSpec, RouteSpec
 
@@ -20,11 +20,11 @@ __all__ = [
     "Listener",
     "ListenerSpec",
     "MatchSpec",
-    "Permit",
     "PoolLike",
     "PoolSource",
     "RouteSpec",
     "StaticPoolSource",
     "TcpListener",
+    "Ticket",
     "build_listener",
 ]

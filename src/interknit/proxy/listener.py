@@ -14,9 +14,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from interknit.proxy.http import HttpProxyProtocol, RouteState
+from interknit.http1 import headcache
+from interknit.http1.headcache import HeadCache
+from interknit.proxy.exchange import RouteState
+from interknit.proxy.http import HttpProxyProtocol
 from interknit.proxy.observe import ListenerStats, ProxyMetrics, RouteStats
 from interknit.proxy.pools import AdmissionSource, PoolSource
+from interknit.proxy.request import RequestHead
 from interknit.proxy.retry import RetryBudget
 from interknit.proxy.routing import CompiledRoute, Router
 from interknit.proxy.spec import ListenerSpec, RouteSpec
@@ -152,7 +156,9 @@ class Listener:
 
     def _state(self, route: CompiledRoute, budget: RetryBudget) -> RouteState:
         admission = None if self.admission is None else self.admission.admission(route.spec)
-        return RouteState(route, budget, self.stats.route(route.label), admission)
+        return RouteState(
+            route, budget, self.stats.route(route.label), admission, self.spec.header_timeout
+        )
 
 
 class HttpListener(Listener):
@@ -174,6 +180,14 @@ class HttpListener(Listener):
             self.loop, spec.upstream_max_idle, spec.upstream_idle_timeout
         )
         self.request_ids = RequestIds()
+        # Request heads by their bytes; emptied when the spec changes (limits may have).
+        self.heads: HeadCache[RequestHead] = HeadCache(
+            min(spec.max_header_bytes, headcache.MAX_BYTES)
+        )
+
+    def update(self, spec: ListenerSpec) -> None:
+        super().update(spec)
+        self.heads.clear()
 
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpProxyProtocol(self)

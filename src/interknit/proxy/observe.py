@@ -122,6 +122,18 @@ class EndpointStats:
         self.duration = metrics.endpoint_duration.labels(*labels)
         self.inflight = metrics.endpoint_inflight.labels(*labels)
 
+    def started(self) -> EndpointStats:
+        """An attempt begins (returns itself, for the caller to keep)."""
+        self.requests.value += 1
+        self.inflight.value += 1
+        return self
+
+    def finished(self, took: float, failed: bool) -> None:
+        self.inflight.value -= 1
+        self.duration.observe(took)
+        if failed:
+            self.errors.value += 1
+
 
 class RouteStats:
     """Pre-resolved metric children of one route on one listener."""
@@ -153,7 +165,27 @@ class RouteStats:
     def count(self, status: int) -> None:
         index = status // 100 - 1
         if 0 <= index < 5:
-            self.codes[index].inc()
+            self.codes[index].value += 1
+
+    def started(self) -> None:
+        """A routed request begins."""
+        self.inflight.value += 1
+
+    def ended(self) -> None:
+        self.inflight.value -= 1
+
+    def retried(self) -> None:
+        self.retries.value += 1
+
+    def finished(self, status: int, duration: float, reason: str) -> None:
+        """A request was answered (or abandoned) with ``status`` in ``duration`` seconds;
+        ``reason`` names the error the proxy answered or saw, if any."""
+        index = status // 100 - 1
+        if 0 <= index < 5:
+            self.codes[index].value += 1
+        self.duration.observe(duration)
+        if reason:
+            self.error(reason)
 
     def error(self, reason: str) -> None:
         child = self._errors.get(reason)

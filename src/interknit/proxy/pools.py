@@ -1,17 +1,18 @@
-"""How the proxy reaches pools and demand control: two small interfaces the node plugs into.
+"""How the proxy reaches pools and demand control: small interfaces the node plugs into.
 
 The proxy asks a ``PoolSource`` for the pool of a route once per request (a dict lookup in
 practice) and asks that pool for an endpoint per attempt. Results go back through ``report``
-so that the pool can do passive outlier detection. Registry-fed pools (``balance/pool.py``)
-plug in by satisfying ``PoolLike``; ``StaticPoolSource`` serves routes that list ``servers``.
+so that the pool can do passive outlier detection. Registry-fed pools plug in by satisfying
+``PoolLike``; ``StaticPoolSource`` serves routes that list ``servers``.
 
 Demand control plugs in the same way: an ``AdmissionSource`` gives each route an optional
-``Admission`` whose ``acquire`` returns a ``Permit`` (go ahead) or ``None`` (answer 503).
+``Admission`` whose ``admit`` returns a ``Ticket``: admitted, refused (the proxy answers its
+status with ``Retry-After``), or queued until a callback says which.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Callable, Container
 from typing import Protocol
 
 from interknit.balance.base import Balancer, Endpoint
@@ -19,17 +20,22 @@ from interknit.proxy.spec import RouteSpec
 
 
 class PoolLike(Protocol):
-    """The endpoints of one service behind a balancer.
-
-    A pool may also offer ``pick_sticky(cookie, hash_key, now, exclude) -> (Endpoint | None,
-    set_cookie | None)`` (``balance.sticky.StickyCookie.choose`` has that shape): routes with a
-    ``sticky_cookie`` then use it, and send its ``Set-Cookie`` value. Without it the proxy
-    passes the cookie's value as ``hash_key`` and sets the cookie to the endpoint's key.
-    """
+    """The endpoints of one service behind a balancer."""
 
     def pick(
         self, hash_key: bytes | None, now: float, exclude: Container[Endpoint] = ()
     ) -> Endpoint | None: ...
+
+    def pick_sticky(
+        self,
+        cookie: str | None,
+        hash_key: bytes | None,
+        now: float,
+        exclude: Container[Endpoint] = (),
+    ) -> tuple[Endpoint | None, str | None]:
+        """For a route with a sticky cookie: the endpoint its value ``cookie`` names if it can
+        take the request, else a pick; and the ``Set-Cookie`` value to send, if any."""
+        ...
 
     def report(self, endpoint: Endpoint, ok: bool, now: float) -> None: ...
 
@@ -40,19 +46,43 @@ class PoolSource(Protocol):
         ...
 
 
-class Permit(Protocol):
-    def release(self, ok: bool, now: float) -> None: ...
+class Ticket(Protocol):
+    """One request before demand control (``demand.route.Ticket`` is one)."""
+
+    @property
+    def admitted(self) -> bool: ...
+
+    @property
+    def refused(self) -> bool:
+        """Refused: answer ``status`` with ``reason`` and ``Retry-After: retry_after``."""
+        ...
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def retry_after(self) -> int: ...
+
+    def forward_timeout(self) -> str | None:
+        """Admitted: the ``X-Request-Timeout`` to send upstream (the time left), or None."""
+        ...
+
+    def release(self, ok: bool, now: float) -> None:
+        """Admitted: the exchange is over (``ok`` False: it failed or timed out upstream)."""
+        ...
+
+    def cancel(self) -> None:
+        """Queued: the request is gone; give its place up."""
+        ...
 
 
 class Admission(Protocol):
-    """A route's demand control (``demand.route.RouteAdmission`` has this shape).
+    """A route's demand control (``demand.route.RouteAdmission`` is one)."""
 
-    After ``acquire`` returns ``None`` the proxy reads the optional ``last_rejection``
-    (``status``, ``reason``, ``retry_header``) for its answer, else 503 ``overloaded``; a
-    permit's optional ``forward_timeout()`` becomes the ``X-Request-Timeout`` sent upstream.
-    """
-
-    def acquire(
+    def admit(
         self,
         now: float,
         *,
@@ -60,10 +90,12 @@ class Admission(Protocol):
         grpc_timeout: bytes | None = None,
         priority: bytes | None = None,
         client_key: str | None = None,
-    ) -> Awaitable[Permit | None]:
-        """Wait (perhaps in a queue) for room; ``None`` means rejected. The keyword values
-        are the raw ``X-Request-Timeout``, ``grpc-timeout`` and ``X-Priority`` headers and
-        the client's address."""
+        on_decided: Callable[[], None],
+    ) -> Ticket:
+        """Admit, refuse, or queue; a queued ticket calls ``on_decided`` once it is admitted
+        or refused, from a later turn of the loop, unless cancelled. The keyword values are
+        the raw ``X-Request-Timeout``, ``grpc-timeout`` and ``X-Priority`` headers and the
+        client's address."""
         ...
 
 
@@ -79,13 +111,24 @@ def parse_server(server: str) -> tuple[str, int]:
 
 
 class BalancedPool:
-    """A fixed endpoint list behind any ``Balancer``; reports are counted, nothing is ejected."""
+    """A fixed endpoint list behind any ``Balancer``; reports are counted, nothing is ejected.
 
-    __slots__ = ("balancer", "endpoints", "failures", "successes")
+    Its sticky cookie names the endpoint's key in plain text (a test and static-route
+    convenience); registry-fed pools use ``balance.sticky.StickyCookie``'s opaque tokens.
+    """
 
-    def __init__(self, endpoints: list[Endpoint], balancer: Balancer, now: float = 0.0) -> None:
+    __slots__ = ("balancer", "cookie_name", "endpoints", "failures", "successes")
+
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        balancer: Balancer,
+        now: float = 0.0,
+        cookie_name: str | None = None,
+    ) -> None:
         self.endpoints = endpoints
         self.balancer = balancer
+        self.cookie_name = cookie_name
         self.successes = 0
         self.failures = 0
         balancer.set_endpoints(endpoints, now)
@@ -94,6 +137,19 @@ class BalancedPool:
         self, hash_key: bytes | None, now: float, exclude: Container[Endpoint] = ()
     ) -> Endpoint | None:
         return self.balancer.pick(hash_key, now, exclude)
+
+    def pick_sticky(
+        self,
+        cookie: str | None,
+        hash_key: bytes | None,
+        now: float,
+        exclude: Container[Endpoint] = (),
+    ) -> tuple[Endpoint | None, str | None]:
+        key = cookie.encode() if cookie is not None else hash_key
+        endpoint = self.balancer.pick(key, now, exclude)
+        if endpoint is None or endpoint.key == cookie or self.cookie_name is None:
+            return endpoint, None
+        return endpoint, f"{self.cookie_name}={endpoint.key}; Path=/; HttpOnly"
 
     def report(self, endpoint: Endpoint, ok: bool, now: float) -> None:
         if ok:
@@ -123,5 +179,7 @@ class StaticPoolSource:
             for server in route.servers:
                 host, port = parse_server(server)
                 endpoints.append(Endpoint(key=server, address=host, port=port))
-            found = self._pools[route] = BalancedPool(endpoints, self._factory(route))
+            found = self._pools[route] = BalancedPool(
+                endpoints, self._factory(route), cookie_name=route.sticky_cookie
+            )
         return found

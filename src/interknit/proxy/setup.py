@@ -165,17 +165,17 @@ class RoutePool:
     def pick(
         self, hash_key: bytes | None, now: float, exclude: Container[Endpoint] = ()
     ) -> Endpoint | None:
-        clock = self.clock  # clock(now), inlined: this runs for every request
-        wall = now + clock.offset if clock.since <= now < clock.until else clock(now)
-        return self.pool.pick(hash_key, wall, exclude)
+        return self.pool.pick(hash_key, self.clock(now), exclude)
 
     def report(self, endpoint: Endpoint, ok: bool, now: float) -> None:
-        clock = self.clock
-        wall = now + clock.offset if clock.since <= now < clock.until else clock(now)
-        self.reporter(self, endpoint, ok, wall)
+        self.reporter(self, endpoint, ok, self.clock(now))
 
     def pick_sticky(
-        self, cookie: str | None, hash_key: bytes | None, now: float, exclude: Container[Endpoint]
+        self,
+        cookie: str | None,
+        hash_key: bytes | None,
+        now: float,
+        exclude: Container[Endpoint] = (),
     ) -> tuple[Endpoint | None, str | None]:
         if self.sticky is None:
             return self.pool.pick(hash_key, self.clock(now), exclude), None

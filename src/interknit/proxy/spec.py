@@ -81,6 +81,9 @@ class RouteSpec:
     connect_timeout: float = 2.0
     response_timeout: float | None = 30.0
     idle_timeout: float = 60.0
+    # Wait before the n-th retry: retry_backoff * 2**(n-1) (0: retry at once, on the next
+    # turn of the loop).
+    retry_backoff: float = 0.0
 
     @property
     def label(self) -> str:
@@ -106,6 +109,8 @@ class RouteSpec:
             raise ValueError("attempts: must be 0 or more")
         if not 0.0 <= self.retry_budget <= 1.0:
             raise ValueError("retry_budget: must be between 0 and 1")
+        if not 0.0 <= self.retry_backoff <= 60.0:
+            raise ValueError("retry_backoff: must be between 0 and 60 seconds")
         if self.retry_min < 0:
             raise ValueError("retry_min: must be 0 or more")
         for name in ("timeout", "connect_timeout", "response_timeout", "idle_timeout"):
@@ -133,6 +138,10 @@ class ListenerSpec:
     header_timeout: float = 10.0
     keepalive_timeout: float = 60.0
     max_header_bytes: int = 32 * 1024
+    # A client that closes its side while its request waits (demand control's queue, a
+    # connect, a retry's backoff) gives the request up (HAProxy's "option abortonclose").
+    # Off: a half-closed client is still answered.
+    abort_on_close: bool = True
     upstream_max_idle: int = 32
     upstream_idle_timeout: float = 60.0
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)

@@ -17,8 +17,8 @@ from typing import Protocol
 
 import httptools
 
-from interknit.proxy.corking import WriteBatch
-from interknit.proxy.wire import SIMPLE_HEAD_MAX, SIMPLE_HEADS, UNSEEN, SimpleHead, simple_head
+from interknit.http1.batch import WriteBatch
+from interknit.proxy.wire import SIMPLE_HEAD_MAX, SimpleHead, simple_head
 
 # Endpoints are few and connections cheap to hold; more idle ones than this only pin memory.
 DEFAULT_MAX_IDLE = 32
@@ -145,10 +145,7 @@ class UpstreamConnection(asyncio.Protocol):
             # events), and so does anything short, long or unusual: the parser takes those.
             end = data.find(b"\r\n\r\n")
             if 0 < end < SIMPLE_HEAD_MAX:
-                key = data[:end]
-                head = SIMPLE_HEADS.get(key, UNSEEN)  # simple_head(), its usual case inlined
-                if head is UNSEEN:
-                    head = simple_head(key)
+                head = simple_head(data[:end])
                 if (
                     head is not None
                     and len(data) - end - 4 == head.length
@@ -215,8 +212,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             # Read here: after the callback returns the parser reports False.
-            self.sink = None  # _complete(), inlined
-            sink.on_response_complete(self.parser.should_keep_alive())
+            self._complete(sink, self.parser.should_keep_alive())
 
     # Exchange interface
 

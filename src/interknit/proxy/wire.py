@@ -1,27 +1,15 @@
-"""Bytes the proxy writes often, built once: status lines, canned error responses, header sets.
-
-The hot path looks things up here instead of formatting them per request.
+"""Bytes the proxy writes often, built once: canned error responses, header sets, simple
+response heads. The hot path looks things up here instead of formatting them per request.
 """
 
 from __future__ import annotations
 
-import http
 import os
 import re
 from itertools import count
 from typing import Any
 
-STATUS_LINES: dict[int, bytes] = {
-    int(s): b"HTTP/1.1 %d %s\r\n" % (int(s), s.phrase.encode()) for s in http.HTTPStatus
-}
-
-
-def status_line(status: int) -> bytes:
-    line = STATUS_LINES.get(status)
-    if line is None:
-        line = b"HTTP/1.1 %d Unknown\r\n" % status
-    return line
-
+from interknit.http1.status import reason_phrase, status_line
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones the proxy re-frames or rewrites itself.
 HOP_BY_HOP = frozenset(
@@ -60,11 +48,7 @@ def error_response(
     cached = _ERROR_CACHE.get(key)
     if cached is not None:
         return cached
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    body = f"{status} {phrase}: {reason}\n".encode()
+    body = f"{status} {reason_phrase(status)}: {reason}\n".encode()
     head = [
         status_line(status),
         b"content-type: text/plain; charset=utf-8\r\n",
@@ -183,19 +167,19 @@ def parse_simple_head(head: bytes) -> SimpleHead | None:
     return SimpleHead(status, b"".join(out), int(length_bytes), length_bytes)
 
 
-# What parse_simple_head() made of a head; UNSEEN for one it has not seen (None: not simple).
-SIMPLE_HEADS: dict[bytes, SimpleHead | None] = {}
-UNSEEN: Any = object()
+# What parse_simple_head() made of a head; _UNSEEN for one it has not seen (None: not simple).
+_SIMPLE_HEADS: dict[bytes, SimpleHead | None] = {}
+_UNSEEN: Any = object()
 
 
 def simple_head(head: bytes) -> SimpleHead | None:
     """``parse_simple_head``, remembered: an upstream repeats its heads (Date changes once a
     second), so most responses cost one dictionary lookup."""
-    found = SIMPLE_HEADS.get(head, UNSEEN)
-    if found is not UNSEEN:
+    found = _SIMPLE_HEADS.get(head, _UNSEEN)
+    if found is not _UNSEEN:
         return found  # type: ignore[no-any-return]
     found = parse_simple_head(head)
-    if len(SIMPLE_HEADS) >= _SIMPLE_CACHE_MAX:
-        SIMPLE_HEADS.clear()
-    SIMPLE_HEADS[head] = found
+    if len(_SIMPLE_HEADS) >= _SIMPLE_CACHE_MAX:
+        _SIMPLE_HEADS.clear()
+    _SIMPLE_HEADS[head] = found
     return found

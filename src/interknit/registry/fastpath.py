@@ -28,8 +28,8 @@ from collections.abc import Callable
 import httptools
 
 from interknit.admin.app import HttpMetrics, Tokens
-from interknit.proxy.corking import WriteBatch
-from interknit.proxy.wire import status_line
+from interknit.http1.batch import WriteBatch
+from interknit.http1.status import status_line
 from interknit.registry.api import RegistryApi, deregistered_body, error_body
 from interknit.registry.registry import Registry
 from interknit.registry.schema import MAX_BODY, check_name, register_spec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from interknit.proxy.corking import WriteBatch
+from interknit.http1.batch import WriteBatch
 
 
 class Recorder(asyncio.WriteTransport):

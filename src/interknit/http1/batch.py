@@ -6,8 +6,8 @@ each response the moment it is ready wakes the client and the backend once per r
 holding the writes of one loop turn and sending them in a row lets one wake-up serve many.
 Measured with ``bench/proxy.py``, HTTP throughput goes up by half or more.
 
-The HTTP fast path goes one step further (``next_turn``): the writes it queues first go out at
-the end of the *next* turn, so that what that turn's poll brings (under load, more requests
+A request sent upstream goes one step further (``next_turn``): the writes it queues first go
+out at the end of the *next* turn, so that what that turn's poll brings (under load, more requests
 and answers; when idle, nothing, at the cost of one more non-blocking poll) joins the same run
 of writes. Each wake-up of a peer then carries more, and on this machine the proxy spends about
 a microsecond less per request, most of it in the kernel.
@@ -42,7 +42,7 @@ class WriteBatch:
         pending.append((transport, data))
 
     def write_next_turn(self, transport: asyncio.WriteTransport, data: bytes) -> None:
-        """``write`` for a writer that may wait one more turn (the HTTP fast path)."""
+        """``write`` for a writer that may wait one more turn (a request going upstream)."""
         pending = self.pending
         if not pending:
             self.loop.call_soon(self.next_turn)

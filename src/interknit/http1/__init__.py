@@ -1,0 +1,6 @@
+"""What the proxy and the registry's fast path both need of HTTP/1.1, owned by neither.
+
+``status``: status lines built once at import. ``batch``: the write batch that sends a loop
+turn's writes together. ``headcache``: whole request heads by their bytes, so that a repeated
+head is not parsed again.
+"""

@@ -1,0 +1,227 @@
+"""A request head: the rules every head must pass, and the head sent upstream for it.
+
+``read_head`` is the one way a ``RequestHead`` is made: the parser path calls it for every
+head, and the listener's head cache (``http1.headcache``) only ever holds what it returned, so
+a rule added here holds for repeated heads too. It takes the head as the parser gave it and
+either refuses it (``Rejected``: status, reason, and the connection closes) or returns what
+the exchange needs: the route's inputs, the framing, and the headers to forward.
+
+Framing is re-done on both sides: the proxy never forwards Content-Length, Transfer-Encoding
+or any other hop-by-hop header as it came, so that the upstream sees one unambiguous framing
+(no request smuggling). httptools (llhttp) rejects conflicting or invalid framing, obsolete
+line folding and bad header characters; the rules here add the Host rule, the version rule
+and the method rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from interknit.balance.base import Endpoint
+from interknit.proxy.routing import host_without_port, split_target
+from interknit.proxy.wire import CRLF, REQUEST_REWRITTEN, connection_tokens
+
+# Connection options that name no header field to drop.
+_SELF_TOKENS = frozenset({b"connection", b"keep-alive", b"upgrade", b"close"})
+
+
+class Rejected(Exception):
+    """A request refused with ``status`` (and a close)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class RequestHead:
+    """One request head that passed every rule. Never changed once made: the exchanges made
+    from the same bytes share it (but for ``upstream``, which it fills in on first use)."""
+
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "hdict",
+        "headers",
+        "host",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "request_id",
+        "route_host",
+        "target",
+        "upgrade",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        hdict: dict[bytes, bytes],
+        http10: bool,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers  # forwarded as they came: end-to-end fields only
+        self.hdict = hdict  # every field by its lower-cased name (repeated ones joined)
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.host = hdict.get(b"host", b"")
+        path, authority = split_target(target)
+        self.path = path
+        self.route_host = host_without_port(authority if authority is not None else self.host)
+        self.chunked = False
+        self.content_length: bytes | None = None
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.request_id = hdict.get(b"x-request-id") or None
+        # The upstream head up to the client's address (see upstream_head); None until used,
+        # b"" when the head has no Host (each endpoint then needs its own).
+        self.upstream: bytes | None = None
+
+    @property
+    def bodiless(self) -> bool:
+        return not self.chunked and self.content_length is None
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the same bytes may be answered with this head again (``HeadCache``)."""
+        return (
+            self.keep_alive and self.bodiless and not self.expect_continue and self.upgrade is None
+        )
+
+
+def read_head(
+    method: bytes,
+    target: bytes,
+    version: str,
+    fields: Sequence[tuple[bytes, bytes]],
+    keep_alive: bool,
+) -> RequestHead:
+    """The head the parser gave, checked; raises ``Rejected``."""
+    if version != "1.1" and version != "1.0":
+        raise Rejected(505, "unsupported-version")
+    if method == b"CONNECT":
+        raise Rejected(405, "connect-not-supported")
+    http10 = version == "1.0"
+    headers: list[tuple[bytes, bytes]] = []
+    hdict: dict[bytes, bytes] = {}
+    hosts = 0
+    listed: set[bytes] | None = None
+    for name, value in fields:
+        lname = name.lower()
+        if lname in REQUEST_REWRITTEN:
+            if lname == b"connection":
+                # The usual "keep-alive" or "close" lists no header to drop: no set to build.
+                if value.lower() not in _SELF_TOKENS:
+                    tokens = connection_tokens(value) - _SELF_TOKENS
+                    if tokens:
+                        listed = tokens if listed is None else listed | tokens
+                if lname in hdict:
+                    value = hdict[lname] + b", " + value
+            elif lname == b"x-forwarded-for" and lname in hdict:
+                value = hdict[lname] + b", " + value
+        else:
+            headers.append((name, value))
+            if lname == b"host":
+                hosts += 1
+        hdict[lname] = value
+    if hosts > 1 or (hosts == 0 and not http10):
+        raise Rejected(400, "bad-host")
+    if listed:
+        headers = [(n, v) for n, v in headers if n.lower() not in listed]
+    head = RequestHead(method, target, headers, hdict, http10, keep_alive)
+    if b"transfer-encoding" in hdict:
+        head.chunked = True
+    elif b"content-length" in hdict:
+        head.content_length = hdict[b"content-length"].strip()
+    expect = hdict.get(b"expect")
+    if expect is not None and not http10 and expect.lower() == b"100-continue":
+        head.expect_continue = True
+    if b"upgrade" in hdict and b"upgrade" in connection_tokens(hdict.get(b"connection", b"")):
+        head.upgrade = hdict[b"upgrade"]
+    return head
+
+
+def upstream_head(
+    head: RequestHead,
+    client_ip: bytes,
+    request_id: bytes,
+    *,
+    timeout: bytes | None = None,
+    endpoint: bytes = b"",
+) -> bytes:
+    """The head sent upstream for ``head``, from ``client_ip`` with ``request_id``.
+
+    ``timeout``: the ``X-Request-Timeout`` to send instead of the client's (demand control's
+    time left). ``endpoint``: ``host:port`` of the endpoint, the Host of a head that has none.
+    """
+    if timeout is None:
+        start = head.upstream
+        if start is None:
+            start = head.upstream = _upstream_start(head, None, b"")
+        if start:
+            if head.request_id is not None:
+                return start + client_ip + b"\r\n\r\n"
+            return b"".join((start, client_ip, b"\r\nx-request-id: ", request_id, b"\r\n\r\n"))
+    start = _upstream_start(head, timeout, endpoint)
+    if head.request_id is not None:
+        return start + client_ip + b"\r\n\r\n"
+    return b"".join((start, client_ip, b"\r\nx-request-id: ", request_id, b"\r\n\r\n"))
+
+
+def _upstream_start(head: RequestHead, timeout: bytes | None, endpoint: bytes) -> bytes:
+    """The upstream head up to the client's address; b"" when it needs ``endpoint`` and has
+    none (a head without Host)."""
+    if not head.host and not endpoint:
+        return b""
+    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+    for name, value in head.headers:
+        if timeout is not None and name.lower() == b"x-request-timeout":
+            continue
+        out += (name, b": ", value, CRLF)
+    if timeout is not None:
+        out += (b"x-request-timeout: ", timeout, CRLF)
+    if head.chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    elif head.content_length is not None:
+        out += (b"content-length: ", head.content_length, CRLF)
+    if head.upgrade is not None:
+        out += (b"connection: upgrade\r\nupgrade: ", head.upgrade, CRLF)
+    out.append(b"x-forwarded-proto: http\r\n")
+    if head.host:
+        out += (b"x-forwarded-host: ", head.host, CRLF)
+    else:
+        # HTTP/1.0 clients may omit Host; the upstream speaks 1.1 and needs one.
+        out += (b"host: ", endpoint, CRLF)
+    if head.request_id is not None:
+        out += (b"x-request-id: ", head.request_id, CRLF)
+    forwarded = head.hdict.get(b"x-forwarded-for")
+    out.append(b"x-forwarded-for: ")
+    if forwarded:
+        out += (forwarded, b", ")
+    return b"".join(out)
+
+
+def host_field(endpoint: Endpoint) -> bytes:
+    """A Host value naming ``endpoint`` (IPv6 addresses in brackets)."""
+    address = endpoint.address
+    if ":" in address:
+        address = f"[{address}]"
+    return f"{address}:{endpoint.port}".encode()
+
+
+def cookie_value(header: bytes | None, name: bytes) -> bytes | None:
+    """The value of cookie ``name`` in a Cookie header."""
+    if not header:
+        return None
+    for part in header.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == name:
+            return value
+    return None
