@@ -8,6 +8,10 @@ so that responses leave in request order. Each exchange is a state machine
 (``machine.py``) driven by callbacks: this protocol's parser callbacks feed its request side,
 the upstream connection its response side, and the connection's two timers its waits.
 
+Two bounds hold before the parser sees a byte: the head guard (``http1.limits``) refuses a
+head that grows past ``max_header_bytes`` at once, so that no partial line is buffered without
+bound, and ``max_headers`` bounds the number of header fields.
+
 A whole request head that arrives in one read, while the parser rests between kept-alive
 messages, is looked up by its bytes in the listener's head cache (``http1.headcache``), which
 holds only what ``read_head`` returned for the same bytes: such a head skips the parser.
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from interknit.http1.limits import HeadGuard
 from interknit.proxy.exchange import Exchange
 from interknit.proxy.flow import PEER_FULL, PIPELINE, WAITING, FlowControl
 from interknit.proxy.machine import ADMITTING, CONNECTING, HEAD, MUST_CLOSE, RETRY_WAIT
@@ -62,14 +67,15 @@ class HttpProxyProtocol(asyncio.Protocol):
         "exchange_timer_when",
         "fields",
         "flow",
-        "head_bytes",
+        "framing",
+        "guard",
         "heads",
         "heads_parsed",
         "in_head",
         "last_head",
         "listener",
         "loop",
-        "max_header_bytes",
+        "max_headers",
         "parser",
         "parsing",
         "pending_error",
@@ -93,12 +99,14 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.loop = listener.loop
         self.batch = listener.upstreams.batch
         self.heads = listener.heads
-        self.max_header_bytes = listener.spec.max_header_bytes
+        self.max_headers = listener.spec.max_headers
 
         # Per-connection state
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.flow: FlowControl = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
+        self.guard = HeadGuard(listener.spec.max_header_bytes)
+        self.framing = 0  # bytes of a chunked body's framing since its last body byte
         self.client_ip = b""
         self.client_key = ""
         self.active: Exchange | None = None
@@ -136,7 +144,6 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.parsing: Exchange | None = None
         self.in_head = False
         self.url = b""
-        self.head_bytes = 0
         self.fields: list[tuple[bytes, bytes]] = []
 
     # Protocol interface
@@ -201,6 +208,15 @@ class HttpProxyProtocol(asyncio.Protocol):
             remember = True
             self.last_head = None
             self.heads_parsed = 0
+            self.guard.reset()  # a head begins with these bytes
+        if remember or self.in_head:
+            status = self.guard.check(data)
+            if status:
+                self.reject(status, "uri-too-long" if status == 414 else "headers-too-large")
+                return
+        parsing = self.parsing
+        chunked = parsing is not None and not self.in_head and parsing.head.chunked
+        body_before = parsing.bytes_in if chunked and parsing is not None else 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -226,6 +242,15 @@ class HttpProxyProtocol(asyncio.Protocol):
                 and self.at_rest
             ):
                 self.heads.offer(data, head)
+        if chunked and parsing is not None and self.parsing is parsing:
+            # A chunked body whose reads bring no body bytes: a trailer field or a chunk
+            # extension that goes on and on, which llhttp (trailers) or nobody (extensions)
+            # would hold without bound. Bounded as a head is.
+            gap = len(data) - (parsing.bytes_in - body_before)
+            self.framing = gap if parsing.bytes_in > body_before else self.framing + gap
+            if self.framing > self.guard.limit:
+                self.reject(431, "headers-too-large")
+                return
         ex = self.starting
         if ex is not None:
             # After the parser has finished the read (even for a 404), so that a bodiless
@@ -292,7 +317,6 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.at_rest = False
         self.in_head = True
         self.url = b""
-        self.head_bytes = 0
         self.fields = []
         self.parsing = Exchange(self, self.loop.time())
         if self.wait != _WAIT_HEAD:
@@ -300,21 +324,21 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_bytes += len(url)
-        if self.head_bytes > self.max_header_bytes:
-            raise Rejected(414, "uri-too-long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.max_header_bytes:
-            raise Rejected(431, "headers-too-large")
-        self.fields.append((name, value))
+        fields = self.fields
+        fields.append((name, value))
+        if len(fields) > self.max_headers:
+            raise Rejected(431, "too-many-headers")
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
         if ex is None:
             return
         self.in_head = False
+        # A pipelined head that begins later in this read is counted from the next read on.
+        self.guard.reset()
+        self.framing = 0
         parser = self.parser
         head = read_head(
             parser.get_method(),

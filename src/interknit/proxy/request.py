@@ -9,8 +9,8 @@ the exchange needs: the route's inputs, the framing, and the headers to forward.
 Framing is re-done on both sides: the proxy never forwards Content-Length, Transfer-Encoding
 or any other hop-by-hop header as it came, so that the upstream sees one unambiguous framing
 (no request smuggling). httptools (llhttp) rejects conflicting or invalid framing, obsolete
-line folding and bad header characters; the rules here add the Host rule, the version rule
-and the method rule.
+line folding and bad header characters; the rules here add the Host rule, the version rule,
+the method rule and the transfer-coding rule.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from interknit.proxy.wire import CRLF, REQUEST_REWRITTEN, connection_tokens
 
 # Connection options that name no header field to drop.
 _SELF_TOKENS = frozenset({b"connection", b"keep-alive", b"upgrade", b"close"})
+# Fields a Connection header can never have dropped: the framing, Host, and what the proxy
+# writes itself (HAProxy and nginx hold the same line).
+_PROTECTED = REQUEST_REWRITTEN | {b"host"}
+_DEFAULT_PORTS = {b"http": b":80", b"https": b":443"}
 
 
 class Rejected(Exception):
@@ -119,12 +123,12 @@ def read_head(
             if lname == b"connection":
                 # The usual "keep-alive" or "close" lists no header to drop: no set to build.
                 if value.lower() not in _SELF_TOKENS:
-                    tokens = connection_tokens(value) - _SELF_TOKENS
+                    tokens = connection_tokens(value) - _PROTECTED
                     if tokens:
                         listed = tokens if listed is None else listed | tokens
                 if lname in hdict:
                     value = hdict[lname] + b", " + value
-            elif lname == b"x-forwarded-for" and lname in hdict:
+            elif lname in _JOINED and lname in hdict:
                 value = hdict[lname] + b", " + value
         else:
             headers.append((name, value))
@@ -135,8 +139,12 @@ def read_head(
         raise Rejected(400, "bad-host")
     if listed:
         headers = [(n, v) for n, v in headers if n.lower() not in listed]
+    if target[:1] != b"/" and b"://" in target:
+        target, headers = _origin_form(target, headers, hdict)
     head = RequestHead(method, target, headers, hdict, http10, keep_alive)
-    if b"transfer-encoding" in hdict:
+    coding = hdict.get(b"transfer-encoding")
+    if coding is not None:
+        _check_codings(coding, http10)
         head.chunked = True
     elif b"content-length" in hdict:
         head.content_length = hdict[b"content-length"].strip()
@@ -146,6 +154,55 @@ def read_head(
     if b"upgrade" in hdict and b"upgrade" in connection_tokens(hdict.get(b"connection", b"")):
         head.upgrade = hdict[b"upgrade"]
     return head
+
+
+# Fields whose repeated lines are one list (RFC 9110 5.3), joined for the rules that read them.
+_JOINED = frozenset({b"x-forwarded-for", b"transfer-encoding"})
+
+
+def _origin_form(
+    target: bytes, headers: list[tuple[bytes, bytes]], hdict: dict[bytes, bytes]
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """An absolute-form target (RFC 9112 3.2.2): its authority is the request's host, and
+    the request goes upstream in origin-form with that authority as Host. A Host field that
+    names another host is refused, as HAProxy does: routing by one and forwarding the other
+    would let a client pick a route its Host could not."""
+    scheme, _, rest = target.partition(b"://")
+    scheme = scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise Rejected(400, "bad-target")
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    end = min(i for i in (slash, query, len(rest)) if i >= 0)
+    authority = rest[:end]
+    path = rest[end:]
+    if not authority or b"@" in authority:
+        raise Rejected(400, "bad-target")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    default = _DEFAULT_PORTS[scheme]
+    own = authority.lower().removesuffix(default)
+    host = hdict.get(b"host")
+    if host is not None and host.lower().removesuffix(default) != own:
+        raise Rejected(400, "host-mismatch")
+    hdict[b"host"] = authority
+    forwarded = [(n, v) for n, v in headers if n.lower() != b"host"]
+    forwarded.append((b"Host", authority))
+    return path, forwarded
+
+
+def _check_codings(value: bytes, http10: bool) -> None:
+    """The request's transfer codings must be ``chunked`` alone (RFC 9112 6.1): the proxy
+    decodes no other, and forwarding a body it cannot frame would be a smuggling risk."""
+    codings = [c.strip().lower() for c in value.split(b",")]
+    if http10:
+        # HTTP/1.0 has no transfer codings: its framing is faulty (RFC 9112 6.1).
+        raise Rejected(400, "bad-transfer-encoding")
+    if codings == [b"chunked"]:
+        return
+    if codings[-1] != b"chunked" or b"chunked" in codings[:-1]:
+        raise Rejected(400, "bad-transfer-encoding")
+    raise Rejected(501, "unsupported-transfer-coding")
 
 
 def upstream_head(

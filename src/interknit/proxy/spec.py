@@ -138,6 +138,7 @@ class ListenerSpec:
     header_timeout: float = 10.0
     keepalive_timeout: float = 60.0
     max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
     # A client that closes its side while its request waits (demand control's queue, a
     # connect, a retry's backoff) gives the request up (HAProxy's "option abortonclose").
     # Off: a half-closed client is still answered.
@@ -163,6 +164,8 @@ class ListenerSpec:
             raise ValueError("upstream_max_idle: must be 0 or more, with a positive timeout")
         if self.max_header_bytes < 1024:
             raise ValueError("max_header_bytes: must be at least 1024")
+        if not 1 <= self.max_headers <= 10000:
+            raise ValueError("max_headers: must be between 1 and 10000")
         if self.protocol == "tcp" and (len(self.routes) != 1 or self.routes[0].match is not None):
             raise ValueError("routes: a tcp listener has exactly one route without 'match'")
         for index, route in enumerate(self.routes):
