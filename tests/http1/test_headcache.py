@@ -19,7 +19,7 @@ def test_kept_from_the_second_offer_and_bounded() -> None:
         key = b"%d" % i
         cache.offer(key, i)
         cache.offer(key, i)
-    assert len(cache.entries) <= headcache.MAX_ENTRIES
+    assert len(cache) <= headcache.MAX_ENTRIES
     assert len(cache.seen) <= headcache.MAX_SEEN
     cache.clear()
     assert cache.get(b"head") is None and not cache.seen

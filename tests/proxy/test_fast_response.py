@@ -1,4 +1,4 @@
-"""The response fast path (``wire.simple_head``) against the parser it stands in for.
+"""The response fast path (``wire.SIMPLE_HEADS``) against the parser it stands in for.
 
 Each case goes through a real listener to a scripted upstream, twice: once as it is, once
 with the fast path switched off (no head short enough for it, so httptools parses every

@@ -89,6 +89,8 @@ def h11_requests(data: bytes) -> tuple[list[Seen], bool]:
                         "target": event.target,
                         "host": authority(event.target) or headers.get(b"host", b"").lower(),
                         "body": b"",
+                        "switch": event.method == b"CONNECT"
+                        or b"upgrade" in headers.get(b"connection", b"").lower(),
                     }
                 elif isinstance(event, h11.Data):
                     current["body"] += event.data
@@ -101,8 +103,12 @@ def h11_requests(data: bytes) -> tuple[list[Seen], bool]:
                 current["method"], origin_form(current["target"]), current["host"], current["body"]
             )
         )
-        if conn.their_state in (h11.MUST_CLOSE, h11.MIGHT_SWITCH_PROTOCOL):
-            return found, False  # nothing after it is HTTP (or nothing comes)
+        if conn.their_state is h11.MUST_CLOSE:
+            return found, False  # nothing more comes
+        if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL and current["switch"]:
+            return found, False  # what follows is not HTTP
+        # (h11 also stops at an Upgrade field that Connection does not name; RFC 9110 7.8 has
+        # such a field ignored, as llhttp does, and the proxy drops it: HTTP goes on.)
         rest, _ = conn.trailing_data
 
 
@@ -177,8 +183,13 @@ class ProxyThread:
         server = await self.loop.create_server(lambda: H11Upstream(self), "127.0.0.1", 0)
         upstream = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
         self.upstream = upstream.encode()
+        # The client half-closes after its bytes (so that the proxy closes once it has
+        # answered): such a client is kept, not taken for gone (abort_on_close off).
         spec = ListenerSpec(
-            name="fuzz", routes=(RouteSpec(servers=(upstream,)),), header_timeout=0.5
+            name="fuzz",
+            routes=(RouteSpec(servers=(upstream,)),),
+            header_timeout=0.5,
+            abort_on_close=False,
         )
         self.listener = HttpListener(spec, StaticPoolSource(round_robin), loop=self.loop)
         await self.listener.start()

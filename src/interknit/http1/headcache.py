@@ -14,7 +14,7 @@ when full, which costs a few heads parsed again.
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -23,16 +23,15 @@ MAX_ENTRIES = 128
 MAX_SEEN = 256
 
 
-class HeadCache(Generic[T]):
-    __slots__ = ("entries", "max_bytes", "seen")
+class HeadCache(dict[bytes, T]):
+    """The kept entries, by their bytes (a dict: a lookup is one C call on the hot path)."""
+
+    __slots__ = ("max_bytes", "seen")
 
     def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+        super().__init__()
         self.max_bytes = max_bytes
-        self.entries: dict[bytes, T] = {}
         self.seen: set[bytes] = set()
-
-    def get(self, data: bytes) -> T | None:
-        return self.entries.get(data)
 
     def offer(self, data: bytes, value: T) -> None:
         """``value`` is what handling the head ``data`` gave; keep it if ``data`` came before."""
@@ -44,11 +43,10 @@ class HeadCache(Generic[T]):
                 seen.clear()
             seen.add(data)
             return
-        entries = self.entries
-        if len(entries) >= MAX_ENTRIES:
-            entries.clear()
-        entries[data] = value
+        if len(self) >= MAX_ENTRIES:
+            super().clear()
+        self[data] = value
 
     def clear(self) -> None:
-        self.entries.clear()
+        super().clear()
         self.seen.clear()

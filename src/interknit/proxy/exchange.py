@@ -42,6 +42,7 @@ from interknit.proxy.machine import (
     CLOSE,
     CONNECT,
     CONNECTING,
+    DONE,
     FINISH,
     NEVER,
     QUEUE,
@@ -254,8 +255,9 @@ class Exchange(ExchangeMachine):
             return
         self.pool = pool
         route.budget.requests += 1
-        if route.stats is not None:
-            route.stats.started()
+        stats = route.stats
+        if stats is not None:
+            stats.inflight.value += 1
         timeout = route.spec.timeout
         if timeout is not None:
             self.deadline = now + timeout
@@ -305,7 +307,10 @@ class Exchange(ExchangeMachine):
             return
         endpoint = self.next_endpoint
         if endpoint is None:
-            endpoint = self.pick(now)
+            route = self.route
+            pool = self.pool
+            assert route is not None and pool is not None
+            endpoint = pool.pick(None, now, self.tried) if route.plain else self.pick(now)
             if endpoint is None:
                 if self.tried:
                     self.answer(*self.last_error, now)
@@ -320,7 +325,7 @@ class Exchange(ExchangeMachine):
         self.retry_slot, self.next_slot = self.next_slot, False
         endpoint.started()
         stats = self.route.stats if self.route is not None else None
-        self.attempt_stats = None if stats is None else stats.endpoint(endpoint.key).started()
+        self.attempt_stats = None if stats is None else stats.attempt(endpoint.key)
         self.connect(endpoint, now)
 
     def connect(self, endpoint: Endpoint, now: float) -> None:
@@ -370,7 +375,8 @@ class Exchange(ExchangeMachine):
         data = self.sent_head
         if data is None or not head.host:
             if not self.request_id:
-                self.request_id = head.request_id or proto.listener.request_ids.next()
+                ids = proto.listener.request_ids
+                self.request_id = head.request_id or (ids.pop() if ids else ids.next())
             endpoint = self.endpoint
             data = self.sent_head = upstream_head(
                 head,
@@ -424,8 +430,6 @@ class Exchange(ExchangeMachine):
         route = self.route
         pool = self.pool
         assert route is not None and pool is not None
-        if route.plain:
-            return pool.pick(None, now, self.tried)
         hash_key = self.hash_key(route.spec) if route.hashed else None
         if route.cookie is None:
             return pool.pick(hash_key, now, self.tried)
@@ -541,14 +545,16 @@ class Exchange(ExchangeMachine):
         if route is None:
             return
         conn = self.conn
-        when, _ = self.wake(route.timeouts, 0.0 if conn is None else conn.last_activity)
-        if when < NEVER:
-            self.proto.exchange_timer_at(when)
+        when = self.wake_at(route.timeouts, 0.0 if conn is None else conn.last_activity)
+        proto = self.proto
+        # The handle is shared and re-armed lazily: one that fires first re-checks then.
+        if when < NEVER and (proto.timer is None or proto.timer_at > when):
+            proto.arm_at(when)
 
     def on_timer(self) -> None:
         """The exchange timer fired (perhaps early: it is shared, and re-armed lazily)."""
         route = self.route
-        if route is None or not self.live:
+        if route is None or self.state >= DONE:
             return
         conn = self.conn
         now = self.proto.loop.time()
@@ -605,7 +611,7 @@ class Exchange(ExchangeMachine):
 
     def finish(self, now: float) -> None:
         """Close the books: route, demand control, metrics, the access log, the connection."""
-        if not self.live:
+        if self.state >= DONE:
             return
         route = self.route
         proto = self.proto
@@ -621,7 +627,7 @@ class Exchange(ExchangeMachine):
                 self.ticket = None
                 ticket.release(not self.reason and self.status not in RETRYABLE_STATUSES, now)
             if route.stats is not None:
-                route.stats.ended()
+                route.stats.inflight.value -= 1
         stats = route.stats if route is not None else listener.no_route_stats()
         duration = now - self.started_at
         if stats is not None:
@@ -722,7 +728,7 @@ class Exchange(ExchangeMachine):
         """The request's own bytes turned out bad (e.g. broken chunking) mid-exchange."""
         self.broken = True
         self.must_close = True
-        if not self.live:
+        if self.state >= DONE:
             return
         now = self.proto.loop.time()
         self.abandon(now)
@@ -731,7 +737,7 @@ class Exchange(ExchangeMachine):
     def client_lost(self) -> None:
         """The client's connection is gone: end here, wherever the exchange stands."""
         self.must_close = True
-        if not self.live or self.state == TUNNEL:
+        if self.state >= DONE or self.state == TUNNEL:
             return
         now = self.proto.loop.time()
         self.abandon(now)
@@ -904,10 +910,10 @@ class Exchange(ExchangeMachine):
         if conn is not None:
             conn.close()
         state = self.state
-        if state == TUNNEL or (not self.live and self.proto.tunnel is not None):
+        if state == TUNNEL or (self.state >= DONE and self.proto.tunnel is not None):
             self.proto.close()
             return
-        if not self.live:
+        if self.state >= DONE:
             return
         now = self.proto.loop.time()
         if state == SENDING:

@@ -6,7 +6,7 @@ rules (``request.read_head``), and once the read that completed it is parsed, th
 runs. The first one runs at once; later (pipelined) ones wait in a deque with reading paused,
 so that responses leave in request order. Each exchange is a state machine
 (``machine.py``) driven by callbacks: this protocol's parser callbacks feed its request side,
-the upstream connection its response side, and the connection's two timers its waits.
+the upstream connection its response side, and the connection's timer its waits.
 
 Two bounds hold before the parser sees a byte: the head guard (``http1.limits``) refuses a
 head that grows past ``max_header_bytes`` at once, so that no partial line is buffered without
@@ -63,15 +63,15 @@ class HttpProxyProtocol(asyncio.Protocol):
         "closed",
         "eof_from_client",
         "eof_from_upstream",
-        "exchange_timer",
-        "exchange_timer_when",
         "fields",
         "flow",
         "framing",
         "guard",
+        "header_timeout",
         "heads",
         "heads_parsed",
         "in_head",
+        "keepalive_timeout",
         "last_head",
         "listener",
         "loop",
@@ -114,16 +114,16 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.starting: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self.pending_error: bytes | None = None
-        # Two timer handles, each re-armed only when a wait must end sooner than the handle
-        # fires: setting one per request costs more than a handle that wakes up early now and
-        # then and finds the wait not over (or gone). ``timer`` bounds the wait for a head or a
-        # next request; ``exchange_timer`` the active exchange's waits.
+        # One timer handle bounds every wait of the connection: the head or the next request
+        # (``wait``, until ``wait_until``) and the active exchange's (its machine says when).
+        # It is re-armed only when a wait must end sooner than it fires: setting a handle per
+        # request costs more than one that wakes up early now and then and re-arms.
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.wait = _WAIT_NONE
         self.wait_until = 0.0
-        self.exchange_timer: asyncio.TimerHandle | None = None
-        self.exchange_timer_when = 0.0
+        self.header_timeout = listener.spec.header_timeout
+        self.keepalive_timeout = listener.spec.keepalive_timeout
         self.write_paused = False
         self.closed = False
         self.rejected = False
@@ -160,7 +160,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         self.client_key = str(peer[0]) if peer else ""
         self.client_ip = self.client_key.encode()
-        self.arm_timer(head=True)
+        self.wait_for(_WAIT_HEAD, self.loop.time() + self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.rejected:
@@ -172,9 +172,6 @@ class HttpProxyProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.exchange_timer is not None:
-            self.exchange_timer.cancel()
-            self.exchange_timer = None
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -320,7 +317,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.fields = []
         self.parsing = Exchange(self, self.loop.time())
         if self.wait != _WAIT_HEAD:
-            self.arm_timer(head=True)
+            self.wait_for(_WAIT_HEAD, self.parsing.started_at + self.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -446,65 +443,56 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         if self.in_head:
             if self.wait != _WAIT_HEAD:
-                self.arm_timer(head=True, now=now)
+                self.wait_for(_WAIT_HEAD, now + self.header_timeout)
         else:
-            self.arm_timer(head=False, now=now)
+            # The usual case: the handle set for the exchange fires first, and re-arms then.
+            self.wait = _WAIT_IDLE
+            self.wait_until = until = now + self.keepalive_timeout
+            if self.timer is None:
+                self.arm_at(until)
 
     def begin_next(self, ex: Exchange) -> None:
         if ex is self.active and ex.state == HEAD and not self.closed:
             ex.begin(self.loop.time())
 
-    def arm_timer(self, head: bool, now: float | None = None) -> None:
-        """Bound the wait for a request head (header_timeout) or for a next request."""
-        spec = self.listener.spec
-        if now is None:
-            now = self.loop.time()
-        if head:
-            self.wait = _WAIT_HEAD
-            self.wait_until = now + spec.header_timeout
-        else:
-            self.wait = _WAIT_IDLE
-            self.wait_until = now + spec.keepalive_timeout
+    def wait_for(self, wait: int, until: float) -> None:
+        """Bound the wait for a request head (header_timeout) or a next request (keep-alive)."""
+        self.wait = wait
+        self.wait_until = until
+        if self.timer is None or self.timer_at > until:
+            self.arm_at(until)
+
+    def arm_at(self, when: float) -> None:
+        """Have the timer fire at ``when``, or sooner: it re-checks every wait and re-arms."""
         timer = self.timer
         if timer is not None:
-            if self.timer_at <= self.wait_until:
-                return  # it fires first and re-arms for the rest
+            if self.timer_at <= when:
+                return
             timer.cancel()
-        self.timer_at = self.wait_until
-        self.timer = self.loop.call_at(self.wait_until, self.on_timer)
+        self.timer_at = when
+        self.timer = self.loop.call_at(when, self.on_timer)
 
     def on_timer(self) -> None:
         self.timer = None
+        fired_at = self.timer_at
+        if self.closed:
+            return
+        active = self.active
+        if active is not None:
+            active.on_timer()  # the exchange re-arms for its next wait, if it has one
         wait = self.wait
         if wait == _WAIT_NONE or self.closed:
             return
-        # Armed for an earlier wait: not yet this one's time. (Not compared with the clock,
-        # which may read a hair before the very time the handle was set for.)
-        if self.timer_at < self.wait_until:
-            self.timer_at = self.wait_until
-            self.timer = self.loop.call_at(self.wait_until, self.on_timer)
+        # Not compared with the clock, which may read a hair before the very time the handle
+        # was set for: a handle armed for an earlier wait re-arms for this one.
+        if fired_at < self.wait_until:
+            self.arm_at(self.wait_until)
             return
         self.wait = _WAIT_NONE
         if wait == _WAIT_HEAD:
             self.on_head_timeout()
         else:
             self.on_idle_timeout()
-
-    def exchange_timer_at(self, when: float) -> None:
-        """Wake the active exchange at ``when`` (or sooner: it re-checks and re-arms)."""
-        timer = self.exchange_timer
-        if timer is not None:
-            if self.exchange_timer_when <= when:
-                return
-            timer.cancel()
-        self.exchange_timer_when = when
-        self.exchange_timer = self.loop.call_at(when, self.on_exchange_timer)
-
-    def on_exchange_timer(self) -> None:
-        self.exchange_timer = None
-        active = self.active
-        if active is not None:
-            active.on_timer()
 
     def on_request_upgrade(self, rest: bytes) -> None:
         ex = self.active if self.active is not None and self.active.head.upgrade else None

@@ -110,6 +110,16 @@ WAITS: Final[tuple[int, ...]] = (
     W_NONE,  # done
     W_NONE,  # must_close
 )
+# What each kind of wait ends with (an answer's wait ends "response-timeout" once the
+# request is sent and the route has a response_timeout).
+_REASONS: Final = (
+    "",
+    "header-timeout",
+    "connect-timeout",
+    "idle-timeout",
+    "backoff",
+    "idle-timeout",
+)
 # The deadline bounds these states. Not the head (no route yet), nor admission (demand control
 # holds the deadline itself and answers it), the tunnel or the ends.
 _BOUNDED: Final = frozenset({CONNECTING, SENDING, RETRY_WAIT, STREAMING})
@@ -189,28 +199,41 @@ class ExchangeMachine:
         """An answer has begun to reach the client (the proxy can no longer answer itself)."""
         return self.state == STREAMING or self.state == TUNNEL
 
-    def wake(self, timeouts: Timeouts, upstream_activity: float) -> tuple[float, str]:
-        """When the current wait ends, and the reason it ends with then.
+    def wake_at(self, timeouts: Timeouts, upstream_activity: float) -> float:
+        """When the current wait ends (``NEVER`` for none).
 
         ``upstream_activity``: the time of the last byte from the upstream connection.
         """
         kind = WAITS[self.state]
-        when = NEVER
-        reason = ""
-        if kind == W_HEAD:
-            when, reason = self.started_at + timeouts.header, "header-timeout"
-        elif kind == W_CONNECT:
-            when, reason = self.attempt_began + timeouts.connect, "connect-timeout"
-        elif kind == W_ANSWER and self.request_done and timeouts.response is not None:
-            when, reason = self.client_activity + timeouts.response, "response-timeout"
+        if kind == W_ANSWER and self.request_done and timeouts.response is not None:
+            when = self.client_activity + timeouts.response
         elif kind in (W_ANSWER, W_IDLE):
-            last = max(self.client_activity, upstream_activity)
-            when, reason = last + timeouts.idle, "idle-timeout"
+            last = self.client_activity
+            when = (last if last > upstream_activity else upstream_activity) + timeouts.idle
+        elif kind == W_HEAD:
+            when = self.started_at + timeouts.header
+        elif kind == W_CONNECT:
+            when = self.attempt_began + timeouts.connect
         elif kind == W_BACKOFF:
-            when, reason = self.backoff_until, "backoff"
-        if self.deadline <= when and self.state in _BOUNDED:
-            return self.deadline, "timeout"
-        return when, reason
+            when = self.backoff_until
+        else:
+            when = NEVER
+        deadline = self.deadline
+        if deadline < when and self.state in _BOUNDED:
+            return deadline
+        return when
+
+    def wake(self, timeouts: Timeouts, upstream_activity: float) -> tuple[float, str]:
+        """``wake_at``, and the reason the wait ends with then."""
+        when = self.wake_at(timeouts, upstream_activity)
+        kind = WAITS[self.state]
+        if when == NEVER:
+            return when, ""
+        if when == self.deadline and self.state in _BOUNDED:
+            return when, "timeout"
+        if kind == W_ANSWER and self.request_done and timeouts.response is not None:
+            return when, "response-timeout"
+        return when, _REASONS[kind]
 
     def expired(self, now: float, timeouts: Timeouts, upstream_activity: float) -> str | None:
         """The reason the current wait is over at ``now``, or None while it goes on."""

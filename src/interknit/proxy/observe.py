@@ -122,12 +122,6 @@ class EndpointStats:
         self.duration = metrics.endpoint_duration.labels(*labels)
         self.inflight = metrics.endpoint_inflight.labels(*labels)
 
-    def started(self) -> EndpointStats:
-        """An attempt begins (returns itself, for the caller to keep)."""
-        self.requests.value += 1
-        self.inflight.value += 1
-        return self
-
     def finished(self, took: float, failed: bool) -> None:
         self.inflight.value -= 1
         self.duration.observe(took)
@@ -167,12 +161,14 @@ class RouteStats:
         if 0 <= index < 5:
             self.codes[index].value += 1
 
-    def started(self) -> None:
-        """A routed request begins."""
-        self.inflight.value += 1
-
-    def ended(self) -> None:
-        self.inflight.value -= 1
+    def attempt(self, key: str) -> EndpointStats:
+        """An attempt to endpoint ``key`` begins: its stats, counted."""
+        found = self.endpoints.get(key)
+        if found is None:
+            found = self.endpoint(key)
+        found.requests.value += 1
+        found.inflight.value += 1
+        return found
 
     def retried(self) -> None:
         self.retries.value += 1

@@ -7,7 +7,7 @@ field, so that the config loader can prefix the full path (``listeners[0].routes
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 Protocol = Literal["http", "tcp"]
@@ -84,6 +84,17 @@ class RouteSpec:
     # Wait before the n-th retry: retry_backoff * 2**(n-1) (0: retry at once, on the next
     # turn of the loop).
     retry_backoff: float = 0.0
+
+    # The hash, computed once: the proxy finds a route's pool, budget and admission by its
+    # spec on every request, and hashing twenty fields costs more than the lookup.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        values = tuple(getattr(self, f.name) for f in fields(self) if f.compare)
+        object.__setattr__(self, "_hash", hash(values))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def label(self) -> str:

@@ -18,7 +18,7 @@ from typing import Protocol
 import httptools
 
 from interknit.http1.batch import WriteBatch
-from interknit.proxy.wire import SIMPLE_HEAD_MAX, SimpleHead, simple_head
+from interknit.proxy.wire import SIMPLE_HEAD_MAX, SIMPLE_HEADS, SimpleHead
 
 # Endpoints are few and connections cheap to hold; more idle ones than this only pin memory.
 DEFAULT_MAX_IDLE = 32
@@ -139,13 +139,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = True
         self.last_activity = self.loop.time()
         if self.at_boundary and not self.head_only:
-            # The fast path: one whole simple response in this read (see wire.simple_head)
+            # The fast path: one whole simple response in this read (see wire.SIMPLE_HEADS)
             # goes to the exchange in one call; the parser never sees it and stays where it
             # was, between two messages. The exchange may decline (it then wants the usual
             # events), and so does anything short, long or unusual: the parser takes those.
             end = data.find(b"\r\n\r\n")
             if 0 < end < SIMPLE_HEAD_MAX:
-                head = simple_head(data[:end])
+                head = SIMPLE_HEADS[data[:end]]
                 if (
                     head is not None
                     and len(data) - end - 4 == head.length

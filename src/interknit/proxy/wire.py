@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 from itertools import count
-from typing import Any
 
 from interknit.http1.status import reason_phrase, status_line
 
@@ -69,30 +68,30 @@ def connection_tokens(value: bytes) -> set[bytes]:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
-class RequestIds:
+class RequestIds(list[bytes]):
     """Request ids: a random per-process prefix and a counter, so no ``uuid4`` per request.
 
     They are formatted a batch at a time (in one comprehension, cheaper per id than a call
-    each); ``ready`` holds the next ones, last first, for a hot path to pop itself."""
+    each) into this list, last first: take one with ``ids.pop() if ids else ids.next()``, which
+    costs no Python call but once a batch."""
 
-    __slots__ = ("_counter", "_prefix", "ready")
+    __slots__ = ("_counter", "_prefix")
 
     BATCH = 256
 
     def __init__(self) -> None:
+        super().__init__()
         self._prefix = os.urandom(8).hex().encode()
         self._counter = count(1)
-        self.ready: list[bytes] = []
 
     def next(self) -> bytes:
-        ready = self.ready
-        if not ready:
+        if not self:
             prefix = self._prefix
             start = next(self._counter)
             # One counter step per batch: batch k (from 1) holds (k-1)*BATCH+1 .. k*BATCH.
             first = (start - 1) * self.BATCH + 1
-            ready += [b"%s-%x" % (prefix, n) for n in range(first + self.BATCH - 1, first - 1, -1)]
-        return ready.pop()
+            self += [b"%s-%x" % (prefix, n) for n in range(first + self.BATCH - 1, first - 1, -1)]
+        return self.pop()
 
 
 def chunk(data: bytes) -> bytes:
@@ -167,19 +166,19 @@ def parse_simple_head(head: bytes) -> SimpleHead | None:
     return SimpleHead(status, b"".join(out), int(length_bytes), length_bytes)
 
 
-# What parse_simple_head() made of a head; _UNSEEN for one it has not seen (None: not simple).
-_SIMPLE_HEADS: dict[bytes, SimpleHead | None] = {}
-_UNSEEN: Any = object()
+class SimpleHeads(dict[bytes, SimpleHead | None]):
+    """What ``parse_simple_head`` made of each head, by its bytes (None: not simple). An
+    upstream repeats its heads (Date changes once a second), so most responses cost one
+    dictionary lookup (``SIMPLE_HEADS[head]``), and a head not seen yet is parsed then."""
+
+    __slots__ = ()
+
+    def __missing__(self, head: bytes) -> SimpleHead | None:
+        found = parse_simple_head(head)
+        if len(self) >= _SIMPLE_CACHE_MAX:
+            self.clear()
+        self[head] = found
+        return found
 
 
-def simple_head(head: bytes) -> SimpleHead | None:
-    """``parse_simple_head``, remembered: an upstream repeats its heads (Date changes once a
-    second), so most responses cost one dictionary lookup."""
-    found = _SIMPLE_HEADS.get(head, _UNSEEN)
-    if found is not _UNSEEN:
-        return found  # type: ignore[no-any-return]
-    found = parse_simple_head(head)
-    if len(_SIMPLE_HEADS) >= _SIMPLE_CACHE_MAX:
-        _SIMPLE_HEADS.clear()
-    _SIMPLE_HEADS[head] = found
-    return found
+SIMPLE_HEADS = SimpleHeads()
