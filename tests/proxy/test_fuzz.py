@@ -15,6 +15,7 @@ The proxy runs on its own uvloop thread; the client is a plain blocking socket.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from interknit.proxy import ListenerSpec, RouteSpec, StaticPoolSource
 from interknit.proxy.listener import HttpListener
 from tests.proxy.conftest import round_robin
 
-EXAMPLES = 300
+EXAMPLES = int(os.environ.get("INTERKNIT_FUZZ_EXAMPLES", "300"))
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,14 @@ def authority(target: bytes) -> bytes | None:
 def h11_requests(data: bytes) -> tuple[list[Seen], bool]:
     """The requests h11 finds in a client's bytes, and whether it found the bytes invalid.
 
-    As RFC 9112 2.2 asks of a server (and llhttp does), empty lines before a request line are
-    skipped; h11 does not skip them itself, so each request is read by a fresh h11 connection
-    from what the last one left."""
+    As RFC 9112 2.2 asks of a server, empty lines before a request line are skipped (CR and LF
+    bytes there, as llhttp and HAProxy skip them: between two messages they frame nothing);
+    h11 does not skip them itself, so each request is read by a fresh h11 connection from what
+    the last one left."""
     found: list[Seen] = []
     rest = data
     while True:
-        while rest.startswith(b"\r\n"):
-            rest = rest[2:]
+        rest = rest.lstrip(b"\r\n")
         if not rest:
             return found, False
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
@@ -91,6 +92,8 @@ def h11_requests(data: bytes) -> tuple[list[Seen], bool]:
                         "body": b"",
                         "switch": event.method == b"CONNECT"
                         or b"upgrade" in headers.get(b"connection", b"").lower(),
+                        "keep_alive_10": event.http_version == b"1.0"
+                        and headers.get(b"connection", b"").lower() == b"keep-alive",
                     }
                 elif isinstance(event, h11.Data):
                     current["body"] += event.data
@@ -103,8 +106,10 @@ def h11_requests(data: bytes) -> tuple[list[Seen], bool]:
                 current["method"], origin_form(current["target"]), current["host"], current["body"]
             )
         )
-        if conn.their_state is h11.MUST_CLOSE:
+        if conn.their_state is h11.MUST_CLOSE and not current["keep_alive_10"]:
             return found, False  # nothing more comes
+        # (h11 closes after every HTTP/1.0 request; "Connection: keep-alive" keeps one open,
+        # as llhttp, HAProxy and nginx have it.)
         if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL and current["switch"]:
             return found, False  # what follows is not HTTP
         # (h11 also stops at an Upgrade field that Connection does not name; RFC 9110 7.8 has

@@ -191,3 +191,26 @@ async def test_connection_cannot_remove_host_framing_or_the_proxys_fields(guarde
     assert sent["host"] == "x" and sent["content-length"] == "3" and record["body_len"] == 3
     assert "x-forwarded-for" in sent and "x-request-id" in sent
     assert "x-gone" not in sent  # an end-to-end field it may remove
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+async def test_an_empty_host_is_refused(guarded: Any, version: bytes) -> None:
+    """Found by the fuzz test: an empty Host went upstream beside the Host the proxy writes
+    for a request without one, two Hosts to the upstream."""
+    b, p = guarded
+    answer = await raw_exchange(p.port, b"GET / HTTP/%s\r\nHost: \r\n\r\n" % version)
+    assert answer.startswith(b"HTTP/1.1 400") and b"bad-host" in answer
+    assert b.seen == []
+
+
+async def test_close_beside_keep_alive_on_http_1_0_closes(guarded: Any) -> None:
+    """Found by the fuzz test: llhttp keeps an HTTP/1.0 connection alive when Connection says
+    both keep-alive and close; RFC 9112 9.6 has close end it, and no later request served."""
+    b, p = guarded
+    answer = await raw_exchange(
+        p.port,
+        b"GET /x HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n"
+        b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    assert answer.count(b"HTTP/1.1 200") == 1
+    assert [s["path"] for s in b.seen] == ["/x"]

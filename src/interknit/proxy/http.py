@@ -367,7 +367,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         self.parsing = None
         # Read here: afterwards httptools reports False.
-        ex.keep_alive = keep_alive = bool(self.parser.should_keep_alive())
+        ex.keep_alive = keep_alive = ex.head.keep_alive and bool(self.parser.should_keep_alive())
         # After a message that ends the connection, llhttp refuses more: not a rest.
         self.at_rest = keep_alive
         ex.request_complete()

@@ -107,7 +107,8 @@ def read_head(
     fields: Sequence[tuple[bytes, bytes]],
     keep_alive: bool,
 ) -> RequestHead:
-    """The head the parser gave, checked; raises ``Rejected``."""
+    """The head the parser gave, checked; raises ``Rejected``. ``keep_alive``: what the
+    parser says of the connection after this request (the head may only shorten it)."""
     if version != "1.1" and version != "1.0":
         raise Rejected(505, "unsupported-version")
     if method == b"CONNECT":
@@ -135,12 +136,20 @@ def read_head(
             if lname == b"host":
                 hosts += 1
         hdict[lname] = value
-    if hosts > 1 or (hosts == 0 and not http10):
+    if hosts > 1 or (hosts == 0 and not http10) or (hosts == 1 and not hdict[b"host"].strip()):
+        # An empty Host names no authority to route by; forwarded, it would also sit beside
+        # the Host the proxy writes for a request without one.
         raise Rejected(400, "bad-host")
     if listed:
         headers = [(n, v) for n, v in headers if n.lower() not in listed]
     if target[:1] != b"/" and b"://" in target:
         target, headers = _origin_form(target, headers, hdict)
+    connection = hdict.get(b"connection")
+    if connection is not None and keep_alive:
+        # "close" anywhere in Connection ends the connection after this request (RFC 9112
+        # 9.6), also beside "keep-alive" on HTTP/1.0, which llhttp then takes as kept alive.
+        options = connection_tokens(connection)
+        keep_alive = b"close" not in options and (not http10 or b"keep-alive" in options)
     head = RequestHead(method, target, headers, hdict, http10, keep_alive)
     coding = hdict.get(b"transfer-encoding")
     if coding is not None:
