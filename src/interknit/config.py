@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from interknit.compat.settings import CompatSection
 from interknit.durations import parse_duration
 from interknit.registry.model import is_hostname, is_label
 from interknit.registry.schema import field_path
@@ -336,6 +337,7 @@ class Config(Section):
     dns: DnsSection = Field(default_factory=DnsSection)
     services: list[ServiceSection] = Field(default_factory=list)
     listeners: list[ListenerSection] = Field(default_factory=list)
+    compat: CompatSection = Field(default_factory=CompatSection)
 
 
 def _describe(exc: ValidationError) -> str:

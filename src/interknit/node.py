@@ -193,6 +193,7 @@ class Node:
             self.readiness,
             http_metrics,
         )
+        consul = self._consul_api(app)
         for add in self.route_hooks:
             add(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.drain_timeout)
@@ -208,6 +209,8 @@ class Node:
         self._api_server = await asyncio.get_running_loop().create_server(fast, sock=sock)
         bound = sock.getsockname()
         self.listen["api"] = f"http://{_hostport(host, bound[1])}"
+        if consul is not None:
+            consul.api_port = bound[1]
         await self._register_static_services()
         await self._start_health()
         await self._start_dns()
@@ -226,6 +229,29 @@ class Node:
             self.on_stop(stop_workers)
         self._ready = True
         log.info("node started", extra={"event": "node.started", **self.listen})
+
+    def _consul_api(self, app: web.Application) -> Any:
+        """Consul's HTTP API subset and Prometheus http_sd on the registry's listener."""
+        section = self.config.compat
+        if not section.enabled:
+            return None
+        from interknit.compat.api import ConsulApi
+
+        host, port = split_hostport(self.config.registry.listen)
+        address = section.node_address
+        if address is None:
+            address = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        consul = ConsulApi(
+            self.registry,
+            section,
+            node_name=self.config.node.name,
+            node_address=address,
+            api_port=port,
+            metrics=self.registry_metrics,
+        )
+        consul.add_routes(app)
+        self.listen["consul"] = "Consul HTTP API subset and /v1/prometheus/targets on the API"
+        return consul
 
     async def _register_static_services(self) -> None:
         shared = self.config.registry.backend == "etcd"
@@ -384,7 +410,7 @@ class Node:
                 "config reload refused", extra={"event": "node.reload_failed", "error": str(exc)}
             )
             return False
-        unchanged = ("node", "registry", "dns", "services")
+        unchanged = ("node", "registry", "dns", "services", "compat")
         for section in unchanged:
             if getattr(config, section) != getattr(self.config, section):
                 log.warning(

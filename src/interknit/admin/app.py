@@ -47,7 +47,13 @@ class Tokens:
         return bool(self.read or self.write)
 
     def check(self, request: web.Request) -> web.Response | None:
-        denied = self.deny(request.path, request.method, request.headers.get("Authorization", ""))
+        authorization = request.headers.get("Authorization", "")
+        if not authorization:
+            # Consul's clients send the same tokens as X-Consul-Token or ?token=.
+            token = request.headers.get("X-Consul-Token") or request.query.get("token")
+            if token:
+                authorization = f"Bearer {token}"
+        denied = self.deny(request.path, request.method, authorization)
         return None if denied is None else error_response(*denied)
 
     def deny(self, path: str, method: str, authorization: str) -> tuple[int, str] | None:

@@ -1,0 +1,1 @@
+"""Other tools' protocols over the registry: Consul's HTTP API subset, Prometheus http_sd."""
