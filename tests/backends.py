@@ -9,14 +9,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Backend:
     """Answers ``status`` with its name as the body; ``hang`` makes it stall; ``delay`` slows
-    every answer (and ``/slow`` paths by 100 ms)."""
+    every answer (and ``/slow`` paths by 100 ms). ``body`` replaces the name as the answer;
+    ``host`` is the address it listens on."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1", body: bytes | None = None) -> None:
         self.name = name
         self.status = 200
         self.hang = False
         self.hits = 0
         outer = self
+        payload = body
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -27,7 +29,7 @@ class Backend:
                     time.sleep(3)
                 if "slow" in self.path:
                     time.sleep(0.1)
-                body = outer.name.encode()
+                body = outer.name.encode() if payload is None else payload
                 self.send_response(outer.status)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("X-Backend", outer.name)
@@ -37,7 +39,7 @@ class Backend:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

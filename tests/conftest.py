@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,9 +13,13 @@ STRICT = os.environ.get("INTERKNIT_STRICT") == "1"
 
 
 def require_tool(name: str) -> str:
-    """Path of an external tool; skip without it, or fail under INTERKNIT_STRICT=1 (CI)."""
+    """Path of an external tool; skip without it, or fail under INTERKNIT_STRICT=1 (CI).
+
+    Tools that come as PyPI packages (the test extra) install beside the interpreter."""
+    beside = str(Path(sys.executable).with_name(name))
     path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
+        (p for p in (beside, f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)),
+        None,
     )
     if path is None:
         message = f"{name} is not installed (./scripts/test installs it when run as root)"

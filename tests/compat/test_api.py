@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dns.message
+import dns.query
 import httpx
 import pytest
 
@@ -319,3 +321,23 @@ def test_consul_tokens(tmp_path: Path) -> None:
         assert r.json() == {"tok": []}
     finally:
         proc.stop()
+
+
+def test_dns_srv_targets_resolve_for_dns_sd(node: NodeProcess) -> None:
+    """What Prometheus' dns_sd_configs (type SRV) does: SRV, then an A look-up of each target."""
+    for sid, port in (("d-1", 9951), ("Host:D:2", 9952)):
+        body = {"Name": "dnssd", "ID": sid, "Address": "127.0.0.2", "Port": port}
+        ok(register(node, body))
+
+    def ask(name: str, kind: str) -> dns.message.Message:
+        query = dns.message.make_query(name, kind)
+        return dns.query.udp(query, "127.0.0.1", port=node.dns_port, timeout=2)
+
+    srv = ask("_dnssd._tcp.ik.internal.", "SRV")
+    targets = {(str(rr.target), rr.port) for rrset in srv.answer for rr in rrset}
+    label = instance_label("Host:D:2")
+    assert targets == {("d-1.dnssd.ik.internal.", 9951), (f"{label}.dnssd.ik.internal.", 9952)}
+    for target, _ in targets:
+        # Prometheus strips the final dot and resolves the name as it is.
+        reply = ask(target.rstrip("."), "A")
+        assert {rr.address for rrset in reply.answer for rr in rrset} == {"127.0.0.2"}

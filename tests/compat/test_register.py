@@ -208,7 +208,7 @@ _JSON = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.dictionaries(_KEYS, _JSON, max_size=10))
 def test_garbage_bodies_are_400s_naming_a_field(body: dict[str, Any]) -> None:
     raw = json.dumps(body).encode()

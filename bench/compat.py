@@ -1,0 +1,193 @@
+"""Blocking queries: Consul's ``/v1/health/service`` on interknit beside interknit's own
+blocking lookup (``/v1/services/{service}?index=``), on the same node and the same changes.
+
+    .venv/bin/python bench/compat.py [--watchers 2000] [--rounds 10] [--runs 2]
+
+Two scenarios, each with ``--watchers`` long-polling clients (one connection each, every one
+asking again at once with the index it was given, as Consul clients do):
+
+* one service: every watcher waits on the same service; each round changes it once;
+* 100 services: the watchers are spread evenly over 100 services; each round changes all 100
+  (100 registrations sent together).
+
+A round starts once the node's ``interknit_registry_watchers`` gauge shows every watcher
+blocked; it is timed from just before the change is sent to each watcher's answer arriving.
+Printed per API: answers per second (watchers / time until the last one was answered, median
+of the rounds) and the wake-up p50 and p99 over all answers, with Consul's against interknit's
+own as a ratio. Both APIs run on a fresh node per run, interleaved; the client is one uvloop
+process, so on a small machine it shares the CPU with the node and its cost is in the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import aiohttp
+import uvloop
+
+from common import interknit_node, machine, median, percentile
+
+SERVICES = 100
+INSTANCES = 3
+WAIT = "60s"
+
+
+@dataclass
+class Round:
+    started: float = 0.0
+    expected: int = 0
+    latencies: list[float] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Api:
+    """How one API is asked and what its gauge is called."""
+
+    def __init__(self, consul: bool) -> None:
+        self.consul = consul
+        self.gauge = f'interknit_registry_watchers{{kind="{"consul" if consul else "blocking"}"}}'
+
+    def path(self, service: str, index: int) -> str:
+        if self.consul:
+            return f"/v1/health/service/{service}?index={index}&wait={WAIT}"
+        return f"/v1/services/{service}?index={index}&wait={WAIT}"
+
+    def index(self, response: aiohttp.ClientResponse) -> int:
+        header = "X-Consul-Index" if self.consul else "X-Interknit-Revision"
+        return int(response.headers[header])
+
+
+async def watcher(
+    session: aiohttp.ClientSession, api: Api, service: str, state: dict[str, Round]
+) -> None:
+    index = 0
+    while True:
+        async with session.get(api.path(service, index)) as r:
+            await r.read()
+            arrived = time.perf_counter()
+            index = api.index(r)
+        current = state["round"]
+        if current.started and arrived >= current.started:
+            current.latencies.append(arrived - current.started)
+            if len(current.latencies) >= current.expected:
+                current.done.set()
+
+
+async def blocked(session: aiohttp.ClientSession, api: Api) -> int:
+    async with session.get("/metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith(api.gauge):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+async def change(session: aiohttp.ClientSession, service: str, weight: int) -> None:
+    body = {"address": "127.0.0.1", "port": 9000, "weight": weight}
+    async with session.put(f"/v1/services/{service}/instances/i0", json=body) as r:
+        assert r.status == 200, await r.text()
+
+
+async def scenario(
+    url: str, api: Api, watchers: int, services: list[str], rounds: int
+) -> dict[str, list[float]]:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    async with (
+        aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session,
+        aiohttp.ClientSession(url) as control,
+    ):
+        for name in services:
+            for i in range(INSTANCES):
+                body = {"address": "127.0.0.1", "port": 9000 + i}
+                async with control.put(f"/v1/services/{name}/instances/i{i}", json=body) as r:
+                    assert r.status == 200
+        state = {"round": Round()}
+        tasks = [
+            asyncio.create_task(watcher(session, api, services[w % len(services)], state))
+            for w in range(watchers)
+        ]
+        rates: list[float] = []
+        latencies: list[float] = []
+        try:
+            for n in range(rounds + 1):  # the first round warms up and is not counted
+                deadline = time.monotonic() + 60
+                while await blocked(control, api) < watchers:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("watchers did not all block within 60s")
+                    await asyncio.sleep(0.02)
+                current = Round(expected=watchers)
+                state["round"] = current
+                current.started = time.perf_counter()
+                await asyncio.gather(*(change(control, s, 2 + n % 2) for s in services))
+                await asyncio.wait_for(current.done.wait(), 120)
+                if n:
+                    rates.append(watchers / max(current.latencies))
+                    latencies.extend(current.latencies)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return {"rates": rates, "latencies": latencies}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--watchers", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print(f"machine: {machine()}")
+    print(f"{args.watchers} watchers; {args.rounds} rounds x {args.runs} runs per API and scenario")
+    cases = {"one service": ["hot"], "100 services": [f"svc{i}" for i in range(SERVICES)]}
+    results: dict[tuple[str, bool], dict[str, list[float]]] = {}
+    for run in range(args.runs):
+        for label, services in cases.items():
+            for consul in (False, True):
+                with interknit_node() as url:
+                    got = uvloop.run(
+                        scenario(url, Api(consul), args.watchers, services, args.rounds)
+                    )
+                key = (label, consul)
+                merged = results.setdefault(key, {"rates": [], "latencies": []})
+                merged["rates"] += got["rates"]
+                merged["latencies"] += got["latencies"]
+                name = "consul" if consul else "native"
+                print(
+                    f"run {run + 1} {label:<13} {name:<7} "
+                    f"{median(got['rates']):>9,.0f} answers/s  "
+                    f"p99 {percentile(got['latencies'], 99) * 1000:7.1f} ms",
+                    flush=True,
+                )
+    print()
+    print(f"{'scenario':<14}{'API':<34}{'answers/s':>11}{'p50 ms':>9}{'p99 ms':>9}")
+    for label in cases:
+        row = {}
+        for consul in (False, True):
+            r = results[(label, consul)]
+            row[consul] = (
+                median(r["rates"]),
+                percentile(r["latencies"], 50),
+                percentile(r["latencies"], 99),
+            )
+            api = "Consul /v1/health/service" if consul else "interknit /v1/services?index="
+            rate, p50, p99 = row[consul]
+            print(f"{label:<14}{api:<34}{rate:>11,.0f}{p50 * 1000:>9.1f}{p99 * 1000:>9.1f}")
+        (nr, _, n99), (cr, _, c99) = row[False], row[True]
+        print(f"{'':<14}{'Consul / interknit':<34}{cr / nr:>10.2f}x{'':>9}{c99 / n99:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
