@@ -13,8 +13,10 @@ asking again at once with the index it was given, as Consul clients do):
 A round starts once the node's ``interknit_registry_watchers`` gauge shows every watcher
 blocked; it is timed from just before the change is sent to each watcher's answer arriving.
 Printed per API: answers per second (watchers / time until the last one was answered, median
-of the rounds) and the wake-up p50 and p99 over all answers, with Consul's against interknit's
-own as a ratio. Both APIs run on a fresh node per run, interleaved; the client is one uvloop
+of the rounds), the wake-up p50 and p99 over all answers, and the node's CPU time per answer
+(user + system, over the measured rounds, answering and taking the next blocking request),
+with Consul's against interknit's own as a ratio. The CPU figure depends least on what else
+runs on the machine. Both APIs run on a fresh node per run, interleaved; the client is one uvloop
 process, so on a small machine it shares the CPU with the node and its cost is in the figures.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import sys
 import time
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp
 import uvloop
 
-from common import interknit_node, machine, median, percentile
+from common import interknit_process, machine, median, percentile
 
 SERVICES = 100
 INSTANCES = 3
@@ -90,14 +93,28 @@ async def blocked(session: aiohttp.ClientSession, api: Api) -> int:
     return 0
 
 
+async def all_blocked(session: aiohttp.ClientSession, api: Api, watchers: int) -> None:
+    deadline = time.monotonic() + 60
+    while await blocked(session, api) < watchers:
+        if time.monotonic() > deadline:
+            raise RuntimeError("watchers did not all block within 60s")
+        await asyncio.sleep(0.02)
+
+
 async def change(session: aiohttp.ClientSession, service: str, weight: int) -> None:
     body = {"address": "127.0.0.1", "port": 9000, "weight": weight}
     async with session.put(f"/v1/services/{service}/instances/i0", json=body) as r:
         assert r.status == 200, await r.text()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def scenario(
-    url: str, api: Api, watchers: int, services: list[str], rounds: int
+    url: str, pid: int, api: Api, watchers: int, services: list[str], rounds: int
 ) -> dict[str, list[float]]:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
@@ -117,13 +134,12 @@ async def scenario(
         ]
         rates: list[float] = []
         latencies: list[float] = []
+        cpu = 0.0
         try:
             for n in range(rounds + 1):  # the first round warms up and is not counted
-                deadline = time.monotonic() + 60
-                while await blocked(control, api) < watchers:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("watchers did not all block within 60s")
-                    await asyncio.sleep(0.02)
+                if n == 1:
+                    cpu = cpu_seconds(pid)
+                await all_blocked(control, api, watchers)
                 current = Round(expected=watchers)
                 state["round"] = current
                 current.started = time.perf_counter()
@@ -132,11 +148,14 @@ async def scenario(
                 if n:
                     rates.append(watchers / max(current.latencies))
                     latencies.extend(current.latencies)
+            # Every watcher has asked again: the node's CPU for answering and re-blocking them.
+            await all_blocked(control, api, watchers)
+            cpu = cpu_seconds(pid) - cpu
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    return {"rates": rates, "latencies": latencies}
+    return {"rates": rates, "latencies": latencies, "cpu": [cpu / (rounds * watchers)]}
 
 
 def main() -> None:
@@ -156,23 +175,24 @@ def main() -> None:
     for run in range(args.runs):
         for label, services in cases.items():
             for consul in (False, True):
-                with interknit_node() as url:
+                with interknit_process() as (url, proc):
                     got = uvloop.run(
-                        scenario(url, Api(consul), args.watchers, services, args.rounds)
+                        scenario(url, proc.pid, Api(consul), args.watchers, services, args.rounds)
                     )
                 key = (label, consul)
-                merged = results.setdefault(key, {"rates": [], "latencies": []})
-                merged["rates"] += got["rates"]
-                merged["latencies"] += got["latencies"]
+                merged = results.setdefault(key, {"rates": [], "latencies": [], "cpu": []})
+                for figure, values in got.items():
+                    merged[figure] += values
                 name = "consul" if consul else "native"
                 print(
                     f"run {run + 1} {label:<13} {name:<7} "
                     f"{median(got['rates']):>9,.0f} answers/s  "
-                    f"p99 {percentile(got['latencies'], 99) * 1000:7.1f} ms",
+                    f"p99 {percentile(got['latencies'], 99) * 1000:7.1f} ms  "
+                    f"node CPU {got['cpu'][0] * 1e6:6.0f} us/answer",
                     flush=True,
                 )
     print()
-    print(f"{'scenario':<14}{'API':<34}{'answers/s':>11}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'scenario':<14}{'API':<32}{'answers/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'CPU us':>8}")
     for label in cases:
         row = {}
         for consul in (False, True):
@@ -181,12 +201,19 @@ def main() -> None:
                 median(r["rates"]),
                 percentile(r["latencies"], 50),
                 percentile(r["latencies"], 99),
+                median(r["cpu"]),
             )
             api = "Consul /v1/health/service" if consul else "interknit /v1/services?index="
-            rate, p50, p99 = row[consul]
-            print(f"{label:<14}{api:<34}{rate:>11,.0f}{p50 * 1000:>9.1f}{p99 * 1000:>9.1f}")
-        (nr, _, n99), (cr, _, c99) = row[False], row[True]
-        print(f"{'':<14}{'Consul / interknit':<34}{cr / nr:>10.2f}x{'':>9}{c99 / n99:>8.2f}x")
+            rate, p50, p99, cpu = row[consul]
+            print(
+                f"{label:<14}{api:<32}{rate:>10,.0f}{p50 * 1000:>8.1f}{p99 * 1000:>8.1f}"
+                f"{cpu * 1e6:>8.0f}"
+            )
+        (nr, _, n99, ncpu), (cr, _, c99, ccpu) = row[False], row[True]
+        print(
+            f"{'':<14}{'Consul / interknit':<32}{cr / nr:>9.2f}x{'':>8}{c99 / n99:>7.2f}x"
+            f"{ccpu / ncpu:>7.2f}x"
+        )
 
 
 if __name__ == "__main__":

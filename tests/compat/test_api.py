@@ -12,6 +12,8 @@ import dns.message
 import dns.query
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from interknit.compat.names import instance_label
 from tests.nodeproc import NodeProcess
@@ -341,3 +343,46 @@ def test_dns_srv_targets_resolve_for_dns_sd(node: NodeProcess) -> None:
         # Prometheus strips the final dot and resolves the name as it is.
         reply = ask(target.rstrip("."), "A")
         assert {rr.address for rrset in reply.answer for rr in rrset} == {"127.0.0.2"}
+
+
+_PATHS = st.sampled_from(
+    [
+        "/v1/agent/service/register",
+        "/v1/agent/service/deregister/x",
+        "/v1/agent/check/update/service:x",
+        "/v1/agent/check/pass/%00",
+        "/v1/agent/service/maintenance/x",
+        "/v1/health/service/x",
+        "/v1/health/state/any",
+        "/v1/catalog/service/x",
+        "/v1/catalog/services",
+        "/v1/agent/services",
+        "/v1/prometheus/targets",
+    ]
+)
+_PARAMS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["index", "wait", "filter", "tag", "passing", "dc", "node-meta", "enable", "note", "x"]
+        ),
+        st.text(max_size=20),
+    ),
+    max_size=4,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    path=_PATHS, params=_PARAMS, body=st.binary(max_size=64) | st.text(max_size=64).map(str.encode)
+)
+def test_garbage_requests_never_500(
+    node: NodeProcess, path: str, params: list[tuple[str, str]], body: bytes
+) -> None:
+    params = [(k, v) for k, v in params if k not in ("index", "wait")] + [("wait", "1ms")]
+    method = "PUT" if "/agent/service/" in path or "/agent/check/" in path else "GET"
+    r = node.client.request(method, path, params=params, content=body)
+    assert r.status_code < 500, (r.status_code, r.text)
+    if r.status_code >= 400:
+        assert r.json()["error"]

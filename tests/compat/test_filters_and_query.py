@@ -137,6 +137,7 @@ def test_query_reads_consul_parameters() -> None:
     assert parse_query([("wait", "1s")], datacenter="dc1").wait == 1.0
     assert parse_query([("wait", "1h")], datacenter="dc1").wait == MAX_WAIT
     assert parse_query([], datacenter="dc1").wait == DEFAULT_WAIT
+    assert parse_query([("wait", "0")], datacenter="dc1").wait == DEFAULT_WAIT
     # Tags and passing count only where the endpoint takes them.
     assert parse_query([("tag", "a"), ("passing", "")], datacenter="dc1").tags == ()
 
@@ -161,3 +162,33 @@ def test_bad_parameters_are_400s_naming_them(pairs: list[tuple[str, str]], param
         parse_query(pairs, datacenter="dc1", schema=CATALOG_SCHEMA, passing=True)
     assert caught.value.status == 400
     assert caught.value.message.startswith(f"{param}: ")
+
+
+_PARAM_NAMES = st.sampled_from(
+    [
+        "index",
+        "wait",
+        "stale",
+        "consistent",
+        "cached",
+        "dc",
+        "tag",
+        "passing",
+        "node-meta",
+        "filter",
+        "peer",
+        "ns",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_PARAM_NAMES | st.text(max_size=6), st.text(max_size=40)), max_size=8))
+def test_garbage_parameters_are_400s_naming_them(pairs: list[tuple[str, str]]) -> None:
+    try:
+        q = parse_query(pairs, datacenter="dc1", schema=HEALTH_SCHEMA, tags=True, passing=True)
+    except RegistryError as exc:
+        assert exc.status == 400
+        assert isinstance(exc.detail, list) and exc.detail[0]["field"]
+        return
+    assert 0 <= q.index < 2**64 and 0 < q.wait <= MAX_WAIT

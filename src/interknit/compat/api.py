@@ -1,7 +1,7 @@
 """Consul's HTTP API subset and Prometheus http_sd, on the registry's listener (aiohttp).
 
 A translation layer: every read is answered from the registry's in-memory state, every write
-goes through the registry's own write path (``RegistryBackend``), and blocking queries wait on
+goes through the registry's own write path (``writes.py``), and blocking queries wait on
 the registry's per-service change notification, exactly as interknit's own blocking lookups
 do, so a blocked Consul watcher costs one future and one timer. Bodies are cached per
 (endpoint, query shape) and rebuilt only when the revision they were built at moves, so two
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -30,14 +29,7 @@ from interknit import __version__
 from interknit.compat.ids import ConsulIds
 from interknit.compat.names import Identity, Untranslatable, identity, service_label
 from interknit.compat.query import Query, parse_query
-from interknit.compat.register import (
-    CHECK_STATUSES,
-    Registration,
-    fields,
-    load,
-    parse_registration,
-)
-from interknit.compat.register import fail as body_fail
+from interknit.compat.register import CHECK_STATUSES
 from interknit.compat.settings import CompatSection
 from interknit.compat.views import (
     CATALOG_SCHEMA,
@@ -49,36 +41,23 @@ from interknit.compat.views import (
     node_id,
     passing,
 )
-from interknit.registry.api import read_body
+from interknit.compat.writes import AgentWrites
 from interknit.registry.metrics import RegistryMetrics
-from interknit.registry.model import CheckStatus, Event, Instance
-from interknit.registry.registry import Registry, RegistryBackend, Unavailable
-from interknit.registry.state import Conflict, NotFound, RegistryError, RegistryState
-
-log = logging.getLogger("interknit.compat")
+from interknit.registry.model import Instance
+from interknit.registry.registry import RegistryBackend, Unavailable
+from interknit.registry.state import RegistryError, RegistryState
 
 # What agent/self says this agent is; clients that check versions see a current Consul.
 CONSUL_VERSION = "1.17.0"
 MAX_CACHED = 4096
+SAMPLE_EVERY = 0.5
 # The blocking key of a name that can never be a service: woken only at shutdown.
 _NOWHERE = "-"
 _STATES = ("any", *CHECK_STATUSES)
-_UPDATE_FIELDS = {"status": "Status", "output": "Output"}
-
-Op = Callable[[float], tuple[Any, list[Event]]]
 
 
 def dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
-
-
-def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
 
 
 class ConsulApi:
@@ -110,9 +89,11 @@ class ConsulApi:
         self.ids = ConsulIds()
         self.ids.rebuild(registry.state.all_instances())
         registry.subscribe(self.ids.apply, self._resynced)
+        self.writes = AgentWrites(registry, self.ids, settings.datacenter, node_address)
         self._bodies: dict[tuple[object, ...], tuple[int, bytes]] = {}
         self._live_at = clock()
         self._gauge = None if metrics is None else metrics.watchers.labels("consul")
+        self._sampler: asyncio.Task[None] | None = None
 
     def _resynced(self) -> None:
         # The state was replaced wholesale (a reload may even move revisions back): nothing
@@ -121,6 +102,8 @@ class ConsulApi:
         self.ids.rebuild(self.registry.state.all_instances())
 
     def add_routes(self, app: web.Application) -> None:
+        app.on_startup.append(self._start_sampling)
+        app.on_cleanup.append(self._stop_sampling)
         add_get, add_put = app.router.add_get, app.router.add_put
         add_get("/v1/agent/self", self.agent_self)
         add_get("/v1/agent/services", self.agent_services)
@@ -132,14 +115,32 @@ class ConsulApi:
         add_get("/v1/catalog/nodes", self.catalog_nodes)
         add_get("/v1/health/service/{name}", self.health_service)
         add_get("/v1/health/state/{state}", self.health_state)
-        add_put("/v1/agent/service/register", self.register)
-        add_put("/v1/agent/service/deregister/{id:.+}", self.deregister)
-        add_put("/v1/agent/service/maintenance/{id:.+}", self.maintenance)
-        add_put("/v1/agent/check/update/{id:.+}", self.check_update)
-        add_put("/v1/agent/check/{verb:pass|warn|fail}/{id:.+}", self.check_ttl)
+        writes = self.writes
+        add_put("/v1/agent/service/register", writes.register)
+        add_put("/v1/agent/service/deregister/{id:.+}", writes.deregister)
+        add_put("/v1/agent/service/maintenance/{id:.+}", writes.maintenance)
+        add_put("/v1/agent/check/update/{id:.+}", writes.check_update)
+        add_put("/v1/agent/check/{verb:pass|warn|fail}/{id:.+}", writes.check_ttl)
         add_get("/v1/prometheus/targets", self.prometheus_targets)
 
     # ------------------------------------------------------------------ plumbing
+
+    async def _start_sampling(self, app: web.Application) -> None:
+        self._sampler = asyncio.create_task(self._sample(), name="compat-last-contact")
+
+    async def _stop_sampling(self, app: web.Application) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+
+    async def _sample(self) -> None:
+        """Note when the registry was last in touch with its store, for X-Consul-LastContact
+        (the backends say whether they are stale now, not since when)."""
+        while True:
+            if not self.registry.stale:
+                self._live_at = self._clock()
+            await asyncio.sleep(SAMPLE_EVERY)
 
     @property
     def state(self) -> RegistryState:
@@ -202,10 +203,12 @@ class ConsulApi:
         )
 
     def _cached(self, key: tuple[object, ...], revision: int, build: Callable[[], Any]) -> bytes:
+        """The body ``build`` makes (bytes, or a value to encode), once per revision."""
         hit = self._bodies.get(key)
         if hit is not None and hit[0] == revision:
             return hit[1]
-        body = dumps(build())
+        built = build()
+        body = built if isinstance(built, bytes) else dumps(built)
         if len(self._bodies) >= MAX_CACHED:
             self._bodies.clear()
         self._bodies[key] = (revision, body)
@@ -341,13 +344,13 @@ class ConsulApi:
         label = self._service(name)
         await self._block(label or _NOWHERE, query)
 
-        def build() -> list[dict[str, Any]]:
-            rows = [
-                self.view.catalog_row(i, ident) for i, ident, _ in self._service_rows(name, query)
-            ]
-            if query.filter is not None:
-                rows = [r for r in rows if query.filter.test(r)]
-            return rows
+        def build() -> bytes | list[dict[str, Any]]:
+            found = self._service_rows(name, query)
+            test = None if query.filter is None else query.filter.test
+            if test is None:
+                return b"[" + b",".join([self.view.catalog_row_json(i) for i, _, _ in found]) + b"]"
+            rows = [self.view.catalog_row(i, ident) for i, ident, _ in found]
+            return [r for r in rows if test(r)]
 
         index = self._index(label) if label is not None else 1
         body = self._cached(("catalog/service", name, query.shape), index, build)
@@ -377,15 +380,18 @@ class ConsulApi:
         label = self._service(name)
         await self._block(label or _NOWHERE, query)
 
-        def build() -> list[dict[str, Any]]:
-            rows = []
-            for inst, ident, node in self._service_rows(name, query):
-                if query.passing and not passing(inst):
-                    continue
-                row = self.view.health_entry(inst, ident, node)
-                if query.filter is None or query.filter.test(row):
-                    rows.append(row)
-            return rows
+        def build() -> bytes | list[dict[str, Any]]:
+            found = [
+                (inst, ident, node)
+                for inst, ident, node in self._service_rows(name, query)
+                if not query.passing or passing(inst)
+            ]
+            if query.filter is None:
+                return (
+                    b"[" + b",".join([self.view.health_entry_json(i) for i, _, _ in found]) + b"]"
+                )
+            rows = [self.view.health_entry(inst, ident, node) for inst, ident, node in found]
+            return [r for r in rows if query.filter.test(r)]
 
         index = self._index(label) if label is not None else 1
         body = self._cached(("health/service", name, query.shape), index, build)
@@ -442,173 +448,3 @@ class ConsulApi:
 
         body = self._cached(("prometheus", services, only_passing), state.revision, build)
         return web.Response(body=body, content_type="application/json")
-
-    # ------------------------------------------------------------------ writes
-
-    def _write_query(self, request: web.Request) -> Query:
-        # dc is checked; ns, partition and the rest are accepted and ignored, as on reads.
-        return self._query(request)
-
-    async def _submit(self, registry: Registry, op: Op) -> None:
-        """Run ``op`` through the embedded registry's own write path: one commit for all the
-        events it makes, so no reader sees the state between them."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        _, queued = registry.write(op, lambda error: _settle(fut, error))
-        if queued:
-            await fut
-
-    async def _register(self, reg: Registration) -> None:
-        registry = self.registry
-        service, instance_id, spec = reg.service, reg.instance_id, reg.spec
-        initial = reg.initial
-        if isinstance(registry, Registry):
-            state = registry.state
-
-            def op(now: float) -> tuple[Any, list[Event]]:
-                before = state.get(service, instance_id)
-                events = state.register(service, instance_id, spec, now)
-                # A new TTL check (not an unchanged one re-registered) starts as Consul's do.
-                if (
-                    initial is not None
-                    and events
-                    and (before is None or before.spec.check != spec.check)
-                ):
-                    events += state.set_check_status(service, instance_id, initial, "", now)
-                return None, events
-
-            await self._submit(registry, op)
-            return
-        # On etcd the two writes go one after the other: between them, for an instant, a
-        # new TTL instance reads as passing (docs/compat.md).
-        before = registry.state.get(service, instance_id)
-        await registry.register(service, instance_id, spec)
-        if initial is not None and (before is None or before.spec.check != spec.check):
-            await registry.set_check_status(service, instance_id, initial, "")
-
-    def _check_free(self, reg: Registration) -> None:
-        """One Consul name per service label, and one Consul ID per instance label."""
-        for inst in self.state.instances(reg.service):
-            ident = identity(inst)
-            if inst.id == reg.instance_id and ident.id != reg.consul_id:
-                raise Conflict(
-                    f"ID: {reg.consul_id!r} would be kept as {reg.instance_id!r}, which "
-                    f"instance {ident.id!r} of {ident.name!r} already is",
-                    [{"field": "ID"}],
-                )
-            if inst.id != reg.instance_id and ident.name != reg.consul_name:
-                raise Conflict(
-                    f"Name: {reg.consul_name!r} would be kept as {reg.service!r}, which "
-                    f"already holds the service {ident.name!r}",
-                    [{"field": "Name"}],
-                )
-
-    async def register(self, request: web.Request) -> web.Response:
-        self._write_query(request)
-        reg = parse_registration(await read_body(request), self.view.node_address)
-        self._check_free(reg)
-        if reg.dropped_checks:
-            log.warning(
-                "registration kept one check of several",
-                extra={
-                    "event": "compat.checks_dropped",
-                    "service": reg.service,
-                    "instance": reg.instance_id,
-                    "dropped": list(reg.dropped_checks),
-                },
-            )
-        # Consul's agent holds one service per ID: the same ID under another name moves.
-        moved = [
-            i
-            for i in self.ids.find(self.state, reg.consul_id)
-            if i.key != (reg.service, reg.instance_id)
-        ]
-        await self._register(reg)
-        for inst in moved:
-            with contextlib.suppress(NotFound):
-                await self.registry.deregister(inst.service, inst.id)
-        return web.Response(text="")
-
-    def _by_id(self, consul_id: str) -> list[Instance]:
-        found = self.ids.find(self.state, consul_id, scan=True)
-        if not found:
-            raise NotFound(f"unknown service ID {consul_id!r}", {"id": consul_id})
-        return found
-
-    async def deregister(self, request: web.Request) -> web.Response:
-        self._write_query(request)
-        for inst in self._by_id(request.match_info["id"]):
-            with contextlib.suppress(NotFound):
-                await self.registry.deregister(inst.service, inst.id)
-        return web.Response(text="")
-
-    async def maintenance(self, request: web.Request) -> web.Response:
-        self._write_query(request)
-        enable = request.query.get("enable")
-        if enable not in ("true", "false"):
-            raise RegistryError("enable: must be true or false", [{"field": "enable"}])
-        for inst in self._by_id(request.match_info["id"]):
-            if enable == "true":
-                await self.registry.set_operator(inst.service, inst.id, "maintenance")
-            elif inst.operator == "maintenance":
-                await self.registry.set_operator(inst.service, inst.id, "passing")
-        return web.Response(text="")
-
-    async def check_ttl(self, request: web.Request) -> web.Response:
-        self._write_query(request)
-        status: CheckStatus = {"pass": "passing", "warn": "warning", "fail": "critical"}[  # type: ignore[assignment]
-            request.match_info["verb"]
-        ]
-        note = request.query.get("note", "")[:4096]
-        await self._ttl(request.match_info["id"], status, note)
-        return web.Response(text="")
-
-    async def check_update(self, request: web.Request) -> web.Response:
-        self._write_query(request)
-        body = fields(load(await read_body(request)), "", _UPDATE_FIELDS)
-        status = body.get("Status")
-        if status not in CHECK_STATUSES:
-            body_fail("Status", "must be passing, warning or critical")
-        output = body.get("Output") or ""
-        if not isinstance(output, str):
-            body_fail("Output", "must be a string")
-        await self._ttl(request.match_info["id"], status, output[:4096])
-        return web.Response(text="")
-
-    async def _ttl(self, check_id: str, status: CheckStatus, output: str) -> None:
-        """Set a TTL check's status and restart its TTL, as Consul's pass/warn/fail do."""
-        found = self.ids.find_check(self.state, check_id)
-        if not found:
-            raise NotFound(f"unknown check ID {check_id!r}", {"check": check_id})
-        for inst in found:
-            check = inst.spec.check
-            if check is None or check.ttl is None:
-                raise Conflict(
-                    f"check {check_id!r} is not a TTL check: interknit runs it itself",
-                    {"check": check_id},
-                )
-        registry = self.registry
-        for inst in found:
-            service, instance_id = inst.key
-            if isinstance(registry, Registry):
-                await self._submit(registry, _ttl_op(registry.state, inst.key, status, output))
-                continue
-            current = registry.state.get(service, instance_id)
-            if current is not None:
-                await registry.register(service, instance_id, current.spec)
-                await registry.set_check_status(service, instance_id, status, output)
-
-
-def _ttl_op(state: RegistryState, key: tuple[str, str], status: CheckStatus, output: str) -> Op:
-    """Renew a TTL and set its check's status, as one write."""
-    service, instance_id = key
-
-    def op(now: float) -> tuple[Any, list[Event]]:
-        current = state.get(service, instance_id)
-        if current is None:
-            raise NotFound(f"instance {instance_id!r} of {service!r} is gone", {"id": instance_id})
-        # Re-registering the same spec renews the TTL and changes nothing else.
-        events = state.register(service, instance_id, current.spec, now)
-        events += state.set_check_status(service, instance_id, status, output, now)
-        return None, events
-
-    return op

@@ -87,7 +87,9 @@ def parse_query(
             index = int(value)
         elif param == "wait":
             try:
-                wait = min(parse_go_duration(value), MAX_WAIT)
+                # 0 asks for the default, as Consul reads it (its Go client sends 1ms, never
+                # 0ms, for a short wait).
+                wait = min(parse_go_duration(value), MAX_WAIT) or DEFAULT_WAIT
             except ValueError as exc:
                 fail("wait", str(exc))
         elif param == "stale":

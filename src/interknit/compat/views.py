@@ -14,6 +14,7 @@ Go clients parse them back with ``time.ParseDuration``.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -28,6 +29,7 @@ SERF_CHECK = "serfHealth"
 MAINTENANCE_PREFIX = "_service_maintenance:"
 _NODE_NAMESPACE = uuid.UUID("6d1c3f0e-5f43-4c4e-9a43-6b6e69746b31")  # "interknit" nodes
 _LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+MAX_MEMO = 100_000
 
 _WEIGHTS_SCHEMA: Schema = {"Passing": INT, "Warning": INT}
 NODE_SCHEMA: Schema = {
@@ -94,6 +96,21 @@ _NOTES = {
 }
 
 
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class _Memo:
+    __slots__ = ("catalog", "health", "identity", "node", "revision")
+
+    def __init__(self, revision: int, ident: Identity, node: str) -> None:
+        self.revision = revision
+        self.identity = ident
+        self.node = node
+        self.health: bytes | None = None
+        self.catalog: bytes | None = None
+
+
 def node_id(name: str) -> str:
     """A node's ID: a UUID, as Consul's, that stays the same for the same node name."""
     return str(uuid.uuid5(_NODE_NAMESPACE, name))
@@ -130,6 +147,7 @@ class ConsulView:
         self.node_meta = {"consul-network-segment": "", **(node_meta or {})}
         self._owner = owner
         self.local_node = self._node(node_name, node_address)
+        self._memo: dict[tuple[str, str], _Memo] = {}
 
     # ------------------------------------------------------------------ nodes
 
@@ -184,12 +202,40 @@ class ConsulView:
 
     # ------------------------------------------------------------------ services
 
+    def _memo_of(self, inst: Instance) -> _Memo:
+        """What is worked out once per instance value: its identity, node and encoded rows.
+        Every change of an instance gives it a new ``mod_revision``, which keys the memo."""
+        memo = self._memo.get(inst.key)
+        if memo is None or memo.revision != inst.mod_revision:
+            if len(self._memo) >= MAX_MEMO:
+                self._memo.clear()
+            memo = _Memo(inst.mod_revision, identity(inst), self.node_name_of(inst))
+            self._memo[inst.key] = memo
+        return memo
+
     def ordered(self, instances: list[Instance]) -> list[tuple[Instance, Identity, str]]:
         """Instances with their Consul identity and node, in Consul's order (node, then ID):
         catalog and health answers list them alike."""
-        rows = [(inst, identity(inst), self.node_name_of(inst)) for inst in instances]
+        rows = []
+        for inst in instances:
+            memo = self._memo_of(inst)
+            rows.append((inst, memo.identity, memo.node))
         rows.sort(key=lambda r: (r[2], r[1].id))
         return rows
+
+    def health_entry_json(self, inst: Instance) -> bytes:
+        """``health_entry`` encoded, once per instance value: a thousand watchers woken by a
+        change of one instance of a large service re-encode that instance alone."""
+        memo = self._memo_of(inst)
+        if memo.health is None:
+            memo.health = _encode(self.health_entry(inst, memo.identity, memo.node))
+        return memo.health
+
+    def catalog_row_json(self, inst: Instance) -> bytes:
+        memo = self._memo_of(inst)
+        if memo.catalog is None:
+            memo.catalog = _encode(self.catalog_row(inst, memo.identity))
+        return memo.catalog
 
     def agent_service(self, inst: Instance, ident: Identity) -> dict[str, Any]:
         spec = inst.spec
