@@ -250,12 +250,20 @@ def test_names_and_ids_are_translated_and_read_back(node: NodeProcess) -> None:
     # Another Consul name that would share the label is refused.
     clash = register(node, {"Name": "legacy.app", "Port": 9702})
     assert clash.status_code == 409 and clash.json()["error"].startswith("Name: ")
-    # The same ID under another name moves there, as a Consul agent's service does.
-    ok(register(node, {"Name": "moved", "ID": "host1:legacy:8080", "Port": 9701}))
-    assert node.client.get("/v1/catalog/service/Legacy_App").json() == []
-    assert ids(node.client.get("/v1/catalog/service/moved").json()) == ["host1:legacy:8080"]
+    # The same ID under another name is refused: interknit IDs are per service, and the
+    # other instance may not be Consul's to move.
+    moved = register(node, {"Name": "moved", "ID": "host1:legacy:8080", "Port": 9701})
+    assert moved.status_code == 409 and moved.json()["error"].startswith("ID: ")
     ok(node.client.put("/v1/agent/service/deregister/host1:legacy:8080"))
-    assert node.client.get("/v1/catalog/service/moved").json() == []
+    assert node.client.get("/v1/catalog/service/Legacy_App").json() == []
+    ok(register(node, {"Name": "moved", "ID": "host1:legacy:8080", "Port": 9701}))
+    assert ids(node.client.get("/v1/catalog/service/moved").json()) == ["host1:legacy:8080"]
+    # Instances of two services registered through interknit's API with one ID: Consul's
+    # agent endpoints cannot tell them apart.
+    for service in ("twin-a", "twin-b"):
+        assert node.register(service, "twin", port=9703).status_code == 200
+    ambiguous = node.client.put("/v1/agent/service/deregister/twin")
+    assert ambiguous.status_code == 409 and "twin-a" in ambiguous.json()["error"]
     bad = register(
         node, {"Name": "w", "Port": 1, "Check": {"GRPC": "127.0.0.1:1", "Interval": "1s"}}
     )

@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from interknit import __version__
+from interknit.compat.filters import Schema
 from interknit.compat.ids import ConsulIds
 from interknit.compat.names import Identity, Untranslatable, identity, service_label
 from interknit.compat.query import Query, parse_query
@@ -91,6 +92,7 @@ class ConsulApi:
         registry.subscribe(self.ids.apply, self._resynced)
         self.writes = AgentWrites(registry, self.ids, settings.datacenter, node_address)
         self._bodies: dict[tuple[object, ...], tuple[int, bytes]] = {}
+        self._queries: dict[tuple[str, int, bool, bool], Query] = {}
         self._live_at = clock()
         self._gauge = None if metrics is None else metrics.watchers.labels("consul")
         self._sampler: asyncio.Task[None] | None = None
@@ -146,8 +148,29 @@ class ConsulApi:
     def state(self) -> RegistryState:
         return self.registry.state
 
-    def _query(self, request: web.Request, **options: Any) -> Query:
-        return parse_query(request.query.items(), datacenter=self.settings.datacenter, **options)
+    def _query(
+        self,
+        request: web.Request,
+        schema: Schema | None = None,
+        tags: bool = False,
+        passing: bool = False,
+    ) -> Query:
+        """The request's parameters, read once per distinct query string: the watchers of a
+        service all come back with the same one (the index they were given)."""
+        key = (request.query_string, id(schema), tags, passing)
+        query = self._queries.get(key)
+        if query is None:
+            query = parse_query(
+                request.query.items(),
+                datacenter=self.settings.datacenter,
+                schema=schema,
+                tags=tags,
+                passing=passing,
+            )
+            if len(self._queries) >= MAX_CACHED:
+                self._queries.clear()
+            self._queries[key] = query
+        return query
 
     def _index(self, service: str | None) -> int:
         state = self.state

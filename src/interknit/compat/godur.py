@@ -6,6 +6,7 @@ fraction-less ``.5s``), so Consul's bodies and queries are read here.
 
 from __future__ import annotations
 
+import functools
 import re
 
 _UNITS = {
@@ -24,6 +25,8 @@ MAX_TEXT = 64
 MAX_SECONDS = 7 * 24 * 3600.0
 
 
+# Clients send the same few durations over and over (``wait=120000ms``).
+@functools.lru_cache(maxsize=256)
 def parse_go_duration(text: str) -> float:
     """Seconds for a Go duration such as ``"1m30s"``; ValueError with the reason."""
     if len(text) > MAX_TEXT:

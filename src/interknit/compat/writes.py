@@ -134,29 +134,26 @@ class AgentWrites:
                     "dropped": list(reg.dropped_checks),
                 },
             )
-        # Consul's agent holds one service per ID: the same ID under another name moves.
-        moved = [
-            i
-            for i in self.ids.find(self.state, reg.consul_id)
-            if i.key != (reg.service, reg.instance_id)
-        ]
+        # Consul's agent holds one service per ID and would move it to the new name; an
+        # interknit ID is per service, and the other may well not be Consul's to move.
+        for other in self.ids.find(self.state, reg.consul_id):
+            if other.key != (reg.service, reg.instance_id):
+                raise Conflict(
+                    f"ID: {reg.consul_id!r} is registered under the service "
+                    f"{identity(other).name!r}; deregister it there first",
+                    [{"field": "ID"}],
+                )
         await self._register(reg)
-        for inst in moved:
-            with contextlib.suppress(NotFound):
-                await self.registry.deregister(inst.service, inst.id)
         return web.Response(text="")
 
-    def _by_id(self, consul_id: str) -> list[Instance]:
-        found = self.ids.find(self.state, consul_id, scan=True)
-        if not found:
-            raise NotFound(f"unknown service ID {consul_id!r}", {"id": consul_id})
-        return found
+    def _by_id(self, consul_id: str) -> Instance:
+        return _one(self.ids.find(self.state, consul_id, scan=True), "service", consul_id)
 
     async def deregister(self, request: web.Request) -> web.Response:
         self._write_query(request)
-        for inst in self._by_id(request.match_info["id"]):
-            with contextlib.suppress(NotFound):
-                await self.registry.deregister(inst.service, inst.id)
+        inst = self._by_id(request.match_info["id"])
+        with contextlib.suppress(NotFound):  # gone meanwhile: what was asked is done
+            await self.registry.deregister(inst.service, inst.id)
         return web.Response(text="")
 
     async def maintenance(self, request: web.Request) -> web.Response:
@@ -164,11 +161,11 @@ class AgentWrites:
         enable = request.query.get("enable")
         if enable not in ("true", "false"):
             raise RegistryError("enable: must be true or false", [{"field": "enable"}])
-        for inst in self._by_id(request.match_info["id"]):
-            if enable == "true":
-                await self.registry.set_operator(inst.service, inst.id, "maintenance")
-            elif inst.operator == "maintenance":
-                await self.registry.set_operator(inst.service, inst.id, "passing")
+        inst = self._by_id(request.match_info["id"])
+        if enable == "true":
+            await self.registry.set_operator(inst.service, inst.id, "maintenance")
+        elif inst.operator == "maintenance":  # a drain is interknit's to end, not this
+            await self.registry.set_operator(inst.service, inst.id, "passing")
         return web.Response(text="")
 
     async def check_ttl(self, request: web.Request) -> web.Response:
@@ -192,26 +189,34 @@ class AgentWrites:
 
     async def _ttl(self, check_id: str, status: CheckStatus, output: str) -> None:
         """Set a TTL check's status and restart its TTL, as Consul's pass/warn/fail do."""
-        found = self.ids.find_check(self.state, check_id)
-        if not found:
-            raise NotFound(f"unknown check ID {check_id!r}", {"check": check_id})
-        for inst in found:
-            check = inst.spec.check
-            if check is None or check.ttl is None:
-                raise Conflict(
-                    f"check {check_id!r} is not a TTL check: interknit runs it itself",
-                    {"check": check_id},
-                )
+        inst = _one(self.ids.find_check(self.state, check_id), "check", check_id)
+        check = inst.spec.check
+        if check is None or check.ttl is None:
+            raise Conflict(
+                f"check {check_id!r} is not a TTL check: interknit runs it itself",
+                {"check": check_id},
+            )
         registry = self.registry
-        for inst in found:
-            service, instance_id = inst.key
-            if isinstance(registry, Registry):
-                await self._submit(registry, _ttl_op(registry.state, inst.key, status, output))
-                continue
-            current = registry.state.get(service, instance_id)
-            if current is not None:
-                await registry.register(service, instance_id, current.spec)
-                await registry.set_check_status(service, instance_id, status, output)
+        if isinstance(registry, Registry):
+            await self._submit(registry, _ttl_op(registry.state, inst.key, status, output))
+            return
+        await registry.register(inst.service, inst.id, inst.spec)
+        await registry.set_check_status(inst.service, inst.id, status, output)
+
+
+def _one(found: list[Instance], what: str, name: str) -> Instance:
+    """The one instance a Consul ID names; 404 for none, 409 when instances of several
+    services share it (interknit IDs are per service, Consul's per agent)."""
+    if not found:
+        raise NotFound(f"unknown {what} ID {name!r}", {what: name})
+    if len(found) > 1:
+        services = ", ".join(sorted(repr(i.service) for i in found))
+        raise Conflict(
+            f"{what} ID {name!r} names instances of the services {services}; "
+            "use interknit's own API for these",
+            {what: name},
+        )
+    return found[0]
 
 
 def _ttl_op(state: RegistryState, key: tuple[str, str], status: CheckStatus, output: str) -> Op:
