@@ -437,6 +437,183 @@ def instances(api: Api, service: str, healthy: bool, tag: str | None, as_json: b
     _emit(result, as_json, table)
 
 
+def _duration_option(name: str, value: str, minimum: float = 0.0) -> float:
+    from interknit.durations import parse_duration
+
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=name) from None
+    if seconds < minimum:
+        raise click.BadParameter(f"must be at least {minimum:g}s", param_hint=name)
+    return seconds
+
+
+def _meta_pairs(items: tuple[str, ...]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--meta {item!r} must be KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _label_option(name: str, value: str) -> str:
+    from interknit.registry.model import is_label
+
+    if not is_label(value):
+        raise click.BadParameter(
+            "must be a DNS label: lowercase letters, digits and '-', 1 to 63 characters",
+            param_hint=name,
+        )
+    return value
+
+
+@main.command("run", context_settings={"allow_interspersed_args": False})
+@click.option("--service", required=True, help="The service the child is an instance of.")
+@click.option("--id", "instance_id", default=None, help="Instance id (default HOST-PORT).")
+@click.option(
+    "--port",
+    required=True,
+    type=click.IntRange(0, 65535),
+    help="The child's port, passed as PORT; 0 picks a free one.",
+)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address callers use: an IP, or 'auto' (this host's default-route address).",
+)
+@click.option("--http-check", default=None, metavar="PATH", help="Ready when GET PATH is 2xx.")
+@click.option("--tcp-check", is_flag=True, help="Ready when the port accepts (the default).")
+@click.option("--notify", is_flag=True, help="Ready when the child sends READY=1 (sd_notify).")
+@click.option("--interval", default="1s", show_default=True, help="Between checks once ready.")
+@click.option("--check-timeout", default="1s", show_default=True)
+@click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
+@click.option("--weight", default=1, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--zone", default=None)
+@click.option("--region", default=None)
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata (repeatable).")
+@click.option("--ttl", default="10s", show_default=True, help="Lease, renewed every TTL/3.")
+@click.option("--drain", default="5s", show_default=True, help="Draining time before SIGTERM.")
+@click.option("--stop-timeout", default="10s", show_default=True, help="SIGKILL after this.")
+@click.option(
+    "--restart",
+    type=click.Choice(["no", "on-failure"]),
+    default="no",
+    show_default=True,
+    help="Start the child again when it fails on its own (with a doubling backoff).",
+)
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_api
+def run_command(
+    api: Api,
+    service: str,
+    instance_id: str | None,
+    port: int,
+    address: str,
+    http_check: str | None,
+    tcp_check: bool,
+    notify: bool,
+    interval: str,
+    check_timeout: str,
+    tags: tuple[str, ...],
+    weight: int,
+    zone: str | None,
+    region: str | None,
+    meta: tuple[str, ...],
+    ttl: str,
+    drain: str,
+    stop_timeout: str,
+    restart: str,
+    log_json: bool,
+    log_level: str,
+    command: tuple[str, ...],
+) -> None:
+    """Run CMD as an instance of a service: registered once ready, drained and deregistered
+    when it stops.
+
+    \b
+    interknit run --service web --port 0 --http-check /health -- python -m http.server
+    """
+    import socket as socketlib
+
+    from interknit.agent import addresses, names
+    from interknit.agent.registry_api import RegistryApi
+    from interknit.agent.run import RunSpec, supervise
+    from interknit.agent.supervisor import Settings
+    from interknit.logs import setup_logging
+
+    _label_option("--service", service)
+    if instance_id is not None:
+        _label_option("--id", instance_id)
+    for tag in tags:
+        _label_option("--tag", tag)
+    if zone is not None:
+        _label_option("--zone", zone)
+    if region is not None:
+        _label_option("--region", region)
+    if http_check and tcp_check:
+        raise click.UsageError("give at most one of --http-check and --tcp-check")
+    if http_check is not None and (
+        not http_check.startswith("/") or len(http_check) > 1024 or not http_check.isprintable()
+    ):
+        raise click.BadParameter("must be a path starting with '/'", param_hint="--http-check")
+    try:
+        policy = addresses.check_policy(address)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--address") from None
+    settings = Settings(
+        ttl=_duration_option("--ttl", ttl, 0.1),
+        interval=_duration_option("--interval", interval, 0.01),
+        drain=_duration_option("--drain", drain),
+        stop_timeout=_duration_option("--stop-timeout", stop_timeout),
+        notify=notify,
+        restart=restart == "on-failure",
+    )
+    timeout = _duration_option("--check-timeout", check_timeout, 0.01)
+    pairs = _meta_pairs(meta)
+    setup_logging(log_level, log_json)
+    where = addresses.resolve(policy)
+    if port == 0:
+        # Free now; the child binds it a moment later (the usual race of picking a port).
+        family = socketlib.AF_INET6 if ":" in where else socketlib.AF_INET
+        with socketlib.socket(family, socketlib.SOCK_STREAM) as probe:
+            try:
+                probe.bind((where, 0))
+            except OSError as exc:
+                fail(f"cannot pick a free port on {where}: {exc.strerror or exc}")
+            port = int(probe.getsockname()[1])
+    hostname = socketlib.gethostname()
+    spec = RunSpec(
+        service=service,
+        instance_id=instance_id or names.to_label(f"{names.host_label(hostname)}-{port}"),
+        address=where,
+        port=port,
+        command=command,
+        settings=settings,
+        owner=f"run:{os.getpid()}@{hostname}",
+        http_check=http_check,
+        check_timeout=timeout,
+        tags=tags,
+        weight=weight,
+        zone=zone,
+        region=region,
+        meta=pairs,
+    )
+    registry = RegistryApi(api.base, api.token)
+    code = asyncio.run(supervise(spec, registry))
+    sys.exit(code)
+
+
 def _q(part: str) -> str:
     return urllib.parse.quote(part, safe="")
 
