@@ -261,9 +261,7 @@ class Runner:
                 if "=" in line
             )
             if fields.get("STATUS"):
-                log.info(
-                    "child status", extra={"event": "run.notify", "status": fields["STATUS"]}
-                )
+                log.info("child status", extra={"event": "run.notify", "status": fields["STATUS"]})
             if fields.get("READY") == "1":
                 log.info("child says it is ready", extra={"event": "run.notify_ready"})
                 self._perform(self.machine.on_notify(True, self.loop.time()))

@@ -267,11 +267,7 @@ class Supervisor:
     def on_child_exit(self, status: int, now: float) -> list[Action]:
         """The child ended; ``status`` as ``os.waitstatus_to_exitcode`` gives it."""
         self.status = exit_code(status)
-        restart = (
-            self.settings.restart
-            and self.phase in ("starting", "ready")
-            and self.status != 0
-        )
+        restart = self.settings.restart and self.phase in ("starting", "ready") and self.status != 0
         return self._fire("crash" if restart else "exit", now)
 
     def on_write(self, kind: WriteKind, result: WriteResult, now: float) -> list[Action]:
@@ -324,7 +320,8 @@ class Supervisor:
         if self.phase == "exited":
             return out
         if (
-            self.claimed
+            self.phase == "ready"
+            and self.claimed
             and not self.writing_register
             and self.register_at is not None
             and self.register_at <= now
@@ -351,7 +348,7 @@ class Supervisor:
         """When ``tick`` next has something to do."""
         times = [self.drain_at, self.kill_at, self.respawn_at]
         if self.phase != "exited":
-            if self.claimed and not self.writing_register:
+            if self.phase == "ready" and self.claimed and not self.writing_register:
                 times.append(self.register_at)
             if self.claimed:
                 times.append(self.renew_at)
