@@ -614,6 +614,113 @@ def run_command(
     sys.exit(code)
 
 
+@main.group()
+def agent() -> None:
+    """Agents that register instances automatically."""
+
+
+@agent.command("containers")
+@click.option(
+    "--socket",
+    "engine_socket",
+    default=None,
+    help="The engine's API: a unix socket path or tcp://HOST:PORT "
+    "(default DOCKER_HOST, else /var/run/docker.sock).",
+)
+@click.option(
+    "--address",
+    default="auto",
+    show_default=True,
+    help="This host's address, for ports published on 0.0.0.0: an IP, or 'auto'.",
+)
+@click.option("--internal", is_flag=True, help="Register containers' own addresses and ports.")
+@click.option("--network", default=None, help="Which container network, with --internal.")
+@click.option(
+    "--all",
+    "register_all",
+    is_flag=True,
+    help="Also register containers that name no service, under their image's name.",
+)
+@click.option("--host", default=None, help="This host's name in owners and ids (default hostname).")
+@click.option(
+    "--ttl",
+    default="30s",
+    show_default=True,
+    help="Lease of registrations without a check, renewed by the agent; 0 for none.",
+)
+@click.option(
+    "--deregister-after",
+    default="1m",
+    show_default=True,
+    help="Remove a registration critical this long (its agent or host gone).",
+)
+@click.option("--resync", default="30s", show_default=True, help="Full reconciliation period.")
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@pass_api
+def agent_containers(
+    api: Api,
+    engine_socket: str | None,
+    address: str,
+    internal: bool,
+    network: str | None,
+    register_all: bool,
+    host: str | None,
+    ttl: str,
+    deregister_after: str,
+    resync: str,
+    log_json: bool,
+    log_level: str,
+) -> None:
+    """Register the containers a Docker-compatible engine runs, and remove them when they stop.
+
+    \b
+    docker run -d -p 127.0.0.1:8080:80 --label interknit.service=web nginx
+    interknit agent containers --socket /var/run/docker.sock
+    """
+    import socket as socketlib
+
+    from interknit.agent import addresses, names
+    from interknit.agent.containers import watch_containers
+    from interknit.agent.engine import Engine, engine_address
+    from interknit.agent.labels import Policy
+    from interknit.agent.registry_api import RegistryApi
+    from interknit.logs import setup_logging
+
+    try:
+        where = engine_address(engine_socket)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--socket") from None
+    try:
+        policy_address = addresses.check_policy(address)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--address") from None
+    if network is not None and not internal:
+        raise click.UsageError("--network chooses a container network and needs --internal")
+    lease = _duration_option("--ttl", ttl)
+    if 0 < lease < 0.1:
+        raise click.BadParameter("must be 0 or at least 100ms", param_hint="--ttl")
+    hostname = host or socketlib.gethostname()
+    setup_logging(log_level, log_json)
+    policy = Policy(
+        host=names.host_label(hostname),
+        owner=f"agent:{hostname}",
+        address=addresses.resolve(policy_address),
+        internal=internal,
+        network=network,
+        explicit=not register_all,
+        ttl=lease or None,
+        deregister_after=_duration_option("--deregister-after", deregister_after),
+    )
+    period = _duration_option("--resync", resync, 0.1)
+    asyncio.run(watch_containers(Engine(where), RegistryApi(api.base, api.token), policy, period))
+
+
 def _q(part: str) -> str:
     return urllib.parse.quote(part, safe="")
 
