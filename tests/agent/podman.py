@@ -77,6 +77,7 @@ lock_type = "file"
 tmp_dir = "{workdir}/tmp"
 
 [network]
+network_backend = "netavark"
 network_config_dir = "{netdir}"
 """
         )

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,14 +244,47 @@ def test_a_dead_agents_registrations_end_with_their_lease(
     node: Node, podman: Podman, agents: object, containers: list[str]
 ) -> None:
     assert callable(agents)
-    agent = agents("--host", "h6", "--ttl", "1s", "--deregister-after", "0s")
+    agent = agents("--host", "h6", "--ttl", "500ms", "--deregister-after", "0s")
     port = published(podman, containers, "c-lease", "--label", "interknit.service=compat")
     wait_until(lambda: port in node.dns_ports("compat"), 10)
     # Alive, it renews the lease: still there after three TTLs.
-    wait_until(lambda: agent.log().count("event=agent.listed") >= 1)
-    import time
-
-    time.sleep(2.5)
+    time.sleep(1.5)
     assert port in node.dns_ports("compat")
     agent.stop(signal.SIGKILL)
     wait_until(lambda: port not in [int(str(i["port"])) for i in node.instances("compat")], 6)
+
+
+def test_usage_errors_and_an_engine_that_is_not_there(node: Node, tmp_path: Path) -> None:
+    env = {**os.environ, "INTERKNIT_API": node.url}
+    for args in (
+        ("--socket", "ssh://somewhere"),
+        ("--network", "front"),  # only with --internal
+        ("--address", "0.0.0.0"),
+    ):
+        res = subprocess.run(
+            [INTERKNIT, "agent", "containers", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.strip() and "Traceback" not in res.stderr
+    # No engine at the socket: the agent says so and waits for one, it does not exit.
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [INTERKNIT, "agent", "containers", "--socket", str(tmp_path / "none.sock")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        wait_until(lambda: "event=agent.engine_unreachable" in log.read_text(), 10)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

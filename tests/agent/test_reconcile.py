@@ -48,7 +48,7 @@ def test_another_owners_instance_is_a_conflict_left_alone() -> None:
     assert plan.conflicts == (("web", "a"),) and not plan
 
 
-@settings(max_examples=500)
+@settings(max_examples=300)
 @given(
     wanted=st.dictionaries(KEYS, SPECS, max_size=8),
     held=st.dictionaries(KEYS, HELD, max_size=8),

@@ -207,7 +207,7 @@ def test_usage_errors_and_a_command_that_does_not_exist(node: Node, tmp_path: Pa
 def test_a_rolling_restart_behind_the_proxy_loses_no_request(node: Node, supervise: Start) -> None:
     def start(n: int) -> Supervised:
         return supervise(
-            node, "roll", child(f"v{n}"), "--port", "0", "--id", f"r{n}", "--drain", "300ms"
+            node, "roll", child(f"v{n}"), "--port", "0", "--id", f"r{n}", "--drain", "200ms"
         )
 
     old = [start(n) for n in range(3)]

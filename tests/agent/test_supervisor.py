@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from interknit.agent.supervisor import (
     EVENTS,
+    FAST_PROBING,
+    FIRST_PROBE_EVERY,
     PHASES,
     TRANSITIONS,
     Action,
@@ -141,16 +143,21 @@ def test_first_probes_are_quick_then_slow_down_to_the_interval() -> None:
     m = Supervisor(S, 0.0)
     m.start(0.0)
     m.on_spawned(0.0)
-    gaps = []
+    gaps: list[tuple[float, float]] = []
     now = 0.0
-    for _ in range(12):
+    for _ in range(130):
         m.on_check(False, now)
         deadline = m.next_deadline()
         assert deadline is not None
-        gaps.append(deadline - now)
+        gaps.append((now, deadline - now))
         now = deadline
         assert kinds(m.tick(now)) == ["check"]
-    assert gaps[0] < 0.05 and gaps == sorted(gaps) and gaps[-1] == S.interval
+    # Every 20 ms for the first two seconds; then growing, up to the interval.
+    fast = [gap for at, gap in gaps if at < FAST_PROBING]
+    assert fast and all(gap == pytest.approx(FIRST_PROBE_EVERY) for gap in fast)
+    slow = [gap for at, gap in gaps if at >= FAST_PROBING]
+    assert all(b >= a - 1e-9 for a, b in itertools.pairwise(slow))
+    assert slow[-1] == pytest.approx(S.interval)
 
 
 def test_notify_waits_for_ready_and_ignores_the_port() -> None:

@@ -185,6 +185,7 @@ class ContainerAgent:
             return None
 
     async def _on_event(self, event: EngineEvent) -> None:
+        heard = time.time_ns()
         self.stats.events += 1
         if event.time_nano:
             self.since = event.since
@@ -199,9 +200,16 @@ class ContainerAgent:
             else:
                 self.containers.pop(event.id, None)
             await self._reconcile()
+        # How late the engine told (its event's time to here) and how long acting took.
         log.debug(
             "engine event",
-            extra={"event": "agent.engine_event", "action": event.action, "id": event.id[:12]},
+            extra={
+                "event": "agent.engine_event",
+                "action": event.action,
+                "id": event.id[:12],
+                "told_ms": round((heard - event.time_nano) / 1e6, 1) if event.time_nano else None,
+                "took_ms": round((time.time_ns() - heard) / 1e6, 1),
+            },
         )
 
     # ------------------------------------------------------------------ the registry

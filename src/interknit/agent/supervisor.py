@@ -146,9 +146,11 @@ _WRITES: Final[frozenset[ActionKind]] = frozenset(
     {"register", "renew", "set_draining", "deregister"}
 )
 
-# How often a child that has not yet proved ready is probed: quickly at first, so that it is
-# registered soon after its port opens, then less often up to the check interval.
+# How often a child that has not yet proved ready is probed: every 20 ms for its first two
+# seconds, so that it is registered soon after its port opens, then less and less often up to
+# the check interval (a slow starter is not asked 50 times a second for minutes).
 FIRST_PROBE_EVERY = 0.02
+FAST_PROBING = 2.0
 MAX_RETRY = 10.0
 
 
@@ -201,6 +203,7 @@ class Supervisor:
         # Timers (None: not armed).
         self.check_at: float | None = None
         self.probe_every = FIRST_PROBE_EVERY
+        self.spawned_at = now
         self.renew_at: float | None = None
         self.register_at: float | None = None
         self.register_failures = 0
@@ -223,6 +226,7 @@ class Supervisor:
         self.streak = 0
         self.checking = False
         self.probe_every = FIRST_PROBE_EVERY
+        self.spawned_at = now
         self.check_at = None if self.settings.notify else now
         return self.tick(now)
 
@@ -243,7 +247,8 @@ class Supervisor:
         if self.phase not in _CHECKED:
             return []
         if self.phase == "starting" and not self.ever_ready:
-            self.probe_every = min(self.probe_every * 1.5, self.settings.interval)
+            if now - self.spawned_at >= FAST_PROBING:
+                self.probe_every = min(self.probe_every * 1.5, self.settings.interval)
             self.check_at = now + self.probe_every
             if passed and not self.settings.notify:
                 return self._fire("ready", now)
