@@ -2,7 +2,7 @@
 and can be told to start late, say READY=1 late, and record what the registry and DNS showed
 when SIGTERM reached it (the drain promise is about that moment).
 
-    python child.py NAME [--listen-after S] [--ready-after S] [--on-term FILE]
+    python child.py NAME [--listen-after S] [--ready-after S] [--on-term FILE] [--ignore-term]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--listen-after", type=float, default=0.0)
     parser.add_argument("--ready-after", type=float, default=None)
     parser.add_argument("--on-term", default=None)
+    parser.add_argument("--ignore-term", action="store_true")
     args = parser.parse_args()
     port = int(os.environ["PORT"])
     body = args.name.encode()
@@ -80,7 +81,7 @@ def main() -> None:
             seen_at_term(args.on_term)
         os._exit(0)
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else on_term)
     signal.signal(signal.SIGHUP, lambda s, f: print("child got SIGHUP", flush=True))
     time.sleep(args.listen_after)
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)

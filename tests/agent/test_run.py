@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.agent.conftest import Node, Supervised, child, wait_until
+from tests.agent.conftest import CHILD, Node, Supervised, child, wait_until
+from tests.conftest import require_tool
 from tests.nodeproc import INTERKNIT, NodeProcess, free_port
 
 Start = Callable[..., Supervised]
@@ -180,6 +182,68 @@ def test_signals_are_forwarded_and_the_status_is_the_childs(
     run.signal(signal.SIGUSR1)
     assert run.wait() == 3
     assert not node.instances("sig")
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout(
+    node: Node, supervise: Start
+) -> None:
+    cmd = child("sig", "--ignore-term")
+    run = supervise(node, "sig", cmd, "--port", "0", "--drain", "0s", "--stop-timeout", "500ms")
+    wait_until(lambda: node.instances("sig"))
+    asked = time.monotonic()
+    run.signal(signal.SIGINT)  # Ctrl-C: the same path as SIGTERM
+    assert run.wait() == 128 + signal.SIGKILL
+    assert time.monotonic() - asked >= 0.5
+    assert "event=run.kill" in run.log() and not node.instances("sig")
+
+
+def test_as_pid_1_it_reaps_orphans(node: Node, tmp_path: Path) -> None:
+    unshare = require_tool("unshare")
+    if os.geteuid() != 0:
+        pytest.skip("a PID namespace needs root")
+    # The child leaves two orphans behind; in a PID namespace they are handed to PID 1.
+    script = f"(sleep 0.6 &); (sleep 0.6 &); exec {sys.executable} {CHILD} pid1"
+    log = tmp_path / "pid1.log"
+    env = {**os.environ, "INTERKNIT_API": node.url}
+    with log.open("wb") as out:
+        outer = subprocess.Popen(
+            [unshare, "--pid", "--fork", "--mount-proc", INTERKNIT, "run", "--service", "sig",
+             "--port", "0", "--drain", "0s", "--", "sh", "-c", script],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: node.instances("sig"))
+        [supervisor] = children(outer.pid)
+        assert "pid=" in log.read_text()  # the supervisor runs as PID 1 inside
+        wait_until(lambda: sum(p[1] == "sleep" for p in processes(supervisor)) == 2, 5)
+        # Once they end, nothing is left unburied.
+        wait_until(lambda: not any(p[1] == "sleep" for p in processes(supervisor)), 5)
+        assert all(state != "Z" for _, _, state in processes(supervisor))
+        os.kill(supervisor, signal.SIGTERM)
+        assert outer.wait(15) == 0
+        assert not node.instances("sig")
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def processes(parent: int) -> list[tuple[int, str, str]]:
+    """(pid, name, state) of the children of ``parent``."""
+    out = []
+    for pid in children(parent):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        out.append((pid, fields["Name"].strip(), fields["State"].split()[0]))
+    return out
 
 
 def test_usage_errors_and_a_command_that_does_not_exist(node: Node, tmp_path: Path) -> None:
