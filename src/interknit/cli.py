@@ -655,6 +655,12 @@ def agent() -> None:
     help="Remove a registration critical this long (its agent or host gone).",
 )
 @click.option("--resync", default="30s", show_default=True, help="Full reconciliation period.")
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics.",
+)
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
 @click.option(
     "--log-level",
@@ -674,6 +680,7 @@ def agent_containers(
     ttl: str,
     deregister_after: str,
     resync: str,
+    metrics_listen: str | None,
     log_json: bool,
     log_level: str,
 ) -> None:
@@ -689,6 +696,7 @@ def agent_containers(
     from interknit.agent.containers import watch_containers
     from interknit.agent.engine import Engine, engine_address
     from interknit.agent.labels import Policy
+    from interknit.agent.metrics import AgentMetrics
     from interknit.agent.registry_api import RegistryApi
     from interknit.logs import setup_logging
 
@@ -718,7 +726,17 @@ def agent_containers(
         deregister_after=_duration_option("--deregister-after", deregister_after),
     )
     period = _duration_option("--resync", resync, 0.1)
-    asyncio.run(watch_containers(Engine(where), RegistryApi(api.base, api.token), policy, period))
+    metrics = AgentMetrics()
+    if metrics_listen is not None:
+        host, sep, port_text = metrics_listen.rpartition(":")
+        if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise click.BadParameter("must be HOST:PORT", param_hint="--metrics-listen")
+        try:
+            metrics.serve(host.strip("[]") or "127.0.0.1", int(port_text))
+        except OSError as exc:
+            fail(f"cannot listen on {metrics_listen} for metrics: {exc.strerror or exc}", 2)
+    registry = RegistryApi(api.base, api.token)
+    asyncio.run(watch_containers(Engine(where), registry, policy, period, metrics))
 
 
 def _q(part: str) -> str:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.agent.conftest import Node, wait_until
@@ -104,7 +105,8 @@ def test_containers_are_registered_as_they_start_and_removed_as_they_die(
     node: Node, podman: Podman, agents: object, containers: list[str]
 ) -> None:
     assert callable(agents)
-    agent = agents("--resync", "500ms", "--host", "h1")
+    metrics = free_port()
+    agent = agents("--resync", "500ms", "--host", "h1", "--metrics-listen", f"127.0.0.1:{metrics}")
     port = published(podman, containers, "c-web", "--label", "interknit.service=web")
     wait_until(lambda: node.dns_ports("web") == [port], 10)
     [inst] = node.instances("web")
@@ -144,6 +146,12 @@ def test_containers_are_registered_as_they_start_and_removed_as_they_die(
     assert node.get("web").status_code == 503
     assert node.dns_ports("compat") == [compat]
     assert agent.proc.poll() is None
+    text = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=5).text
+    assert 'interknit_agent_writes_total{result="ok",write="register"} 2.0' in text
+    assert 'interknit_agent_writes_total{result="ok",write="deregister"} 1.0' in text
+    assert 'interknit_agent_engine_events_total{action="die"}' in text
+    assert "interknit_agent_engine_connected 1.0" in text
+    assert "interknit_agent_registrations_owned 1.0" in text
 
 
 def test_a_restarted_agent_removes_what_died_meanwhile_and_adds_what_started(

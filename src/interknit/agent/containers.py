@@ -25,11 +25,11 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
 
 from interknit.agent.container import Container, ContainerError
 from interknit.agent.engine import Engine, EngineError, EngineEvent
 from interknit.agent.labels import Key, Policy, desired_all
+from interknit.agent.metrics import AgentMetrics
 from interknit.agent.reconcile import Held, reconcile
 from interknit.agent.registry_api import RegistryApi, RegistryUnavailable
 
@@ -43,18 +43,14 @@ def _backoff(failures: int) -> float:
     return min(0.25 * 2.0 ** max(failures - 1, 0), MAX_BACKOFF)
 
 
-@dataclass
-class Stats:
-    registered: int = 0
-    deregistered: int = 0
-    events: int = 0
-    reconnects: int = 0
-    failed_writes: int = 0
-
-
 class ContainerAgent:
     def __init__(
-        self, engine: Engine, api: RegistryApi, policy: Policy, resync: float = 30.0
+        self,
+        engine: Engine,
+        api: RegistryApi,
+        policy: Policy,
+        resync: float = 30.0,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.api = api
@@ -71,7 +67,7 @@ class ContainerAgent:
         self.retry_failures = 0
         self.wake = asyncio.Event()
         self.said: set[str] = set()  # problems already logged
-        self.stats = Stats()
+        self.metrics = metrics if metrics is not None else AgentMetrics()
 
     # ------------------------------------------------------------------ main
 
@@ -133,6 +129,7 @@ class ContainerAgent:
                             )
                         failures = 0
                         self.connected = True
+                        self.metrics.connected.set(1)
                         continue
                     await self._on_event(event)
                 log.warning(
@@ -146,7 +143,8 @@ class ContainerAgent:
                         extra={"event": "agent.engine_unreachable"},
                     )
             self.connected = False
-            self.stats.reconnects += 1
+            self.metrics.connected.set(0)
+            self.metrics.reconnects.inc()
             failures += 1
             await asyncio.sleep(_backoff(failures))
 
@@ -186,7 +184,7 @@ class ContainerAgent:
 
     async def _on_event(self, event: EngineEvent) -> None:
         heard = time.time_ns()
-        self.stats.events += 1
+        self.metrics.events.labels(event.action).inc()
         if event.time_nano:
             self.since = event.since
         container: Container | None = None
@@ -227,24 +225,24 @@ class ContainerAgent:
         failed = False
         for key in plan.deletes:
             reply = await self.api.deregister(*key)
+            self.metrics.writes.labels("deregister", reply.result).inc()
             if reply.result == "failed":
                 failed = True
                 self._write_failed("deregister", key, reply.error)
                 continue
             self.held.pop(key, None)
-            self.stats.deregistered += 1
             log.info(
                 f"deregistered {key[0]}/{key[1]}",
                 extra={"event": "agent.deregistered", "service": key[0], "id": key[1]},
             )
         for key, spec in plan.puts:
             reply = await self.api.register(key[0], key[1], spec.to_json())
+            self.metrics.writes.labels("register", reply.result).inc()
             if reply.result != "ok":
                 failed = True
                 self._write_failed("register", key, reply.error)
                 continue
             self.held[key] = Held(spec, owner)
-            self.stats.registered += 1
             d = wanted[key]
             log.info(
                 f"registered {key[0]}/{key[1]} at {spec.address}:{spec.port}",
@@ -255,6 +253,8 @@ class ContainerAgent:
                     "container": d.container[:12],
                 },
             )
+        self.metrics.running.set(len(self.containers))
+        self.metrics.owned.set(self._owned())
         self.dirty = failed
         if failed:
             self.wake.set()
@@ -262,7 +262,6 @@ class ContainerAgent:
             self.retry_failures = 0
 
     def _write_failed(self, kind: str, key: Key, error: str) -> None:
-        self.stats.failed_writes += 1
         log.warning(
             f"{kind} {key[0]}/{key[1]} failed: {error}",
             extra={"event": "agent.write_failed", "write": kind},
@@ -301,25 +300,27 @@ class ContainerAgent:
                 log.warning(f"resync failed: {exc}", extra={"event": "agent.resync_failed"})
 
     async def _renew_loop(self) -> None:
-        """Renew the leases of the registrations the agent owns."""
+        """Renew the leases of the registrations the agent owns. The renewals go out without
+        the lock, so that a die event is not kept waiting behind hundreds of them."""
         assert self.policy.ttl
         every = self.policy.ttl / 3
         while True:
             await asyncio.sleep(every)
-            async with self.lock:
-                keys = [
-                    k
-                    for k, h in self.held.items()
-                    if h.owner == self.policy.owner and h.spec.check and h.spec.check.ttl
-                ]
-                lost = False
-                for key in keys:
-                    reply = await self.api.heartbeat(*key)
-                    if reply.result == "gone":
+            keys = [
+                k
+                for k, h in self.held.items()
+                if h.owner == self.policy.owner and h.spec.check and h.spec.check.ttl
+            ]
+            lost = []
+            for key in keys:
+                reply = await self.api.heartbeat(*key)
+                if reply.result == "gone":
+                    lost.append(key)
+            if lost:
+                async with self.lock:
+                    for key in lost:
                         # The lease ran out while we could not renew it: register again.
                         self.held.pop(key, None)
-                        lost = True
-                if lost:
                     await self._reconcile()
 
     # ------------------------------------------------------------------ helpers
@@ -336,10 +337,16 @@ class ContainerAgent:
         log.warning(problem, extra={"event": "agent.problem"})
 
 
-async def watch_containers(engine: Engine, api: RegistryApi, policy: Policy, resync: float) -> None:
+async def watch_containers(
+    engine: Engine,
+    api: RegistryApi,
+    policy: Policy,
+    resync: float,
+    metrics: AgentMetrics | None = None,
+) -> None:
     """Run the agent until SIGTERM or SIGINT. Its registrations stay: the containers still run,
     and the next agent (or the leases) takes care of them."""
-    agent = ContainerAgent(engine, api, policy, resync)
+    agent = ContainerAgent(engine, api, policy, resync, metrics)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
