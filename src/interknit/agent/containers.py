@@ -25,6 +25,8 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from interknit.agent.container import Container, ContainerError
 from interknit.agent.engine import Engine, EngineError, EngineEvent
@@ -37,6 +39,7 @@ log = logging.getLogger("interknit.agent.containers")
 
 MAX_BACKOFF = 10.0
 INSPECT_CONCURRENCY = 16
+RECHECK_AFTER = 1.0
 
 
 def _backoff(failures: int) -> float:
@@ -67,6 +70,7 @@ class ContainerAgent:
         self.retry_failures = 0
         self.wake = asyncio.Event()
         self.said: set[str] = set()  # problems already logged
+        self.pending: set[asyncio.Task[None]] = set()  # rechecks to come
         self.metrics = metrics if metrics is not None else AgentMetrics()
 
     # ------------------------------------------------------------------ main
@@ -82,9 +86,10 @@ class ContainerAgent:
         try:
             await asyncio.gather(*tasks)
         finally:
-            for task in tasks:
+            everything = [*tasks, *self.pending]
+            for task in everything:
                 task.cancel()
-            for task in tasks:
+            for task in everything:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
@@ -198,6 +203,10 @@ class ContainerAgent:
             else:
                 self.containers.pop(event.id, None)
             await self._reconcile()
+        if event.action == "health_status":
+            # Some engines send the event before the new status can be read (Podman 4 writes
+            # its health log and its event from separate steps): look once more a moment later.
+            self._later(RECHECK_AFTER, self._recheck(event.id))
         # How late the engine told (its event's time to here) and how long acting took.
         log.debug(
             "engine event",
@@ -209,6 +218,31 @@ class ContainerAgent:
                 "took_ms": round((time.time_ns() - heard) / 1e6, 1),
             },
         )
+
+    async def _recheck(self, cid: str) -> None:
+        try:
+            container = await self._inspect(cid)
+        except EngineError:
+            return  # the engine loop sees the same and reconnects
+        async with self.lock:
+            if container is not None and container.running:
+                if self.containers.get(cid) == container:
+                    return
+                self.containers[cid] = container
+            elif cid in self.containers:
+                del self.containers[cid]
+            else:
+                return
+            await self._reconcile()
+
+    def _later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            await coro
+
+        task = asyncio.create_task(run())
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
 
     # ------------------------------------------------------------------ the registry
 
