@@ -542,7 +542,7 @@ def run_command(
     when it stops.
 
     \b
-    interknit run --service web --port 0 --http-check /health -- python -m http.server
+    interknit run --service web --port 0 -- sh -c 'exec python -m http.server "$PORT"'
     """
     import socket as socketlib
 
