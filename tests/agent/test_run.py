@@ -207,8 +207,10 @@ def test_as_pid_1_it_reaps_orphans(node: Node, tmp_path: Path) -> None:
     env = {**os.environ, "INTERKNIT_API": node.url}
     with log.open("wb") as out:
         outer = subprocess.Popen(
-            [unshare, "--pid", "--fork", "--mount-proc", INTERKNIT, "run", "--service", "sig",
-             "--port", "0", "--drain", "0s", "--", "sh", "-c", script],
+            # --kill-child: whatever happens to this test, the namespace dies with unshare.
+            [unshare, "--pid", "--fork", "--kill-child", "--mount-proc",
+             INTERKNIT, "run", "--service", "sig", "--port", "0", "--drain", "0s",
+             "--", "sh", "-c", script],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
