@@ -58,6 +58,7 @@ from interknit.registry.etcd_client import (
     EtcdUnavailable,
     cmp_create,
     cmp_mod,
+    cmp_not_create,
     op_delete,
     op_get,
     op_put,
@@ -76,6 +77,7 @@ from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import CheckStatus, Event, Instance, InstanceSpec
 from interknit.registry.registry import Unavailable
 from interknit.registry.state import DEFAULT_HISTORY, Conflict, NotFound, RegistryError
+from interknit.registry.txn import Delete, Expect, Op, TxnOutcome
 
 log = logging.getLogger("interknit.registry.etcd")
 
@@ -147,6 +149,10 @@ class EtcdRegistry:
         self._orphans: dict[Key, Entry] = {}
         self._stream: Any = None
         self._locks: dict[Key, tuple[asyncio.Lock, int]] = {}
+        # Every lease this node has held as its node lease: only instances under one of them
+        # are this node's to register again after a lease is lost (not those under a lease a
+        # consumer took with grant_lease, nor those under none).
+        self._node_leases: set[int] = set()
 
     # ------------------------------------------------------------------ status
 
@@ -345,6 +351,67 @@ class EtcdRegistry:
             return _evolve(health, ejected_until=until, reason="eject")
 
         await self._write_health(service, instance_id, change, missing_ok=True)
+
+    # ------------------------------------------------------------------ leases and txns
+
+    async def grant_lease(self, ttl: float) -> int:
+        """A lease of the caller's own (see ``txn.py``)."""
+        if self._closed:
+            raise Unavailable("the registry is shutting down")
+        return await self._grant(lease_seconds(ttl))
+
+    async def keep_lease(self, lease: int) -> float:
+        try:
+            return float(await self._client.keepalive(lease))
+        except EtcdUnavailable as exc:
+            raise Unavailable(f"etcd cannot be reached: {exc}") from None
+        except EtcdError as exc:
+            raise Unavailable(str(exc)) from None
+
+    async def revoke_lease(self, lease: int) -> None:
+        try:
+            await self._client.revoke(lease)
+        except EtcdUnavailable as exc:
+            raise Unavailable(f"etcd cannot be reached: {exc}") from None
+
+    async def transact(self, expect: Sequence[Expect], ops: Sequence[Op]) -> TxnOutcome:
+        """Apply ``ops`` if every expectation holds, in one etcd transaction (see ``txn.py``).
+        Unlike ``register`` it does not wait for this node's copy to show the result: the
+        caller acts on the outcome."""
+        if self._closed:
+            raise Unavailable("the registry is shutting down")
+        compares: list[Any] = []
+        for e in expect:
+            key = self.layout.instance(e.service, e.id)
+            if e.created is not None:
+                compares.append(cmp_create(key, e.created))
+            if e.modified is not None:
+                compares.append(cmp_mod(key, e.modified))
+            if e.not_created is not None:
+                compares.append(cmp_not_create(key, e.not_created))
+        writes: list[Any] = []
+        now = self._clock()
+        for op in ops:
+            keys = self._keys(op.service, op.id)
+            if isinstance(op, Delete):
+                writes.extend(op_delete(k) for k in keys)
+                continue
+            if op.spec.check is not None and op.spec.check.ttl is not None:
+                raise ValueError("transact does not put instances with a ttl check")
+            registration = Registration(op.spec, self.node_name)
+            health = Health.initial(op.spec, now)
+            writes.append(op_put(keys[0], registration.encode(), op.lease))
+            writes.append(op_put(keys[1], health.encode(), op.lease))
+            writes.append(op_delete(keys[2]))
+        try:
+            result = await self._client.txn(compares, writes)
+        except EtcdUnavailable as exc:
+            raise Unavailable(f"etcd cannot be reached: {exc}") from None
+        except EtcdError as exc:
+            if "lease not found" in str(exc):
+                raise Conflict("the lease of a put no longer exists", {"field": "lease"}) from None
+            raise Unavailable(str(exc)) from None
+        return TxnOutcome(result.succeeded, result.revision)
 
     # ------------------------------------------------------------------ write helpers
 
@@ -651,6 +718,7 @@ class EtcdRegistry:
             lease_id, _ = await self._client.grant(self.node_ttl)
             self._save_lease(lease_id)
         record = NodeRecord(self.node_name, lease_id, self._clock())
+        self._node_leases.add(lease_id)
         await self._client.put(self.layout.node(self.node_name), record.encode(), lease_id)
         self.lease_id = lease_id
         await self._readopt_orphans()
@@ -775,7 +843,11 @@ class EtcdRegistry:
         mine = self.node_name
         node = self.state.nodes.get(mine)
         for key, entry in vanished.items():
-            if entry.owner == mine and entry.reg is not None:
+            if (
+                entry.owner == mine
+                and entry.reg is not None
+                and entry.reg.lease in self._node_leases
+            ):
                 lost_lease = node is None or node.lease != entry.reg.lease
                 if lost_lease:
                     self._orphans[key] = entry

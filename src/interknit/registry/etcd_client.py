@@ -126,6 +126,16 @@ def cmp_create(key: bytes, revision: int) -> Any:
     )
 
 
+def cmp_not_create(key: bytes, revision: int) -> Any:
+    """True unless ``key`` is the one created at ``revision`` (absent, or created since)."""
+    return rpc.Compare(
+        key=key,
+        target=rpc.Compare.CREATE,
+        result=rpc.Compare.NOT_EQUAL,
+        create_revision=revision,
+    )
+
+
 def cmp_mod(key: bytes, revision: int) -> Any:
     """True when ``key`` was last written at ``revision`` (0: the key is absent)."""
     return rpc.Compare(
