@@ -26,6 +26,7 @@ from interknit.compat.settings import CompatSection
 from interknit.durations import parse_duration
 from interknit.registry.model import is_hostname, is_label
 from interknit.registry.schema import field_path
+from interknit.vip.config import VipSection
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -338,6 +339,7 @@ class Config(Section):
     services: list[ServiceSection] = Field(default_factory=list)
     listeners: list[ListenerSection] = Field(default_factory=list)
     compat: CompatSection = Field(default_factory=CompatSection)
+    vip: VipSection = Field(default_factory=VipSection)
 
 
 def _describe(exc: ValidationError) -> str:
