@@ -227,6 +227,8 @@ class Node:
                 await supervisor.stop(self.drain_timeout + 5)
 
             self.on_stop(stop_workers)
+        # Last, so that its stop runs first: the VIPs are handed over before anything drains.
+        await self._start_vip()
         self._ready = True
         log.info("node started", extra={"event": "node.started", **self.listen})
 
@@ -360,6 +362,22 @@ class Node:
         self.listen.update(proxy.listen)
         self.panels.update(proxy.panels())
         self.on_stop(proxy.stop)
+
+    async def _start_vip(self) -> None:
+        if not self.config.vip.enabled:
+            return
+        from interknit.vip.component import VipComponent, VipStartError
+
+        vip = VipComponent(self.config.vip, self.registry, self.config.node.name, self.metrics)
+        try:
+            await vip.start()
+        except VipStartError as exc:
+            await vip.stop()
+            raise NodeStartError(str(exc)) from None
+        self.panels["Virtual IPs"] = vip.panel
+        self.panels["VIP nodes"] = vip.nodes_panel
+        self.listen["vip"] = f"{vip.address}:{self.config.vip.port} (udp adverts)"
+        self.on_stop(vip.stop)
 
     def _sticky_secret(self) -> bytes:
         """A per-node key for sticky cookies, kept in data_dir so cookies survive restarts."""

@@ -98,8 +98,16 @@ def kinds(effects: list[m.Effect]) -> list[str]:
     return [type(e).__name__ for e in effects]
 
 
+def join(core: Core, epoch: int = 5, now: float = 0.0, lease: int = 77) -> list[m.Effect]:
+    """Joined one dead_after before ``now`` (a new member claims nothing before that), and
+    confirmed at ``now``: what it does then."""
+    before = now - core.timing.dead_after
+    assert not [e for e in core.joined(epoch, lease, before, before) if isinstance(e, ClaimVip)]
+    return core.confirmed(epoch, sent_at=now, now=now)
+
+
 def own_all(core: Core, epoch: int = 5, now: float = 0.0) -> list[m.Effect]:
-    effects = core.joined(epoch, 77, sent_at=now, now=now)
+    effects = join(core, epoch, now)
     claims = [e for e in effects if isinstance(e, ClaimVip)]
     assert [c.vip for c in claims] == core.vips
     out: list[m.Effect] = []
@@ -110,8 +118,10 @@ def own_all(core: Core, epoch: int = 5, now: float = 0.0) -> list[m.Effect]:
 
 def test_a_lone_node_claims_every_vip_and_adds_each_after_its_claim_commits() -> None:
     core = joined_core()
-    effects = core.joined(5, 77, sent_at=0.0, now=0.0)
-    assert all(isinstance(e, ClaimVip) and e.version == 0 and e.epoch == 5 for e in effects)
+    effects = join(core)
+    assert effects and all(
+        isinstance(e, ClaimVip) and e.version == 0 and e.epoch == 5 for e in effects
+    )
     assert not core.present  # nothing is added before a claim commits
     out = core.claim_result("10.0.0.1", 6, 0.001)
     assert out == [AddAddress("10.0.0.1"), Announce("10.0.0.1", "acquired")]
@@ -199,7 +209,7 @@ def test_an_unknown_handover_outcome_needs_a_new_revision_before_holding_again()
 def test_a_claim_waits_after_the_holders_epoch_ends() -> None:
     t = Timing()
     core = joined_core(vips=["10.0.0.1"], timing=t)
-    core.joined(5, 77, sent_at=0.0, now=0.0)
+    join(core)
     core.claim_result("10.0.0.1", None, now=0.0)  # b had it
     held = [Claim("10.0.0.1", "b", 3, 4)]
     core.heard("b", 3, 0, now=0.0)
@@ -215,7 +225,7 @@ def test_a_claim_waits_after_the_holders_epoch_ends() -> None:
 
 def test_a_released_vip_is_claimed_at_once() -> None:
     core = joined_core(vips=["10.0.0.1"])
-    core.joined(5, 77, sent_at=0.0, now=0.0)
+    join(core)
     core.claim_result("10.0.0.1", None, now=0.0)
     effects = core.view(9, members(("a", 5)), [Claim("10.0.0.1", "", 0, 8)], now=0.1)
     assert effects == [ClaimVip("10.0.0.1", 8, 5, None)]
@@ -299,7 +309,7 @@ def test_a_graceful_stop_marks_the_node_down_hands_over_then_leaves() -> None:
 
 def test_an_older_view_is_ignored() -> None:
     core = joined_core(vips=["10.0.0.1"])
-    core.joined(5, 77, sent_at=0.0, now=0.0)
+    join(core)
     core.claim_result("10.0.0.1", 6, now=0.0)
     assert core.present == {"10.0.0.1"}
     # A view from before our claim shows it free: we keep what we know.
@@ -330,7 +340,7 @@ def test_health_failing_hands_everything_over() -> None:
 def test_solo_holds_everything_without_a_store_to_confirm() -> None:
     core = Core("a", VIPS, solo=True)
     core.start(0.0)
-    core.joined(3, 0, sent_at=0.0, now=0.0)
+    core.joined(3, 0, sent_at=0.0, now=0.0)  # solo: claims at once
     for i, vip in enumerate(VIPS):
         core.claim_result(vip, 4 + i, now=0.0)
     assert core.present == set(VIPS)

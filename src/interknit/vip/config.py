@@ -69,7 +69,7 @@ def _ifname(value: str) -> str:
 
 
 def _url(value: str) -> str:
-    if not re.fullmatch(r"https?://[^\s]{1,2000}", value):
+    if not re.fullmatch(r"http://[^\s/]+(/[^\s]*)?", value) or len(value) > 2000:
         raise ValueError("must be an http:// URL such as 'http://127.0.0.1:8080/health'")
     return value
 

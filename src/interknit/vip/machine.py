@@ -285,6 +285,7 @@ class Core:
     valid_until: float = -math.inf
     joining: bool = False
     rejoin_at: float = 0.0
+    joined_at: float = -math.inf
     rejoin_delay: float = 0.0
     eligible: bool = True
     eligible_reason: str = ""
@@ -355,6 +356,7 @@ class Core:
                 times.append(since + self.timing.wait_after_gone)
         if self.epoch == 0 and not self.joining and not self.stopping:
             times.append(self.rejoin_at)
+        times.append(self.joined_at + self.timing.dead_after)
         return min(t for t in times if t > now)
 
     # ------------------------------------------------------------------ inputs
@@ -371,6 +373,9 @@ class Core:
             self.epoch, self.lease = epoch, lease
             return self._step(now)
         self.epoch, self.lease = epoch, lease
+        # Claim nothing for one dead_after: by then we hear the peers that are up, and do not
+        # take everything only to hand most of it over a moment later.
+        self.joined_at = now
         self.rejoin_delay = 0.0
         self.valid_until = sent_at + self.timing.hold
         self.first_seen.setdefault((self.name, epoch), now)
@@ -625,7 +630,8 @@ class Core:
                     self.inflight.add(vip)
                 continue
             machine.on("lost", now)
-            if want and valid and quorum and not self.stopping and self.eligible:
+            settled = self.solo or now - self.joined_at >= self.timing.dead_after
+            if want and valid and quorum and settled and not self.stopping and self.eligible:
                 ok, gone = self._claimable(claim, now)
                 if ok and machine.on("want", now) == "claim":
                     version = claim.version if claim is not None else 0
@@ -671,7 +677,9 @@ class Core:
             if asked is not None and now - asked < t.evict_retry:
                 continue
             peer = self.peers.get(member.name, _Peer())
-            since = self.first_seen.get((member.name, member.epoch), now)
+            # Silence counts from when we could first expect to hear it: peers send adverts to
+            # the members they see, so not before it was a member or before we were one.
+            since = max(self.first_seen.get((member.name, member.epoch), now), self.joined_at)
             silent = now - max(peer.heard, since) > t.dead_after
             # A member that says it cannot confirm its membership holds nothing: let it go now
             # rather than after its lease.
