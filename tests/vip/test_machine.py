@@ -102,7 +102,10 @@ def join(core: Core, epoch: int = 5, now: float = 0.0, lease: int = 77) -> list[
     """Joined one dead_after before ``now`` (a new member claims nothing before that), and
     confirmed at ``now``: what it does then."""
     before = now - core.timing.dead_after
-    assert not [e for e in core.joined(epoch, lease, before, before) if isinstance(e, ClaimVip)]
+    effects = core.joined(epoch, lease, before, before)
+    for i in range(1, 3):  # the shell's timer runs at least every dead_after / 3
+        effects += core.tick(before + i * core.timing.dead_after / 3)
+    assert not [e for e in effects if isinstance(e, ClaimVip)]
     return core.confirmed(epoch, sent_at=now, now=now)
 
 
@@ -245,15 +248,43 @@ def test_eviction_needs_silence_and_a_majority() -> None:
         effects += core.confirmed(5, sent_at=i * 0.05, now=i * 0.05)
     evicted = [(e.member.name, e.member.lease) for e in effects if isinstance(e, Evict)]
     assert evicted == [("b", 60)]  # asked once, by lease, after dead_after of silence
-    later = 0.2 + t.evict_retry
-    core.heard("c", 7, 0, now=later)
-    assert [e for e in core.confirmed(5, later, later) if isinstance(e, Evict)]  # asked again
+    effects = []
+    for i in range(7, 7 + int(t.evict_retry / 0.05) + 1):
+        effects += core.heard("c", 7, 0, now=i * 0.05)
+        effects += core.confirmed(5, sent_at=i * 0.05, now=i * 0.05)
+    assert [e for e in effects if isinstance(e, Evict)]  # asked again after evict_retry
     # A node that hears nobody (its own link is down) evicts nobody.
     lonely = joined_core(timing=t)
     own_all(lonely)
     lonely.view(10, view, [], now=0.0)
     lonely.confirmed(5, sent_at=0.3, now=0.3)
     assert not [e for e in lonely.tick(0.31) if isinstance(e, Evict)]
+
+
+def test_after_a_stall_of_our_own_nobody_is_evicted_until_we_caught_up() -> None:
+    """A busy machine stalls our event loop: when we run again every peer looks silent, but
+    their adverts are waiting unread. We evict no one until we have run for dead_after."""
+    t = Timing()
+    core = joined_core(timing=t)
+    own_all(core)
+    core.view(10, members(("a", 5), ("b", 6), ("c", 7)), [], now=0.0)
+    for name, epoch in (("b", 6), ("c", 7)):
+        core.heard(name, epoch, 0, now=0.0)
+    core.heard("c", 7, 0, now=0.01)
+    core.confirmed(5, sent_at=0.01, now=0.01)
+    stalled = 0.01 + t.dead_after * 2  # nothing ran for this long
+    core.confirmed(5, sent_at=stalled, now=stalled)
+    effects = core.heard("c", 7, 0, now=stalled)  # c's queued advert, read first
+    assert not [e for e in effects if isinstance(e, Evict)]
+    # Still silent once we have been running for dead_after: b is evicted then.
+    effects = []
+    for i in range(1, 6):
+        now = stalled + i * t.dead_after / 4
+        effects += core.heard("c", 7, 0, now=now)
+        effects += core.confirmed(5, sent_at=now, now=now)
+        if now < stalled + t.dead_after:
+            assert not [e for e in effects if isinstance(e, Evict)]
+    assert [e.member.name for e in effects if isinstance(e, Evict)] == ["b"]
 
 
 def test_a_member_that_says_it_is_fenced_is_evicted_at_once() -> None:

@@ -202,7 +202,6 @@ def test_a_graceful_stop_hands_over_before_exiting(c: Cluster) -> None:
     for vip in lost:
         gap = c.traffic.gap(vip, stopping, done)
         assert gap < GRACEFUL_BOUND, (vip, gap)
-    assert "vip.left" in c.nodes[victim].log()
 
 
 def test_a_node_whose_health_fails_gives_its_vips_up(c: Cluster) -> None:

@@ -466,7 +466,7 @@ class VipComponent:
             return
         if alive:
             self._apply(self.core.confirmed(epoch, sent, self._now()))
-        else:
+        elif epoch == self.core.epoch:  # several checks may be out at once: say it once
             log.warning(
                 "vip membership gone (lease ran out or was revoked)",
                 extra={"event": "vip.membership_lost", "epoch": epoch},

@@ -240,6 +240,7 @@ class Timing:
     rejoin_backoff: float = 0.5
     rejoin_max: float = 8.0
     evict_retry: float = 0.5
+    startup_grace: float = 1.0
     txn_retry: float = 0.05
 
     @property
@@ -314,6 +315,10 @@ class Core:
     doubtful: dict[str, int] = field(default_factory=dict)
     retry_at: dict[str, float] = field(default_factory=dict)
     started: float | None = None
+    # When we last ran, and until when our own sense of who is silent is not to be trusted:
+    # after a stall of our event loop, the adverts that came meanwhile are still unread.
+    last_step: float = -math.inf
+    stalled_until: float = -math.inf
 
     def __post_init__(self) -> None:
         self.machines = {vip: VipMachine() for vip in self.vips}
@@ -581,6 +586,10 @@ class Core:
         return weights
 
     def _step(self, now: float) -> list[Effect]:
+        # The timer runs us at least every dead_after / 3; a longer gap is a stall.
+        if now - self.last_step > self.timing.dead_after * 2 / 3 and self.last_step > -math.inf:
+            self.stalled_until = now + self.timing.dead_after
+        self.last_step = now
         store: list[Effect] = []
         if self.solo:
             self.valid_until = math.inf
@@ -665,7 +674,7 @@ class Core:
         return effects
 
     def _evictions(self, now: float) -> list[Effect]:
-        if self.solo or not self.valid(now):
+        if self.solo or not self.valid(now) or now < self.stalled_until:
             return []
         t = self.timing
         others = [m for m in self.members.values() if m.name != self.name]
@@ -678,9 +687,12 @@ class Core:
                 continue
             peer = self.peers.get(member.name, _Peer())
             # Silence counts from when we could first expect to hear it: peers send adverts to
-            # the members they see, so not before it was a member or before we were one.
+            # the members they see, so not before it was a member or before we were one. A
+            # member never heard since it joined may still be starting (a busy machine): it
+            # gets ``startup_grace`` instead.
             since = max(self.first_seen.get((member.name, member.epoch), now), self.joined_at)
-            silent = now - max(peer.heard, since) > t.dead_after
+            limit = t.dead_after if peer.heard >= since else max(t.dead_after, t.startup_grace)
+            silent = now - max(peer.heard, since) > limit
             # A member that says it cannot confirm its membership holds nothing: let it go now
             # rather than after its lease.
             fenced = peer.flags & FENCED and peer.epoch == member.epoch and not silent
