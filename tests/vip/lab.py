@@ -157,6 +157,15 @@ class Lab:
                 out[int(match.group(2))] = match.group(1).split("-", 1)[1]
         return out
 
+    def unplug(self, node: str) -> None:
+        """Take the node off the data network, as a machine that dies (its addresses go)."""
+        sh("ip", "-n", self.ns(node), "link", "del", "eth0")
+
+    def replug(self, node: str) -> None:
+        i = int(node[1:])
+        self._plug(self.ns(node), "eth0", f"d{i}", "bdata",
+                   f"{DATA4}.{10 + i}/24", f"{DATA6}:{10 + i}/64")  # fmt: skip
+
     def cut_store(self, node: str, cut: bool = True) -> None:
         sh("ip", "-n", self.ns(node), "link", "set", "st0", "down" if cut else "up")
 
