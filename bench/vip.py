@@ -45,8 +45,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import INTERKNIT, percentile  # noqa: E402
-
 from tests.vip.lab import (  # noqa: E402
     VIPS,
     AddressLog,
@@ -56,6 +54,8 @@ from tests.vip.lab import (  # noqa: E402
     VipNode,
     node_config,
 )
+
+from common import INTERKNIT, percentile  # noqa: E402
 
 
 def wait(what: Callable[[], bool], timeout: float, why: str) -> None:
@@ -130,8 +130,8 @@ class Keepalived(System):
     def config(self, node: str) -> str:
         i = int(node[1:]) - 1
         blocks = [
-            "global_defs {\n  vrrp_version %d\n  vrrp_garp_master_repeat 5\n"
-            "  vrrp_garp_master_delay 5\n  script_user root\n}\n" % self.version
+            f"global_defs {{\n  vrrp_version {self.version}\n  vrrp_garp_master_repeat 5\n"
+            "  vrrp_garp_master_delay 5\n  script_user root\n}\n"
         ]
         for k, vip in enumerate(VIPS):
             priority = (150, 100, 50)[(i - k) % 3]
@@ -265,10 +265,11 @@ def main() -> None:
         label = name if name == "interknit" else (
             f"keepalived (v{args.vrrp_version}, {args.advert_int:g}s)")  # fmt: skip
         duals = int(r["duals"][0])
+        crash = [percentile(r["crash"], q) * 1000 for q in (50, 99)]
+        graceful = [percentile(r["graceful"], q) * 1000 for q in (50, 99)]
         print(
-            f"{label:12s} {percentile(r['crash'], 50) * 1000:8.0f}ms "
-            f"{percentile(r['crash'], 99) * 1000:8.0f}ms {percentile(r['graceful'], 50) * 1000:11.0f}ms "
-            f"{percentile(r['graceful'], 99) * 1000:11.0f}ms {duals:>11d}"
+            f"{label:12s} {crash[0]:8.0f}ms {crash[1]:8.0f}ms {graceful[0]:11.0f}ms "
+            f"{graceful[1]:11.0f}ms {duals:>11d}"
             + ("  (address log overflowed)" if overflowed else "")
         )
 
