@@ -428,7 +428,7 @@ class Node:
                 "config reload refused", extra={"event": "node.reload_failed", "error": str(exc)}
             )
             return False
-        unchanged = ("node", "registry", "dns", "services", "compat")
+        unchanged = ("node", "registry", "dns", "services", "compat", "vip")
         for section in unchanged:
             if getattr(config, section) != getattr(self.config, section):
                 log.warning(
