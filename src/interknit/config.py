@@ -245,6 +245,7 @@ class RetriesSection(Section):
     attempts: Annotated[int, Field(ge=0, le=10)] = 2
     budget: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
     min: Annotated[int, Field(ge=0, le=1000)] = 3
+    backoff: Annotated[Seconds, Field(ge=0.0, le=60.0)] = 0.0
 
 
 class OutlierSection(Section):
@@ -317,6 +318,8 @@ class ListenerSection(Section):
     header_timeout: Seconds = 10.0
     keepalive_timeout: Seconds = 60.0
     max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 32 * 1024
+    max_headers: Annotated[int, Field(ge=1, le=10_000)] = 100
+    abort_on_close: bool = True
     upstream_max_idle: Annotated[int, Field(ge=0, le=10_000)] = 32
     upstream_idle_timeout: Seconds = 60.0
     drain_timeout: Seconds = 10.0
