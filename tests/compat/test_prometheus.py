@@ -74,6 +74,8 @@ def namespace() -> Iterator[tuple[str, str, str]]:
 
 def active_targets(api: httpx.Client) -> list[dict[str, Any]]:
     r = api.get("/api/v1/targets", params={"state": "active"})
+    if r.status_code == 503:
+        return []  # Prometheus answers 503 until it is ready (slow on a busy machine)
     targets: list[dict[str, Any]] = r.json()["data"]["activeTargets"]
     return targets
 
