@@ -164,7 +164,7 @@ async def test_a_client_that_leaves_mid_request_abandons_the_attempt(
     assert listener.upstreams.idle_count("127.0.0.1", b.port) == 1
 
     await send_and_leave(
-        listener.port, GET % b"5", lambda: until(lambda: len(b.seen) == 2), reset=True
+        listener.port, GET % b"2", lambda: until(lambda: len(b.seen) == 2), reset=True
     )
     await until(lambda: closed_errors(registry, "s") == 1, timeout=2.0)
     # The attempt's connection was closed, not returned: the upstream may still be writing to
