@@ -105,6 +105,7 @@ class RouteState:
         "hashed",
         "label",
         "plain",
+        "pool",
         "route",
         "spec",
         "stats",
@@ -125,6 +126,7 @@ class RouteState:
         self.budget = budget
         self.stats = stats
         self.admission = admission
+        self.pool: PoolLike | None = None
         spec = self.spec
         self.hashed = spec.balance in _HASHED
         self.cookie = None if spec.sticky_cookie is None else spec.sticky_cookie.encode()
@@ -249,7 +251,11 @@ class Exchange(ExchangeMachine):
                 return
             route = states[found.index]
         self.route = route
-        pool = listener.pools.pool(route.spec)
+        pool = route.pool
+        if pool is None:
+            # Asked once per route (a pool source keeps a route's pool while the route is
+            # in use), and again while it has none.
+            pool = route.pool = listener.pools.pool(route.spec)
         if pool is None:
             self.answer(503, "no-pool", now, retry_after=1)
             return

@@ -42,7 +42,10 @@ class PoolLike(Protocol):
 
 class PoolSource(Protocol):
     def pool(self, route: RouteSpec) -> PoolLike | None:
-        """The pool for ``route``; ``None`` when it has none (the proxy answers 503)."""
+        """The pool for ``route``; ``None`` when it has none (the proxy answers 503).
+
+        The same route gets the same pool for as long as a listener routes by it: a listener
+        asks once per route (and again while the answer is None), not per request."""
         ...
 
 
