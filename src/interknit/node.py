@@ -24,15 +24,17 @@ from prometheus_client import (
 )
 
 from interknit import __version__
-from interknit.admin.app import HttpMetrics, Panels, Tokens, build_app
+from interknit.admin.app import Panels, build_app
 from interknit.config import Config, ConfigError, ServiceSection, load_config, split_hostport
 from interknit.registry.api import RegistryApi
 from interknit.registry.fastpath import FastApi
+from interknit.registry.http_metrics import HttpMetrics
 from interknit.registry.metrics import RegistryMetrics, StateCollector
 from interknit.registry.model import Check, Event, Instance, InstanceSpec
 from interknit.registry.registry import Registry, RegistryBackend, Unavailable
 from interknit.registry.state import RegistryError
 from interknit.registry.store import SqliteStore, StoreError
+from interknit.registry.tokens import Tokens
 
 log = logging.getLogger("interknit.node")
 

@@ -10,9 +10,10 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from interknit.admin.app import Tokens, build_app
+from interknit.admin.app import build_app
 from interknit.registry.api import RegistryApi
 from interknit.registry.etcd import EtcdRegistry
+from interknit.registry.tokens import Tokens
 from tests.etcd.cluster import EtcdCluster
 from tests.etcd.conftest import MakeRegistry
 from tests.etcd.helpers import eventually

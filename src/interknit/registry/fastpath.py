@@ -27,13 +27,14 @@ from collections.abc import Callable
 
 import httptools
 
-from interknit.admin.app import HttpMetrics, Tokens
 from interknit.http1.batch import WriteBatch
 from interknit.http1.status import status_line
 from interknit.registry.api import RegistryApi, deregistered_body, error_body
+from interknit.registry.http_metrics import HttpMetrics
 from interknit.registry.registry import Registry
 from interknit.registry.schema import MAX_BODY, check_name, register_spec
 from interknit.registry.state import RegistryError
+from interknit.registry.tokens import Tokens
 
 log = logging.getLogger("interknit.registry")
 
