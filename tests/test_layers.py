@@ -111,6 +111,11 @@ def test_registry_imports_no_consumer() -> None:
     assert violations(("registry",), (*CONSUMERS, *TOP), NOTHING) == []
 
 
+def test_balance_and_demand_import_neither_proxy_nor_registry() -> None:
+    """They take endpoints and numbers; the proxy (and the client) translate."""
+    assert violations(("balance", "demand"), ("proxy", "registry", *TOP), NOTHING) == []
+
+
 def test_registry_fastpath_imports_no_proxy() -> None:
     """What it shares with the proxy of HTTP/1.1 is interknit.http1's (issue 12)."""
     assert violations(("registry",), ("proxy",), NOTHING) == []

@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from interknit.balance.base import Endpoint
-from interknit.registry.model import HealthStatus, Instance, InstanceSpec
+from interknit.balance.pool import EndpointState, Health
 
 # Upper 0.1% points of the chi-square distribution by degrees of freedom: with a fixed seed the
 # draws are the same every run, and a correct sampler passes these with a wide margin.
@@ -57,18 +57,25 @@ def assert_distribution(counts: Counter[str], weights: dict[str, float]) -> None
 
 def instance(
     id: str,
-    health: HealthStatus = "passing",
+    health: Health = "passing",
     *,
     service: str = "svc",
     weight: int = 1,
     port: int = 8000,
     address: str = "10.0.0.1",
     ejected_until: float | None = None,
-) -> Instance:
-    spec = InstanceSpec(address=address, port=port, weight=weight)
-    if health == "draining" or health == "maintenance":
-        return Instance(service, id, spec, operator=health, ejected_until=ejected_until)
-    return Instance(service, id, spec, check_status=health, ejected_until=ejected_until)
+    meta: tuple[tuple[str, str], ...] = (),
+) -> EndpointState:
+    """A registry instance ``service/id`` as a pool is told about it."""
+    return EndpointState(
+        key=f"{service}/{id}",
+        address=address,
+        port=port,
+        weight=weight,
+        meta=meta,
+        health=health,
+        ejected_until=ejected_until,
+    )
 
 
 def keys(eps: Sequence[Endpoint | None]) -> list[str | None]:

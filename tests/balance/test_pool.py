@@ -10,7 +10,6 @@ import pytest
 from interknit.balance.base import Endpoint
 from interknit.balance.pool import POLICIES, Pool, make_balancer, parse_server
 from interknit.balance.round_robin import RoundRobin
-from interknit.registry.model import Event
 from tests.balance.helpers import assert_distribution, instance
 
 
@@ -193,15 +192,19 @@ def test_balancer_hears_only_real_changes() -> None:
     assert recording.calls[1:] == [["svc/a", "svc/b"], ["svc/a", "svc/c"]]
 
 
-def test_events_apply_one_at_a_time() -> None:
+def test_endpoints_put_and_removed_one_at_a_time() -> None:
     pool = Pool("svc", RoundRobin())
-    pool.apply(Event(1, "put", "register", instance("a")), now=0.0)
-    pool.apply(Event(2, "put", "register", instance("b")), now=0.0)
-    pool.apply(Event(3, "put", "health", instance("a", "critical")), now=1.0)
+    pool.put(instance("a"), now=0.0)
+    pool.put(instance("b"), now=0.0)
+    a = pool.get("svc/a")
+    pool.put(instance("a", "critical", meta=(("tier", "gold"),)), now=1.0)
     assert keys(pool) == ["svc/b"]
-    pool.apply(Event(4, "delete", "deregister", instance("b")), now=2.0)
+    assert pool.get("svc/a") is a and a is not None and a.meta == {"tier": "gold"}
+    pool.remove("svc/b", now=2.0)
     assert keys(pool) == ["svc/a"] and pool.panic
     assert pool.health("svc/a") == "critical" and pool.health("svc/b") is None
+    pool.remove("svc/b", now=3.0)  # already gone: no change
+    assert pool.health("svc/a") == "critical"
 
 
 def test_static_servers() -> None:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 import random
+from typing import get_args
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from interknit.balance.base import Endpoint
 from interknit.balance.maglev import Maglev
-from interknit.balance.pool import POLICIES, Pool, make_balancer
+from interknit.balance.pool import POLICIES, Health, Pool, make_balancer
 from interknit.balance.source_ip import SourceIp
-from interknit.registry.model import HEALTH_STATES
 from tests.balance.helpers import instance
 
 SMALL_TABLES: dict[str, type[Maglev]] = {"maglev": Maglev, "source_ip": SourceIp}
@@ -79,7 +79,7 @@ def test_pick_is_a_member_not_excluded_or_none_only_when_nothing_is_left(
         st.lists(
             st.tuples(
                 st.sampled_from("abcdef"),
-                st.sampled_from(HEALTH_STATES),
+                st.sampled_from(get_args(Health)),
                 st.sampled_from([None, 5.0, 50.0]),
             ),
             max_size=6,

@@ -2,10 +2,12 @@
 
 Rules of this file:
 
-* A pool is sans-IO. It learns about instances from the registry's values (``update`` with a
-  full set, ``apply`` with one event) or, for static servers, from ``set_health``; every method
-  that depends on time takes ``now`` (wall-clock seconds, the registry's ``ejected_until``
-  clock).
+* A pool is sans-IO and knows nothing of where its endpoints come from. It is told about them
+  in its own terms, ``EndpointState`` values (``update`` with a full set, ``put``/``remove``
+  one at a time), or, for static servers, through ``set_health``; the proxy's
+  ``proxy/pool_feed.py`` and the client's ``client/picker.py`` translate registry instances
+  and events into these. Every method that depends on time takes ``now`` (wall-clock seconds,
+  the registry's ``ejected_until`` clock).
 * An endpoint is **usable** when its health is ``passing`` or ``warning`` and it is not ejected
   at ``now``. ``draining`` and ``maintenance`` endpoints take no new work.
 * **Panic** (Envoy's panic threshold): when fewer than ``panic_threshold`` of the endpoints that
@@ -27,7 +29,7 @@ import math
 import random
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from interknit.balance.base import Balancer, Endpoint
 from interknit.balance.least_requests import LeastRequests
@@ -36,11 +38,13 @@ from interknit.balance.random_choice import RandomChoice
 from interknit.balance.ring_hash import RingHash
 from interknit.balance.round_robin import RoundRobin
 from interknit.balance.source_ip import SourceIp
-from interknit.registry.model import Event, HealthStatus, Instance
+
+# The registry's health words (DESIGN.md, "Vocabulary"), as the pool acts on them.
+Health = Literal["passing", "warning", "critical", "draining", "maintenance"]
 
 # Below this share of usable endpoints the pool balances over all of them (Envoy's 50%).
 PANIC_THRESHOLD = 0.5
-USABLE_HEALTH: frozenset[HealthStatus] = frozenset({"passing", "warning"})
+USABLE_HEALTH: frozenset[Health] = frozenset({"passing", "warning"})
 
 POLICIES = ("round_robin", "least_requests", "random", "ring_hash", "maglev", "source_ip")
 # The policies whose pick depends on ``hash_key``; the proxy builds a key only for these.
@@ -81,10 +85,28 @@ def parse_server(server: str) -> tuple[str, int]:
     return host, port
 
 
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    """What a pool is told about one endpoint: where it is, its weight, and its health.
+
+    ``key`` names the endpoint for as long as it stays in the pool (``service/id`` for a
+    registry instance); ``ejected_until`` is a wall-clock time, as ``now`` is.
+    """
+
+    key: str
+    address: str
+    port: int
+    weight: int = 1
+    zone: str | None = None
+    meta: tuple[tuple[str, str], ...] = ()
+    health: Health = "passing"
+    ejected_until: float | None = None
+
+
 @dataclass(slots=True, eq=False)
 class _Member:
     endpoint: Endpoint
-    health: HealthStatus = "passing"
+    health: Health = "passing"
     ejected_until: float | None = None
     usable: bool = False
 
@@ -162,7 +184,7 @@ class Pool:
         member = self._members.get(key)
         return None if member is None else member.endpoint
 
-    def health(self, key: str) -> HealthStatus | None:
+    def health(self, key: str) -> Health | None:
         member = self._members.get(key)
         return None if member is None else member.health
 
@@ -200,36 +222,35 @@ class Pool:
 
     # Changing.
 
-    def update(self, instances: Iterable[Instance], now: float) -> None:
-        """Replace the membership with ``instances`` (the service's full current set)."""
+    def update(self, states: Iterable[EndpointState], now: float) -> None:
+        """Replace the membership with ``states`` (the service's full current set)."""
         seen: set[str] = set()
-        for instance in instances:
-            key = f"{instance.service}/{instance.id}"
-            seen.add(key)
-            self._put(key, instance)
+        for state in states:
+            seen.add(state.key)
+            self._put(state)
         for key in [key for key in self._members if key not in seen]:
             del self._members[key]
         self._evaluate(now)
 
-    def apply(self, event: Event, now: float) -> None:
-        """Apply one registry event (put or delete) for this pool's service.
+    def put(self, state: EndpointState, now: float) -> None:
+        """Add one endpoint or take its changes.
 
         Load the initial set with ``update``: endpoints usable in the pool's first view skip
-        slow start, and with events one at a time only the first would.
+        slow start, and with endpoints put one at a time only the first would.
         """
-        instance = event.instance
-        key = f"{instance.service}/{instance.id}"
-        if event.type == "delete":
-            self._members.pop(key, None)
-        else:
-            self._put(key, instance)
+        self._put(state)
         self._evaluate(now)
+
+    def remove(self, key: str, now: float) -> None:
+        """Take one endpoint out of the pool; an unknown key is no change."""
+        if self._members.pop(key, None) is not None:
+            self._evaluate(now)
 
     def set_health(
         self,
         key: str,
         now: float,
-        health: HealthStatus | None = None,
+        health: Health | None = None,
         ejected_until: float | None = None,
     ) -> None:
         """Set an endpoint's health and ejection directly (static servers, passive checks).
@@ -258,19 +279,19 @@ class Pool:
 
     # Internals.
 
-    def _put(self, key: str, instance: Instance) -> None:
-        member = self._members.get(key)
+    def _put(self, state: EndpointState) -> None:
+        member = self._members.get(state.key)
         if member is None:
-            endpoint = Endpoint(key=key, address=instance.address, port=instance.port)
-            member = self._members[key] = _Member(endpoint)
+            endpoint = Endpoint(key=state.key, address=state.address, port=state.port)
+            member = self._members[state.key] = _Member(endpoint)
         endpoint = member.endpoint
-        endpoint.address = instance.address
-        endpoint.port = instance.port
-        endpoint.weight = instance.weight
-        endpoint.zone = instance.zone
-        endpoint.meta = dict(instance.spec.meta)
-        member.health = instance.health
-        member.ejected_until = instance.ejected_until
+        endpoint.address = state.address
+        endpoint.port = state.port
+        endpoint.weight = state.weight
+        endpoint.zone = state.zone
+        endpoint.meta = dict(state.meta)
+        member.health = state.health
+        member.ejected_until = state.ejected_until
 
     def _evaluate(self, now: float) -> None:
         usable: list[Endpoint] = []

@@ -11,8 +11,24 @@ from __future__ import annotations
 import random
 from collections.abc import Container
 
-from interknit.balance import Endpoint, Pool, make_balancer
+from interknit.balance import Endpoint, EndpointState, Pool, make_balancer
 from interknit.client.model import Instance, Lookup, Query
+
+
+def endpoint_state(instance: Instance) -> EndpointState:
+    """An instance of an answer as a pool is told about it, keyed ``service/id`` (as the
+    proxy's pools key registry instances)."""
+    spec = instance.spec
+    return EndpointState(
+        key=f"{instance.service}/{instance.id}",
+        address=spec.address,
+        port=spec.port,
+        weight=spec.weight,
+        zone=spec.zone,
+        meta=spec.meta,
+        health=instance.health,
+        ejected_until=instance.ejected_until,
+    )
 
 
 class Picker:
@@ -58,8 +74,9 @@ class Picker:
             current = (pool, None, {})
         if current[1] is not lookup.instances:
             pool = current[0]
-            pool.update(lookup.instances, now)
-            by_key = {f"{i.service}/{i.id}": i for i in lookup.instances}
+            states = [endpoint_state(i) for i in lookup.instances]
+            pool.update(states, now)
+            by_key = {state.key: i for state, i in zip(states, lookup.instances, strict=True)}
             current = (pool, lookup.instances, by_key)
             self._pools[slot] = current
         return current

@@ -24,13 +24,8 @@ from interknit.demand.settings import DemandSettings
 from interknit.proxy.listener import HttpListener, TcpListener, build_listener
 from interknit.proxy.observe import ProxyMetrics
 from interknit.proxy.outliers import PassiveHealth
-from interknit.proxy.setup import (
-    RegistryPools,
-    demand_settings,
-    listener_spec,
-    pool_options,
-    refresh_forever,
-)
+from interknit.proxy.pool_feed import RegistryPools, refresh_forever
+from interknit.proxy.setup import demand_settings, listener_spec, pool_options
 from interknit.proxy.spec import ListenerSpec, RouteSpec
 from interknit.registry.model import Event
 from interknit.registry.state import RegistryState

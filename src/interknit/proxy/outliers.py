@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from interknit.balance.base import Endpoint
 from interknit.balance.pool import Pool
 from interknit.health.outlier import OutlierDetector
-from interknit.proxy.setup import RoutePool
+from interknit.proxy.pool_feed import RoutePool
 
 log = logging.getLogger("interknit.proxy")
 
