@@ -29,7 +29,7 @@ CONSUMERS = (
 # What wires components together; no component imports these.
 TOP = ("config", "node", "cli", "demo", "workers")
 # Small utilities at the bottom: they import no component and nothing above them.
-UTILITIES = ("durations", "hostport", "heap", "logs", "plainmetrics")
+UTILITIES = ("durations", "names", "heap", "logs", "plainmetrics")
 
 
 def module_name(path: Path) -> str:

@@ -16,6 +16,7 @@ import click
 
 from interknit import heap
 from interknit.config import ConfigError, load_config
+from interknit.names import parse_hostport
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -728,11 +729,16 @@ def agent_containers(
     period = _duration_option("--resync", resync, 0.1)
     metrics = AgentMetrics()
     if metrics_listen is not None:
-        host, sep, port_text = metrics_listen.rpartition(":")
-        if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise click.BadParameter("must be HOST:PORT", param_hint="--metrics-listen")
+        # ":9100" listens on loopback.
+        spelled = f"127.0.0.1{metrics_listen}" if metrics_listen.startswith(":") else metrics_listen
         try:
-            metrics.serve(host.strip("[]") or "127.0.0.1", int(port_text))
+            host, port = parse_hostport(spelled)
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"must be HOST:PORT ({exc})", param_hint="--metrics-listen"
+            ) from None
+        try:
+            metrics.serve(host, port)
         except OSError as exc:
             fail(f"cannot listen on {metrics_listen} for metrics: {exc.strerror or exc}", 2)
     registry = RegistryApi(api.base, api.token)

@@ -24,7 +24,7 @@ from pydantic import (
 
 from interknit.compat.settings import CompatSection
 from interknit.durations import parse_duration
-from interknit.registry.model import is_hostname, is_label
+from interknit.names import is_hostname, is_label, parse_hostport
 from interknit.registry.schema import field_path
 from interknit.vip.config import VipSection
 
@@ -43,25 +43,13 @@ def _to_seconds(value: Any) -> Any:
     raise ValueError(f"must be a duration string such as '{value}s', not a bare number")
 
 
-def split_hostport(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:7470"`` or ``"[::1]:7470"`` -> (host, port)."""
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value)
-    if not match:
-        raise ValueError(f"{value!r} must be host:port, such as '127.0.0.1:7470'")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is outside 0-65535")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not is_hostname(host):
-            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
-    return host, port
+def _listen(value: str) -> str:
+    parse_hostport(value, port_zero=True)
+    return value
 
 
-def _hostport(value: str) -> str:
-    split_hostport(value)
+def _server(value: str) -> str:
+    parse_hostport(value)
     return value
 
 
@@ -72,7 +60,8 @@ def _label(value: str) -> str:
 
 
 Seconds = Annotated[float, BeforeValidator(_to_seconds)]
-HostPort = Annotated[str, AfterValidator(_hostport)]
+HostPort = Annotated[str, AfterValidator(_listen)]  # a listen address: port 0 picks one
+Server = Annotated[str, AfterValidator(_server)]  # where to connect: port 1-65535
 Label = Annotated[str, AfterValidator(_label)]
 
 
@@ -209,7 +198,7 @@ class CheckSection(Section):
 
 class ServiceSection(Section):
     name: Label
-    instances: list[HostPort] = Field(default_factory=list)
+    instances: list[Server] = Field(default_factory=list)
     check: CheckSection | None = None
     tags: list[Label] = Field(default_factory=list)
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
@@ -289,7 +278,7 @@ class RouteSection(Section):
     name: str = ""
     match: MatchSection | None = None
     service: Label | None = None
-    servers: list[HostPort] = Field(default_factory=list)
+    servers: list[Server] = Field(default_factory=list)
     balance: Balance = "round_robin"
     hash_on: str = "source"  # "source", "header:X-User" or "cookie:session"
     sticky: StickySection | None = None

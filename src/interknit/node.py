@@ -25,7 +25,8 @@ from prometheus_client import (
 
 from interknit import __version__
 from interknit.admin.app import Panels, build_app
-from interknit.config import Config, ConfigError, ServiceSection, load_config, split_hostport
+from interknit.config import Config, ConfigError, ServiceSection, load_config
+from interknit.names import format_hostport, parse_hostport
 from interknit.registry.api import RegistryApi
 from interknit.registry.fastpath import FastApi
 from interknit.registry.http_metrics import HttpMetrics
@@ -50,7 +51,7 @@ def static_instance_id(hostport: str) -> str:
 
 
 def service_spec(section: ServiceSection, hostport: str) -> InstanceSpec:
-    host, port = split_hostport(hostport)
+    host, port = parse_hostport(hostport)
     check = None
     if section.check is not None:
         c = section.check
@@ -201,7 +202,7 @@ class Node:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.drain_timeout)
         await runner.setup()
         self._runner = runner
-        host, port = split_hostport(self.config.registry.listen)
+        host, port = parse_hostport(self.config.registry.listen, port_zero=True)
         sock = bind_tcp(host, port, "the registry API")
         # The hot API requests are answered by the fast path; it hands a connection to the
         # aiohttp application at the first request it does not answer itself.
@@ -210,7 +211,7 @@ class Node:
         self._api_fast = fast
         self._api_server = await asyncio.get_running_loop().create_server(fast, sock=sock)
         bound = sock.getsockname()
-        self.listen["api"] = f"http://{_hostport(host, bound[1])}"
+        self.listen["api"] = f"http://{format_hostport(host, bound[1])}"
         if consul is not None:
             consul.api_port = bound[1]
         await self._register_static_services()
@@ -241,7 +242,7 @@ class Node:
             return None
         from interknit.compat.api import ConsulApi
 
-        host, port = split_hostport(self.config.registry.listen)
+        host, port = parse_hostport(self.config.registry.listen, port_zero=True)
         address = section.node_address
         if address is None:
             address = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -336,8 +337,8 @@ class Node:
 
         self.registry.subscribe(server.apply_all, resync)
         self.on_stop(server.stop)
-        host, _ = split_hostport(section.listen)
-        self.listen["dns"] = f"{_hostport(host, server.port)} (udp+tcp, zone {section.zone})"
+        host, _ = parse_hostport(section.listen, port_zero=True)
+        self.listen["dns"] = f"{format_hostport(host, server.port)} (udp+tcp, zone {section.zone})"
         self.panels["DNS"] = lambda: answers_panel(self.registry.state, section.zone)
 
     async def _start_proxy(self) -> None:
@@ -505,10 +506,6 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def bind_tcp(host: str, port: int, what: str, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket, or a NodeStartError that says which part could not listen."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -524,6 +521,6 @@ def bind_tcp(host: str, port: int, what: str, reuse_port: bool = False) -> socke
         sock.close()
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         raise NodeStartError(
-            f"cannot listen on {_hostport(host, port)} for {what}: {reason}"
+            f"cannot listen on {format_hostport(host, port)} for {what}: {reason}"
         ) from None
     return sock

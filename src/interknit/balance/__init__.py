@@ -11,7 +11,6 @@ from interknit.balance.pool import (
     Health,
     Pool,
     make_balancer,
-    parse_server,
 )
 from interknit.balance.random_choice import RandomChoice
 from interknit.balance.ring_hash import RingHash
@@ -39,5 +38,4 @@ __all__ = [
     "find_cookie",
     "make_balancer",
     "new_secret",
-    "parse_server",
 ]

@@ -38,6 +38,7 @@ from interknit.balance.random_choice import RandomChoice
 from interknit.balance.ring_hash import RingHash
 from interknit.balance.round_robin import RoundRobin
 from interknit.balance.source_ip import SourceIp
+from interknit.names import format_hostport, parse_hostport
 
 # The registry's health words (DESIGN.md, "Vocabulary"), as the pool acts on them.
 Health = Literal["passing", "warning", "critical", "draining", "maintenance"]
@@ -66,23 +67,6 @@ def make_balancer(name: str, rng: random.Random | None = None, slow_start: float
     if name == "source_ip":
         return SourceIp(rng=rng)
     raise ValueError(f"unknown balance policy {name!r}; expected one of {', '.join(POLICIES)}")
-
-
-def parse_server(server: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` to ``(host, port)``; ValueError names what is wrong."""
-    host, sep, port_text = server.rpartition(":")
-    if not sep or not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"{server!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"{server!r}: write an IPv6 address in brackets, as [::1]:80")
-    if not host:
-        raise ValueError(f"{server!r} has no host")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{server!r}: port must be 1-65535")
-    return host, port
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +131,8 @@ class Pool:
         """A pool of static ``host:port`` servers, all passing until told otherwise."""
         pool = cls(name, balancer, panic_threshold)
         for server in servers:
-            host, port = parse_server(server)
-            key = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+            host, port = parse_hostport(server)
+            key = format_hostport(host, port)
             if key in pool._members:
                 raise ValueError(f"{server!r} is listed twice")
             pool._members[key] = _Member(Endpoint(key=key, address=host, port=port))

@@ -7,16 +7,17 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from interknit.config import DnsSection, ServiceSection, split_hostport
+from interknit.config import DnsSection, ServiceSection
 from interknit.dns.gslb import GslbConfig
 from interknit.dns.rrl import RrlConfig
 from interknit.dns.server import DnsServer
 from interknit.dns.zone import ANSWERED_HEALTH, Zone, ZoneConfig
+from interknit.names import parse_hostport
 from interknit.registry.state import RegistryState
 
 
 def zone_config(section: DnsSection, services: list[ServiceSection]) -> ZoneConfig:
-    host, _ = split_hostport(section.listen)
+    host, _ = parse_hostport(section.listen, port_zero=True)
     try:
         unspecified = ipaddress.ip_address(host).is_unspecified
     except ValueError:
@@ -52,7 +53,7 @@ def zone_config(section: DnsSection, services: list[ServiceSection]) -> ZoneConf
 def build_server(
     section: DnsSection, services: list[ServiceSection], metrics: CollectorRegistry
 ) -> DnsServer:
-    host, port = split_hostport(section.listen)
+    host, port = parse_hostport(section.listen, port_zero=True)
     rrl = section.rrl
     return DnsServer(
         Zone(zone_config(section, services)),

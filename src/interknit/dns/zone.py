@@ -74,7 +74,8 @@ from interknit.dns.wire import (
     FormatError,
     Query,
 )
-from interknit.registry.model import Event, Instance, is_label
+from interknit.names import is_label
+from interknit.registry.model import Event, Instance
 
 ANSWERED_HEALTH = frozenset({"passing", "warning"})
 SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 60, 10, 600

@@ -21,6 +21,7 @@ from interknit.demand.metrics import DemandMetrics
 from interknit.demand.overload import OverloadMonitor
 from interknit.demand.route import DemandAdmissions, RouteLike
 from interknit.demand.settings import DemandSettings
+from interknit.names import format_hostport
 from interknit.proxy.listener import HttpListener, TcpListener, build_listener
 from interknit.proxy.observe import ProxyMetrics
 from interknit.proxy.outliers import PassiveHealth
@@ -37,10 +38,6 @@ Listener = HttpListener | TcpListener
 
 class ListenError(Exception):
     """A listener could not bind; the message names the listener and the address."""
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ProxyComponent:
@@ -115,7 +112,7 @@ class ProxyComponent:
             ) from None
         self.listeners[spec.name] = listener
         self.listen[f"proxy {spec.name}"] = (
-            f"{spec.protocol}://{_hostport(spec.host, listener.port)}"
+            f"{spec.protocol}://{format_hostport(spec.host, listener.port)}"
         )
 
     async def reload(self, sections: Sequence[ListenerSection]) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from interknit.config import ListenerSection, RouteSection, split_hostport
+from interknit.config import ListenerSection, RouteSection
 from interknit.demand.settings import DemandSettings
+from interknit.names import parse_hostport
 from interknit.proxy.pool_feed import PoolOptions
 from interknit.proxy.spec import ListenerSpec, MatchSpec, RouteSpec
 
@@ -48,7 +49,7 @@ def route_spec(section: RouteSection) -> RouteSpec:
 
 
 def listener_spec(section: ListenerSection) -> ListenerSpec:
-    host, port = split_hostport(section.listen)
+    host, port = parse_hostport(section.listen, port_zero=True)
     return ListenerSpec(
         name=section.name,
         host=host,

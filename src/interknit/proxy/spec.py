@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from interknit.names import parse_hostport
+
 Protocol = Literal["http", "tcp"]
 
 BALANCE_POLICIES = (
@@ -107,9 +109,10 @@ class RouteSpec:
         if (self.service is None) == (not self.servers):
             raise ValueError("a route names either 'service' or 'servers'")
         for server in self.servers:
-            host, sep, port = server.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"servers: {server!r} is not 'host:port'")
+            try:
+                parse_hostport(server)
+            except ValueError as exc:
+                raise ValueError(f"servers: {exc}") from None
         if self.hash_on != "source" and not re.fullmatch(
             r"(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+", self.hash_on
         ):

@@ -8,12 +8,16 @@ be shared across tasks without copying.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from interknit.durations import format_duration
+
+# Re-exported: the registry's names are DNS labels, and callers long found the rules here.
+from interknit.names import LABEL_RE as LABEL_RE
+from interknit.names import is_hostname as is_hostname
+from interknit.names import is_label as is_label
 
 HealthStatus = Literal["passing", "warning", "critical", "draining", "maintenance"]
 CheckStatus = Literal["passing", "warning", "critical"]
@@ -27,23 +31,6 @@ HEALTH_STATES: tuple[HealthStatus, ...] = (
     "draining",
     "maintenance",
 )
-
-# A service name, an instance id, a tag-free DNS label: what DNS can answer for.
-LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-
-
-def is_label(value: str) -> bool:
-    return LABEL_RE.fullmatch(value) is not None
-
-
-def is_hostname(value: str) -> bool:
-    """RFC 1123 host name (a trailing dot allowed); at most 253 characters."""
-    name = value[:-1] if value.endswith(".") else value
-    if not name or len(name) > 253:
-        return False
-    return all(_HOST_LABEL_RE.fullmatch(label) for label in name.split("."))
-
 
 # The C string encoder behind json.dumps (ASCII output, as json.dumps writes by default).
 _str: Callable[[str], str] = json.encoder.encode_basestring_ascii

@@ -22,7 +22,8 @@ from pydantic import (
 )
 
 from interknit.durations import parse_duration
-from interknit.registry.model import Check, InstanceSpec, is_hostname, is_label
+from interknit.names import is_hostname, is_label
+from interknit.registry.model import Check, InstanceSpec
 from interknit.registry.state import RegistryError
 
 MAX_BODY = 64 * 1024

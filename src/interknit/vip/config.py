@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from interknit.durations import parse_duration
+from interknit.names import parse_hostport
 from interknit.registry.model import is_label
 
 MAX_ADDRESSES = 1024
@@ -75,9 +76,7 @@ def _url(value: str) -> str:
 
 
 def _hostport(value: str) -> str:
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
-    if not match or not 0 < int(match.group(2) or match.group(4)) < 65536:
-        raise ValueError(f"{value!r} must be host:port, such as '127.0.0.1:7480'")
+    parse_hostport(value)
     return value
 
 

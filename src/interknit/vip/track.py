@@ -12,6 +12,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from interknit.health import CheckMachine, http_probe, tcp_probe
+from interknit.names import parse_hostport
 from interknit.registry.model import CheckStatus
 from interknit.vip.config import TrackSection
 
@@ -28,8 +29,8 @@ def _target(track: TrackSection) -> tuple[str, int, str]:
         host = url.hostname or "127.0.0.1"
         return host, url.port or 80, (url.path or "/") + (f"?{url.query}" if url.query else "")
     assert track.tcp is not None
-    host, _, port = track.tcp.rpartition(":")
-    return host.strip("[]"), int(port), ""
+    host, port = parse_hostport(track.tcp)
+    return host, port, ""
 
 
 class Tracker:
