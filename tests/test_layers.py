@@ -29,7 +29,7 @@ CONSUMERS = (
 # What wires components together; no component imports these.
 TOP = ("config", "node", "cli", "demo", "workers")
 # Small utilities at the bottom: they import no component and nothing above them.
-UTILITIES = ("durations", "names", "heap", "logs", "plainmetrics")
+UTILITIES = ("durations", "names", "sections", "heap", "logs", "plainmetrics")
 
 
 def module_name(path: Path) -> str:
@@ -114,6 +114,16 @@ def test_registry_imports_no_consumer() -> None:
 def test_balance_and_demand_import_neither_proxy_nor_registry() -> None:
     """They take endpoints and numbers; the proxy (and the client) translate."""
     assert violations(("balance", "demand"), ("proxy", "registry", *TOP), NOTHING) == []
+
+
+def test_config_and_proxy_setup_do_not_import_each_other() -> None:
+    assert not any(under(t, "proxy.setup") for t in GRAPH["interknit.config"])
+    assert "interknit.config" not in GRAPH["interknit.proxy.setup"]
+
+
+def test_components_own_their_config_sections() -> None:
+    """config.py composes the components' models; no component reaches up into it."""
+    assert violations(COMPONENTS, TOP, NOTHING) == []
 
 
 def test_registry_fastpath_imports_no_proxy() -> None:

@@ -25,9 +25,10 @@ from prometheus_client import (
 
 from interknit import __version__
 from interknit.admin.app import Panels, build_app
-from interknit.config import Config, ConfigError, ServiceSection, load_config
+from interknit.config import Config, ConfigError, load_config
 from interknit.names import format_hostport, parse_hostport
 from interknit.registry.api import RegistryApi
+from interknit.registry.config import ServiceSection
 from interknit.registry.fastpath import FastApi
 from interknit.registry.http_metrics import HttpMetrics
 from interknit.registry.metrics import RegistryMetrics, StateCollector

@@ -7,12 +7,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from interknit.config import DnsSection, ServiceSection
+from interknit.dns.config import DnsSection
 from interknit.dns.gslb import GslbConfig
 from interknit.dns.rrl import RrlConfig
 from interknit.dns.server import DnsServer
 from interknit.dns.zone import ANSWERED_HEALTH, Zone, ZoneConfig
 from interknit.names import parse_hostport
+from interknit.registry.config import ServiceSection
 from interknit.registry.state import RegistryState
 
 

@@ -16,17 +16,17 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from interknit.config import ListenerSection
 from interknit.demand.metrics import DemandMetrics
 from interknit.demand.overload import OverloadMonitor
 from interknit.demand.route import DemandAdmissions, RouteLike
 from interknit.demand.settings import DemandSettings
 from interknit.names import format_hostport
+from interknit.proxy.config import ListenerSection
 from interknit.proxy.listener import HttpListener, TcpListener, build_listener
 from interknit.proxy.observe import ProxyMetrics
 from interknit.proxy.outliers import PassiveHealth
 from interknit.proxy.pool_feed import RegistryPools, refresh_forever
-from interknit.proxy.setup import demand_settings, listener_spec, pool_options
+from interknit.proxy.setup import demand_settings, pool_options
 from interknit.proxy.spec import ListenerSpec, RouteSpec
 from interknit.registry.model import Event
 from interknit.registry.state import RegistryState
@@ -89,7 +89,7 @@ class ProxyComponent:
     # ------------------------------------------------------------------ lifecycle
 
     def _spec(self, section: ListenerSection) -> ListenerSpec:
-        spec = listener_spec(section)
+        spec = section.to_spec()
         return replace(spec, reuse_port=True) if self.reuse_port else spec
 
     async def start(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from interknit.balance.base import Endpoint
 from interknit.balance.pool import EndpointState, Pool, make_balancer
 from interknit.balance.sticky import StickyCookie
-from interknit.config import OutlierSection
+from interknit.proxy.config import OutlierSection
 from interknit.proxy.spec import RouteSpec
 from interknit.registry.model import Event, Instance
 from interknit.registry.state import RegistryState

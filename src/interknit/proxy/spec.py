@@ -105,7 +105,10 @@ class RouteSpec:
 
     def validate(self) -> None:
         if self.match is not None:
-            self.match.validate()
+            try:
+                self.match.validate()
+            except ValueError as exc:
+                raise ValueError(f"match.{exc}") from None
         if (self.service is None) == (not self.servers):
             raise ValueError("a route names either 'service' or 'servers'")
         for server in self.servers:

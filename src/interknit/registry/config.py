@@ -1,0 +1,70 @@
+"""The registry's sections of interknit.toml: ``[registry]`` (where its API listens, which
+store, tokens) and ``[[services]]`` (static instances, registered at start-up)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from interknit.sections import HostPort, Label, ReadableFile, Seconds, Section, Server
+
+
+class TokensSection(Section):
+    read: list[Annotated[str, Field(min_length=8, max_length=256)]] = Field(default_factory=list)
+    write: list[Annotated[str, Field(min_length=8, max_length=256)]] = Field(default_factory=list)
+
+
+class EtcdTlsSection(Section):
+    """etcdctl's --cacert, --cert and --key, for https:// endpoints."""
+
+    ca: ReadableFile | None = None  # none: the system's root certificates
+    cert: ReadableFile | None = None
+    key: ReadableFile | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> EtcdTlsSection:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together (the client's certificate and its key)")
+        return self
+
+
+class RegistrySection(Section):
+    listen: HostPort = "127.0.0.1:7470"
+    backend: Literal["embedded", "etcd"] = "embedded"
+    etcd: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    etcd_tls: EtcdTlsSection | None = None
+    etcd_prefix: str = "/interknit/"
+    etcd_timeout: Seconds = 2.0
+    node_ttl: Seconds = 10.0  # a node's lease: its instances go this long after it dies
+    tokens: TokensSection = Field(default_factory=TokensSection)
+    history: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
+
+
+class CheckSection(Section):
+    http: str | None = None
+    tcp: bool | None = None
+    ttl: Seconds | None = None
+    interval: Seconds = 2.0
+    timeout: Seconds = 1.0
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    deregister_after: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CheckSection:
+        kinds = [k for k in ("http", "tcp", "ttl") if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError("check needs exactly one of http, tcp or ttl")
+        return self
+
+
+class ServiceSection(Section):
+    name: Label
+    instances: list[Server] = Field(default_factory=list)
+    check: CheckSection | None = None
+    tags: list[Label] = Field(default_factory=list)
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    zone: Label | None = None
+    region: Label | None = None
+    ttl: Seconds | None = None  # DNS TTL for this service

@@ -1,0 +1,116 @@
+"""interknit.toml as config.py composes it from the components' own sections: every error
+names its full key path, whichever component's model or check refused the value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from interknit.config import Config, ConfigError, parse_config
+from interknit.dns.config import DnsSection
+from interknit.proxy.config import ListenerSection
+from interknit.registry.config import RegistrySection, ServiceSection
+
+
+def listener(*routes: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"name": "web", "listen": "127.0.0.1:0", "routes": list(routes), **extra}
+
+
+def refusal(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "words"),
+    [
+        # pydantic's own checks, in the proxy's section
+        (
+            {"listeners": [listener({"service": "a"}, {"service": "b", "balance": "fastest"})]},
+            "listeners[0].routes[1].balance",
+            "round_robin",
+        ),
+        # the proxy's spec checks, run by its section, joined to the path pydantic gives
+        (
+            {"listeners": [listener({"service": "a"}, {"service": "b", "match": {"path": "x"}})]},
+            "listeners[0].routes[1].match.path_exact",
+            "must start with '/'",
+        ),
+        (
+            {"listeners": [listener({"service": "a", "hash_on": "nope"})]},
+            "listeners[0].routes[0].hash_on",
+            "'source'",
+        ),
+        # demand control's section, inside a route
+        (
+            {"listeners": [listener({"service": "a", "demand": {"rate": "fast"}})]},
+            "listeners[0].routes[0].demand.rate",
+            "is not a rate",
+        ),
+        (
+            {"listeners": [listener({"service": "a"}, {"service": "b"}, protocol="tcp")]},
+            "listeners[0]",
+            "exactly one route",
+        ),
+        (
+            {"listeners": [listener({"service": "a", "timeout": 5})]},
+            "listeners[0].routes[0].timeout",
+            "bare number",
+        ),
+        # the registry's sections
+        ({"registry": {"listen": 7470}}, "registry.listen", "string"),
+        ({"registry": {"tokens": {"read": ["short"]}}}, "registry.tokens.read[0]", "8"),
+        ({"services": [{"name": "Web"}]}, "services[0].name", "DNS label"),
+        (
+            {"services": [{"name": "web", "instances": ["nohost"]}]},
+            "services[0].instances[0]",
+            "host:port",
+        ),
+        # DNS's section
+        ({"dns": {"zone": "internal"}}, "dns.zone", "fully qualified"),
+        ({"dns": {"gslb": {"policy": "x"}}}, "dns.gslb.policy", "nearest"),
+        ({"dns": {"regions": {"10.0.0.0/8": "EU"}}}, "dns.regions.10.0.0.0/8", "DNS label"),
+        # the file's own shape
+        ({"nodes": {}}, "nodes", "unknown key"),
+        (
+            {"listeners": [listener({"service": "a", "colour": "red"})]},
+            "listeners[0].routes[0].colour",
+            "unknown key",
+        ),
+    ],
+)
+def test_errors_name_the_full_path(data: dict[str, Any], path: str, words: str) -> None:
+    message = refusal(data)
+    assert message.startswith(f"{path}: "), message
+    assert words in message
+
+
+def test_config_composes_the_components_sections() -> None:
+    fields = Config.model_fields
+    assert fields["registry"].annotation is RegistrySection
+    assert fields["dns"].annotation is DnsSection
+    assert fields["services"].annotation == list[ServiceSection]
+    assert fields["listeners"].annotation == list[ListenerSection]
+
+
+def test_a_listener_section_becomes_the_proxys_spec() -> None:
+    config = parse_config(
+        {
+            "listeners": [
+                listener(
+                    {"service": "search", "match": {"path_prefix": "/s", "headers": {"X-A": True}}},
+                    {"servers": ["[::1]:9001"], "balance": "maglev", "sticky": {"cookie": "ik"}},
+                    listen="[::1]:7480",
+                )
+            ]
+        }
+    )
+    spec = config.listeners[0].to_spec()
+    assert (spec.host, spec.port, spec.name) == ("::1", 7480, "web")
+    first, second = spec.routes
+    assert first.service == "search" and first.match is not None
+    assert first.match.path_prefix == "/s" and first.match.headers == (("X-A", None),)
+    assert second.servers == ("[::1]:9001",) and second.balance == "maglev"
+    assert second.sticky_cookie == "ik"
