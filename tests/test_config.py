@@ -3,14 +3,18 @@ names its full key path, whichever component's model or check refused the value.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from interknit.config import Config, ConfigError, parse_config
 from interknit.dns.config import DnsSection
+from interknit.node import service_spec
 from interknit.proxy.config import ListenerSection
 from interknit.registry.config import RegistrySection, ServiceSection
+from interknit.registry.schema import register_spec
+from interknit.registry.state import RegistryError
 
 
 def listener(*routes: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -114,3 +118,57 @@ def test_a_listener_section_becomes_the_proxys_spec() -> None:
     assert first.match.path_prefix == "/s" and first.match.headers == (("X-A", None),)
     assert second.servers == ("[::1]:9001",) and second.balance == "maglev"
     assert second.sticky_cookie == "ik"
+
+
+# ------------------------------------------------------------------ checks: one validator
+
+
+def api_refusal(check: dict[str, Any]) -> str:
+    """What the registry API answers a registration carrying ``check`` (400, this message)."""
+    body = json.dumps({"address": "127.0.0.1", "port": 9001, "check": check}).encode()
+    with pytest.raises(RegistryError) as caught:
+        register_spec(body)
+    return caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("check", "key", "words"),
+    [
+        ({"http": "no-slash", "interval": "0s"}, "http", "must be a path starting with '/'"),
+        ({"http": "/ok", "interval": "0s"}, "interval", "at least 10ms"),
+        ({"tcp": True, "timeout": "5ms"}, "timeout", "at least 10ms"),
+        ({"ttl": "1ms"}, "ttl", "at least 10ms"),
+        ({"http": "/ok", "rise": 0}, "rise", "greater than or equal to 1"),
+        ({"http": "/ok", "interval": 2}, "interval", "string"),
+        ({"http": "/ok", "every": "1s"}, "every", ""),
+    ],
+)
+def test_config_and_api_refuse_the_same_checks(check: dict[str, Any], key: str, words: str) -> None:
+    """The config once accepted ``{ http = "no-slash", interval = "0s" }``, which the API
+    refuses, and the checker then died dividing by the zero interval."""
+    config = refusal(
+        {"services": [{"name": "web", "instances": ["127.0.0.1:9001"], "check": check}]}
+    )
+    api = api_refusal(check)
+    assert config.startswith(f"services[0].check.{key}: "), config
+    assert api.startswith(f"check.{key}: "), api
+    assert words in config and words in api
+    # The same words after the path.
+    assert config.split(": ", 1)[1] == api.split(": ", 1)[1] or key == "every"
+
+
+def test_a_configured_check_is_the_apis_check() -> None:
+    config = parse_config(
+        {
+            "services": [
+                {
+                    "name": "web",
+                    "instances": ["127.0.0.1:9001"],
+                    "check": {"http": "/health", "interval": "1s", "rise": 2, "fall": 3},
+                }
+            ]
+        }
+    )
+    body = {"http": "/health", "interval": "1s", "rise": 2, "fall": 3}
+    raw = json.dumps({"address": "127.0.0.1", "port": 9001, "check": body}).encode()
+    assert service_spec(config.services[0], "127.0.0.1:9001") == register_spec(raw)

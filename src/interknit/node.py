@@ -32,7 +32,7 @@ from interknit.registry.config import ServiceSection
 from interknit.registry.fastpath import FastApi
 from interknit.registry.http_metrics import HttpMetrics
 from interknit.registry.metrics import RegistryMetrics, StateCollector
-from interknit.registry.model import Check, Event, Instance, InstanceSpec
+from interknit.registry.model import Event, Instance, InstanceSpec
 from interknit.registry.registry import Registry, RegistryBackend, Unavailable
 from interknit.registry.state import RegistryError
 from interknit.registry.store import SqliteStore, StoreError
@@ -53,19 +53,7 @@ def static_instance_id(hostport: str) -> str:
 
 def service_spec(section: ServiceSection, hostport: str) -> InstanceSpec:
     host, port = parse_hostport(hostport)
-    check = None
-    if section.check is not None:
-        c = section.check
-        check = Check(
-            http=c.http,
-            tcp=bool(c.tcp),
-            ttl=c.ttl,
-            interval=c.interval,
-            timeout=c.timeout,
-            rise=c.rise,
-            fall=c.fall,
-            deregister_after=c.deregister_after,
-        )
+    check = None if section.check is None else section.check.to_check()
     return InstanceSpec(
         address=host,
         port=port,

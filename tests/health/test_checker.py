@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -12,10 +13,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from interknit.health.checker import (
+    MAX_INTERVAL,
+    MIN_INTERVAL,
     NEVER_CHECKED_OUTPUT,
     HealthChecker,
     first_slot,
     next_slot,
+    schedule_interval,
 )
 from interknit.registry.model import Check, CheckStatus, Instance, InstanceSpec
 from tests.health.servers import read_request, serve
@@ -312,6 +316,32 @@ async def test_an_earlier_instance_wakes_the_scheduler(
         checker.update(instance(port, id="fast"))
         await until(lambda: len(sink.calls) == 1)
     assert sink.calls[0][:3] == ("web", "fast", "passing")
+
+
+async def test_a_bad_interval_never_stops_the_checks(
+    checker_factory: Callable[..., HealthChecker],
+) -> None:
+    """A zero, negative or NaN interval (the API refuses them, but a Check can be built by
+    hand or read back from an older store) once killed the instance's check task with a
+    ZeroDivisionError after its first check; it was never checked again."""
+    backend = Backend()
+    sink = Sink()
+    async with serve(backend.handle) as port:
+        checker = checker_factory(sink)
+        bad = {"zero": 0.0, "negative": -1.0, "nan": math.nan}
+        for id, interval in bad.items():
+            checker.update(instance(port, id=id, interval=interval))
+        checker.update(instance(port, id="good"))
+        await until(lambda: all(checks_done(checker, id) >= 5 for id in [*bad, "good"]))
+    assert {call[1] for call in sink.calls} == {*bad, "good"}
+
+
+def test_schedule_interval_keeps_within_bounds() -> None:
+    assert schedule_interval(Check(http="/", interval=2.0)) == 2.0
+    for bad in (0.0, -5.0, math.nan, 0.001):
+        assert schedule_interval(Check(http="/", interval=bad)) == MIN_INTERVAL
+    assert schedule_interval(Check(http="/", interval=math.inf)) == MAX_INTERVAL
+    assert next_slot(10.0, 0.0, now=10.0) == pytest.approx(10.0 + MIN_INTERVAL)
 
 
 # ------------------------------------------------------------------ concurrency and stop

@@ -17,6 +17,11 @@ capacity is judged by.
 
 Results go through each instance's ``CheckMachine``; only a change of status (or a status the
 sink has not accepted yet) calls the sink, so a fleet of steady instances writes nothing.
+
+Robustness. Nothing about one instance may stop its checks or anyone else's: an interval
+outside ``MIN_INTERVAL``..``MAX_INTERVAL`` (the API refuses such checks, but a ``Check`` can be
+built by hand or read from an older store) is scheduled as the nearest bound, and a failure
+while handling a result is logged and the instance checked again at its next slot.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ Key = tuple[str, str]
 
 DEFAULT_MAX_IN_FLIGHT = 256
 JITTER = 0.1  # of the interval
+MIN_INTERVAL = 0.01  # the API's floor (registry/schema.py); below it a check is a busy loop
+MAX_INTERVAL = 7 * 24 * 3600.0
 LAG_WINDOW = 10_000  # recent lags kept for lag_stats()
 # What the registry writes as the output of an instance whose check has not run yet
 # (registry/state.py); such an instance passes on its first successful check.
@@ -56,9 +63,19 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+def schedule_interval(check: Check) -> float:
+    """The check's interval, within ``MIN_INTERVAL``..``MAX_INTERVAL`` (NaN: the minimum)."""
+    interval = check.interval
+    if not interval >= MIN_INTERVAL:
+        return MIN_INTERVAL
+    return min(interval, MAX_INTERVAL)
+
+
 def next_slot(previous: float, interval: float, now: float) -> float:
     """The slot after ``previous`` on its grid; slots already passed by a whole interval are
     skipped, so an instance that fell behind runs once now rather than catching up."""
+    if not interval >= MIN_INTERVAL:
+        interval = MIN_INTERVAL
     due = previous + interval
     behind = now - due
     if behind >= interval:
@@ -307,7 +324,7 @@ class HealthChecker:
             self.metrics.unbind(target)
         self.metrics.bind(fresh)
         self._targets[fresh.key] = fresh
-        fresh.nominal = first_slot(now, check.interval, self._rng)
+        fresh.nominal = first_slot(now, schedule_interval(check), self._rng)
         self._schedule(fresh)
 
     def remove(self, service: str, instance_id: str) -> None:
@@ -375,7 +392,7 @@ class HealthChecker:
     # ------------------------------------------------------------------ scheduler
 
     def _schedule(self, target: _Target) -> None:
-        interval = target.check.interval
+        interval = schedule_interval(target.check)
         due = target.nominal + self._rng.uniform(0.0, JITTER * interval)
         self._seq += 1
         heapq.heappush(self._heap, (due, self._seq, target, target.generation))
@@ -434,6 +451,22 @@ class HealthChecker:
             self._slots.release()
         if not self._current(target, generation):
             return  # removed or changed while the check ran
+        try:
+            await self._handle(target, result)
+        except Exception:  # a bug, not a check result: the instance is still checked
+            logger.exception(
+                "could not handle the check result of %s/%s; checking it again at its next slot",
+                target.service,
+                target.id,
+                extra={"service": target.service, "instance": target.id},
+            )
+        if self._current(target, generation):
+            target.nominal = next_slot(
+                target.nominal, schedule_interval(target.check), asyncio.get_running_loop().time()
+            )
+            self._schedule(target)
+
+    async def _handle(self, target: _Target, result: ProbeResult) -> None:
         self._record(target, result)
         now = asyncio.get_running_loop().time()
         old = target.machine.status
@@ -454,11 +487,6 @@ class HealthChecker:
                 )
             else:
                 target.reported = status
-        if self._current(target, generation):
-            target.nominal = next_slot(
-                target.nominal, target.check.interval, asyncio.get_running_loop().time()
-            )
-            self._schedule(target)
 
     async def _probe(self, target: _Target) -> ProbeResult:
         check = target.check

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from interknit.registry.schema import CheckBody
 from interknit.sections import HostPort, Label, ReadableFile, Seconds, Section, Server
 
 
@@ -41,28 +42,10 @@ class RegistrySection(Section):
     history: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
 
 
-class CheckSection(Section):
-    http: str | None = None
-    tcp: bool | None = None
-    ttl: Seconds | None = None
-    interval: Seconds = 2.0
-    timeout: Seconds = 1.0
-    rise: Annotated[int, Field(ge=1, le=100)] = 2
-    fall: Annotated[int, Field(ge=1, le=100)] = 3
-    deregister_after: Seconds | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> CheckSection:
-        kinds = [k for k in ("http", "tcp", "ttl") if getattr(self, k) not in (None, False)]
-        if len(kinds) != 1:
-            raise ValueError("check needs exactly one of http, tcp or ttl")
-        return self
-
-
 class ServiceSection(Section):
     name: Label
     instances: list[Server] = Field(default_factory=list)
-    check: CheckSection | None = None
+    check: CheckBody | None = None  # the API's model: config and API accept the same checks
     tags: list[Label] = Field(default_factory=list)
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
     zone: Label | None = None

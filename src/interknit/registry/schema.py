@@ -27,6 +27,8 @@ from interknit.registry.model import Check, InstanceSpec
 from interknit.registry.state import RegistryError
 
 MAX_BODY = 64 * 1024
+# A check's interval, timeout and TTL: shorter would be a busy loop, not a check.
+MIN_CHECK_DURATION = 0.01
 LABEL_HINT = "must be a DNS label: lowercase letters, digits and '-', 1 to 63 characters"
 _META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _PATH = re.compile(r"/[\x21-\x7e]{0,1023}")
@@ -58,6 +60,12 @@ def _duration(value: str) -> str:
     return value
 
 
+def _check_duration(value: str) -> str:
+    if parse_duration(value) < MIN_CHECK_DURATION:
+        raise ValueError("must be at least 10ms")
+    return value
+
+
 def _http_path(value: str) -> str:
     if not _PATH.fullmatch(value):
         raise ValueError("must be a path starting with '/', printable ASCII, at most 1024 bytes")
@@ -75,16 +83,20 @@ def _meta(value: dict[str, str]) -> dict[str, str]:
 
 Label = Annotated[str, AfterValidator(_label)]
 Duration = Annotated[str, AfterValidator(_duration)]
+CheckDuration = Annotated[str, AfterValidator(_check_duration)]
 
 
 class CheckBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    """A check, as the API's ``check`` field and a ``[[services]]`` section's ``check`` both
+    spell it (config.py uses this model, so both accept and refuse alike)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     http: Annotated[str, AfterValidator(_http_path)] | None = None
     tcp: bool | None = None
-    ttl: Duration | None = None
-    interval: Duration | None = None
-    timeout: Duration | None = None
+    ttl: CheckDuration | None = None
+    interval: CheckDuration | None = None
+    timeout: CheckDuration | None = None
     rise: Annotated[int, Field(ge=1, le=100)] | None = None
     fall: Annotated[int, Field(ge=1, le=100)] | None = None
     deregister_after: Duration | None = None
@@ -94,10 +106,6 @@ class CheckBody(BaseModel):
         kinds = [k for k in ("http", "tcp", "ttl") if getattr(self, k) not in (None, False)]
         if len(kinds) != 1:
             raise ValueError("needs exactly one of http, tcp or ttl")
-        for key in ("interval", "timeout", "ttl"):
-            raw = getattr(self, key)
-            if raw is not None and parse_duration(raw) < 0.01:
-                raise ValueError(f"{key} must be at least 10ms")
         return self
 
     def to_check(self) -> Check:
@@ -309,7 +317,7 @@ def _plain_spec(raw: bytes) -> InstanceSpec | None:
         if type(ttl) is not str or (after is not None and type(after) is not str):
             return None
         try:
-            too_short = parse_duration(ttl) < 0.01
+            too_short = parse_duration(ttl) < MIN_CHECK_DURATION
             if after is not None:
                 parse_duration(after)
         except ValueError:
