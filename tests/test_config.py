@@ -3,18 +3,24 @@ names its full key path, whichever component's model or check refused the value.
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from interknit.balance import HASHING_POLICIES, POLICIES
 from interknit.config import Config, ConfigError, parse_config
 from interknit.dns.config import DnsSection
 from interknit.node import service_spec
 from interknit.proxy.config import ListenerSection
+from interknit.proxy.spec import RouteSpec
 from interknit.registry.config import RegistrySection, ServiceSection
 from interknit.registry.schema import register_spec
 from interknit.registry.state import RegistryError
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "interknit"
 
 
 def listener(*routes: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -172,3 +178,41 @@ def test_a_configured_check_is_the_apis_check() -> None:
     body = {"http": "/health", "interval": "1s", "rise": 2, "fall": 3}
     raw = json.dumps({"address": "127.0.0.1", "port": 9001, "check": body}).encode()
     assert service_spec(config.services[0], "127.0.0.1:9001") == register_spec(raw)
+
+
+# ------------------------------------------------------------------ balance policies: one list
+
+
+def spelled_out(names: set[str], at_least: int) -> list[str]:
+    """Where a tuple, list or set literal in src spells ``at_least`` of ``names``."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                values = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                if len(values & names) >= at_least:
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    return found
+
+
+def test_one_list_of_balance_policy_names() -> None:
+    """balance.POLICIES is the only spelling of the list; config, routes and the client
+    take it from there (config.py, proxy/spec.py and balance/pool.py each had a copy)."""
+    copies = spelled_out(set(POLICIES), at_least=4)
+    assert len(copies) == 1 and copies[0].startswith("balance/pool.py:"), copies
+    refused = refusal({"listeners": [listener({"service": "a", "balance": "fastest"})]})
+    assert all(name in refused for name in POLICIES)
+    with pytest.raises(ValueError, match="balance: must be one of " + ", ".join(POLICIES)):
+        RouteSpec(service="a", balance="fastest").validate()
+    for name in POLICIES:
+        parse_config({"listeners": [listener({"service": "a", "balance": name})]})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12, lead's part: proxy/http.py spells the hashing policies twice "
+    "(_HASHED and hash_key) instead of using balance.HASHING_POLICIES",
+)
+def test_one_set_of_hashing_policies() -> None:
+    copies = spelled_out(set(HASHING_POLICIES), at_least=len(HASHING_POLICIES))
+    assert all(c.startswith("balance/pool.py:") for c in copies), copies

@@ -9,6 +9,7 @@ from interknit.balance.pool import (
     POLICIES,
     EndpointState,
     Health,
+    Policy,
     Pool,
     make_balancer,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Health",
     "LeastRequests",
     "Maglev",
+    "Policy",
     "Pool",
     "RandomChoice",
     "RingHash",

@@ -29,7 +29,7 @@ import math
 import random
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from interknit.balance.base import Balancer, Endpoint
 from interknit.balance.least_requests import LeastRequests
@@ -47,7 +47,9 @@ Health = Literal["passing", "warning", "critical", "draining", "maintenance"]
 PANIC_THRESHOLD = 0.5
 USABLE_HEALTH: frozenset[Health] = frozenset({"passing", "warning"})
 
-POLICIES = ("round_robin", "least_requests", "random", "ring_hash", "maglev", "source_ip")
+# The balance policies, by the names config, routes and the client use: the one list of them.
+Policy = Literal["round_robin", "least_requests", "random", "ring_hash", "maglev", "source_ip"]
+POLICIES: tuple[Policy, ...] = get_args(Policy)
 # The policies whose pick depends on ``hash_key``; the proxy builds a key only for these.
 HASHING_POLICIES = frozenset({"ring_hash", "maglev", "source_ip"})
 

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from interknit.balance.pool import Policy
 from interknit.demand.config import DemandSection
 from interknit.names import parse_hostport
 from interknit.proxy.spec import ListenerSpec, MatchSpec, RouteSpec
@@ -59,15 +60,12 @@ class OutlierSection(Section):
     interval: Seconds = 10.0
 
 
-Balance = Literal["round_robin", "least_requests", "random", "ring_hash", "maglev", "source_ip"]
-
-
 class RouteSection(Section):
     name: str = ""
     match: MatchSection | None = None
     service: Label | None = None
     servers: list[Server] = Field(default_factory=list)
-    balance: Balance = "round_robin"
+    balance: Policy = "round_robin"
     hash_on: str = "source"  # "source", "header:X-User" or "cookie:session"
     sticky: StickySection | None = None
     retries: RetriesSection = Field(default_factory=RetriesSection)

@@ -10,18 +10,10 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from interknit.balance.pool import POLICIES
 from interknit.names import parse_hostport
 
 Protocol = Literal["http", "tcp"]
-
-BALANCE_POLICIES = (
-    "round_robin",
-    "least_requests",
-    "random",
-    "ring_hash",
-    "maglev",
-    "source_ip",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +112,8 @@ class RouteSpec:
             r"(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+", self.hash_on
         ):
             raise ValueError("hash_on: must be 'source', 'header:NAME' or 'cookie:NAME'")
-        if self.balance not in BALANCE_POLICIES:
-            raise ValueError(f"balance: must be one of {', '.join(BALANCE_POLICIES)}")
+        if self.balance not in POLICIES:
+            raise ValueError(f"balance: must be one of {', '.join(POLICIES)}")
         if self.attempts < 0:
             raise ValueError("attempts: must be 0 or more")
         if not 0.0 <= self.retry_budget <= 1.0:

@@ -18,6 +18,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from interknit.balance.base import Endpoint
+from interknit.balance.pool import HASHING_POLICIES
 from interknit.proxy.observe import access_log
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     def client_key(self) -> bytes | None:
         spec = self.listener.route_state.spec
-        if spec.balance in ("ring_hash", "maglev", "source_ip"):
+        if spec.balance in HASHING_POLICIES:
             peer = self.transport.get_extra_info("peername")
             return str(peer[0]).encode() if peer else None
         return None
