@@ -13,7 +13,7 @@ import signal
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -37,6 +37,11 @@ from interknit.registry.registry import Registry, RegistryBackend, Unavailable
 from interknit.registry.state import RegistryError
 from interknit.registry.store import SqliteStore, StoreError
 from interknit.registry.tokens import Tokens
+
+if TYPE_CHECKING:  # imported when started: a node without listeners never loads the proxy
+    from interknit.health import HealthChecker
+    from interknit.proxy.component import ProxyComponent
+    from interknit.workers import Supervisor
 
 log = logging.getLogger("interknit.node")
 
@@ -97,10 +102,11 @@ class Node:
         self._stopping = False
         self._stop_hooks: list[Callable[[], Any]] = []
         self._overloaded: Callable[[], bool] = lambda: False
-        self.proxy: Any = None
+        self.proxy: ProxyComponent | None = None
+        self.health: HealthChecker | None = None
         self.workers = workers
         self.reuse_port = workers > 1
-        self._supervisor: Any = None
+        self._supervisor: Supervisor | None = None
         # Extra HTTP routes on the node's API (the demo's backend switches).
         self.route_hooks: list[Callable[[web.Application], None]] = []
 
@@ -286,7 +292,7 @@ class Node:
 
         checker = HealthChecker(self.registry.set_check_status, registry=self.metrics)
         # On etcd every node sees every instance, but only the owning node checks it.
-        owns: Callable[[str, str], bool] = getattr(self.registry, "owns", lambda s, i: True)
+        owns = self.registry.owns
 
         def mine() -> list[Instance]:
             return [i for i in self.registry.state.all_instances() if owns(i.service, i.id)]

@@ -77,6 +77,11 @@ class RegistryBackend(Protocol):
 
     def wake_all(self) -> None: ...
 
+    def owns(self, service: str, instance_id: str) -> bool:
+        """True if this node runs the instance's active checks (on etcd each instance has one
+        owning node; the embedded store's one node owns every instance)."""
+        ...
+
     def changed_since(self, service: str | None, revision: int) -> bool: ...
 
     async def wait_for_change(self, service: str | None, revision: int, timeout: float) -> bool: ...
@@ -378,6 +383,10 @@ class Registry:
         """Answer every blocking query now and every later one at once (the node is stopping:
         a graceful stop must not wait out their ``wait``)."""
         self._fanout.wake_all()
+
+    def owns(self, service: str, instance_id: str) -> bool:
+        """One node, one store: this node checks every instance."""
+        return True
 
     def changed_since(self, service: str | None, revision: int) -> bool:
         if service is None:
