@@ -17,10 +17,14 @@ from interknit.client import (
     Query,
     RequestRejected,
 )
+from tests.clock import ManualClock
 from tests.nodeproc import NodeProcess, free_port
 
+# Cache ages, TTLs and max_stale are read from an injected clock that the tests move; only
+# what the node does (leases, heartbeats) runs on real time, waited on with generous deadlines.
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -54,18 +58,21 @@ async def test_lookup_filters_and_unknown_services(node: NodeProcess) -> None:
 
 async def test_cache_answers_within_ttl_and_asks_again_after(node: NodeProcess) -> None:
     node.register("web", "a", port=9001).raise_for_status()
-    async with AsyncClient(node.url, cache_ttl=0.3, refresh=False) as client:
+    clock = ManualClock()
+    async with AsyncClient(node.url, cache_ttl=0.3, refresh=False, clock=clock) as client:
         assert ids(await client.instances("web")) == ["a"]
         node.register("web", "b", port=9002).raise_for_status()
+        clock.advance(0.29)
         cached = await client.instances("web")
         assert ids(cached) == ["a"] and not cached.stale
-        await asyncio.sleep(0.35)
+        clock.advance(0.02)
         assert ids(await client.instances("web")) == ["a", "b"]
 
 
 async def test_background_blocking_query_keeps_the_cache_current(node: NodeProcess) -> None:
     node.register("web", "a", port=9001).raise_for_status()
-    async with AsyncClient(node.url, cache_ttl=0.1, refresh_wait=1) as client:
+    clock = ManualClock()
+    async with AsyncClient(node.url, cache_ttl=0.1, refresh_wait=1, clock=clock) as client:
         assert ids(await client.instances("web")) == ["a"]
         query = Query("web")
 
@@ -81,7 +88,8 @@ async def test_background_blocking_query_keeps_the_cache_current(node: NodeProce
             return entry is not None and len(entry.instances) == 2
 
         await eventually(has_b)
-        await asyncio.sleep(0.2)  # well past the TTL, but the blocking query is connected
+        await eventually(live)  # the next blocking query is connected again
+        clock.advance(0.2)  # well past the TTL, but the blocking query is connected
         lookup = await client.instances("web")
         assert ids(lookup) == ["a", "b"] and lookup.age == 0.0 and not lookup.stale
 
@@ -115,17 +123,20 @@ async def test_failover_to_the_next_node_when_one_is_stopped(
     for node in two_nodes:
         node.register("web", "a", port=9001).raise_for_status()
     second.register("web", "only-on-2", port=9002).raise_for_status()
-    async with AsyncClient([first.url, second.url], cache_ttl=0.1, refresh=False) as client:
+    clock = ManualClock()
+    async with AsyncClient(
+        [first.url, second.url], cache_ttl=0.1, refresh=False, clock=clock
+    ) as client:
         lookup = await client.instances("web")
         assert lookup.node == first.url and ids(lookup) == ["a"]
         assert first.terminate() == 0
-        await asyncio.sleep(0.15)
+        clock.advance(0.15)
         lookup = await client.instances("web")
         assert lookup.node == second.url and not lookup.stale
         assert ids(lookup) == ["a", "only-on-2"]
         assert client.nodes.preferred == second.url
         # The stopped node stays behind the one that works.
-        assert client.nodes.order(time.monotonic()) == [second.url, first.url]
+        assert client.nodes.order(clock()) == [second.url, first.url]
 
 
 async def test_a_dead_node_first_in_the_list_costs_nothing_once_known(
@@ -146,18 +157,21 @@ async def test_stale_results_while_every_registry_node_is_down(
     for node in two_nodes:
         node.register("web", "a", port=9001).raise_for_status()
         node.register("web", "b", port=9002).raise_for_status()
+    clock = ManualClock()
     async with AsyncClient(
-        [first.url, second.url], cache_ttl=0.2, max_stale=1.5, refresh_wait=1
+        [first.url, second.url], cache_ttl=0.2, max_stale=1.5, refresh_wait=1, clock=clock
     ) as client:
         fresh = await client.instances("web")
         assert not fresh.stale and ids(fresh) == ["a", "b"]
-        confirmed = time.monotonic()
+        confirmed = clock()
         first.kill9()
         second.kill9()
-        await asyncio.sleep(0.3)
+        # The background blocking query notices the nodes are gone (no answer is live).
+        await eventually(lambda: not client.cache.entry(Query("web")).live)  # type: ignore[union-attr]
+        clock.advance(0.3)
         stale = await client.instances("web")
         assert stale.stale and ids(stale) == ["a", "b"]
-        assert 0.2 < stale.age <= 1.5
+        assert stale.age == pytest.approx(0.3)
         # Balancing still works on the stale answer.
         assert (await client.pick("web")).id in {"a", "b"}
         # A service never looked up has nothing to fall back on.
@@ -165,7 +179,7 @@ async def test_stale_results_while_every_registry_node_is_down(
             await client.instances("other")
         assert set(info.value.errors) == {first.url, second.url}
         # Past max_stale the cached answer is no longer served.
-        await asyncio.sleep(max(0.0, confirmed + 1.6 - time.monotonic()))
+        clock.advance(confirmed + 1.6 - clock())
         with pytest.raises(DiscoveryUnavailable):
             await client.instances("web")
         with pytest.raises(DiscoveryUnavailable):
@@ -174,22 +188,27 @@ async def test_stale_results_while_every_registry_node_is_down(
 
 async def test_recovers_when_a_node_comes_back(node: NodeProcess) -> None:
     node.register("web", "a", port=9001).raise_for_status()
-    async with AsyncClient(node.url, cache_ttl=0.1, refresh_wait=1, retry_after=0.05) as client:
+    clock = ManualClock()
+    async with AsyncClient(
+        node.url, cache_ttl=0.1, refresh_wait=1, retry_after=0.05, clock=clock
+    ) as client:
         await client.instances("web")
         node.kill9()
-        await asyncio.sleep(0.2)
+        await eventually(lambda: not client.cache.entry(Query("web")).live)  # type: ignore[union-attr]
+        clock.advance(0.2)
         assert (await client.instances("web")).stale
         node.start()
         node.register("web", "b", port=9002).raise_for_status()
 
         async def recovered() -> Lookup:
             while True:
+                clock.advance(0.05)  # the dead node's rest (retry_after) runs out
                 lookup = await client.instances("web")
                 if not lookup.stale and len(lookup.instances) == 2:
                     return lookup
                 await asyncio.sleep(0.05)
 
-        lookup = await asyncio.wait_for(recovered(), 10)
+        lookup = await asyncio.wait_for(recovered(), 20)
         assert ids(lookup) == ["a", "b"]
 
 
@@ -245,13 +264,13 @@ async def test_watch_marks_stale_when_nodes_die_then_gives_up(node: NodeProcess)
     node.register("web", "a", port=9001).raise_for_status()
     async with AsyncClient(node.url, cache_ttl=0.1, max_stale=0.8, retry_after=0.05) as client:
         stream = client.watch("web")
-        first = await asyncio.wait_for(anext(stream), 5)
+        first = await asyncio.wait_for(anext(stream), 10)
         assert not first.stale
         node.kill9()
-        stale = await asyncio.wait_for(anext(stream), 5)
+        stale = await asyncio.wait_for(anext(stream), 10)
         assert stale.stale and ids(stale) == ["a"]
         with pytest.raises(DiscoveryUnavailable):
-            await asyncio.wait_for(anext(stream), 5)
+            await asyncio.wait_for(anext(stream), 10)
 
 
 async def test_watch_with_no_node_and_no_cache_raises() -> None:
@@ -262,16 +281,20 @@ async def test_watch_with_no_node_and_no_cache_raises() -> None:
 
 async def test_registration_heartbeats_keep_a_short_ttl_passing(node: NodeProcess) -> None:
     async with AsyncClient(node.url, refresh_wait=0.5) as client:
+        # A heartbeat every TTL/3: a lease lapses only if two in a row are more than a third
+        # of a second late, where 500ms left a busy machine 170ms.
         registration = client.register(
-            "me", "m1", address="127.0.0.1", port=1234, ttl="500ms", tags=["v2"]
+            "me", "m1", address="127.0.0.1", port=1234, ttl="1s", tags=["v2"]
         )
         async with registration:
+            started = time.monotonic()
             assert registration.instance is not None
             assert registration.instance.check is not None
-            assert registration.instance.check.ttl == 0.5
-            await asyncio.sleep(1.5)  # three TTLs
+            assert registration.instance.check.ttl == 1.0
+            # More than one TTL of heartbeats: without them the lease would have run out.
+            await eventually(lambda: registration.heartbeats >= 4, timeout=20)
+            assert time.monotonic() - started > 1.0
             assert health_of(node, "me", "m1") == "passing"
-            assert registration.heartbeats >= 5
             assert ids(await client.instances("me", tag="v2")) == ["m1"]
         assert health_of(node, "me", "m1") is None
 
@@ -281,14 +304,14 @@ async def test_without_heartbeats_the_lease_runs_out(node: NodeProcess) -> None:
         registration = client.register("me", "m1", address="127.0.0.1", port=1234, ttl=0.3)
         await registration.start()
         await registration.close(deregister=False)
-        await eventually(lambda: health_of(node, "me", "m1") == "critical", timeout=3)
+        await eventually(lambda: health_of(node, "me", "m1") == "critical")
 
 
 async def test_registration_comes_back_after_the_registry_forgets_it(node: NodeProcess) -> None:
     client = AsyncClient(node.url, refresh_wait=0.5)
-    async with client, client.register("me", "m1", address="127.0.0.1", port=1234, ttl=0.3) as reg:
+    async with client, client.register("me", "m1", address="127.0.0.1", port=1234, ttl=1.0) as reg:
         node.client.delete("/v1/services/me/instances/m1").raise_for_status()
-        await eventually(lambda: reg.registrations == 2, timeout=3)
+        await eventually(lambda: reg.registrations == 2)
         assert health_of(node, "me", "m1") == "passing"
 
 

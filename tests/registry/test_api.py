@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,13 @@ def test_oversized_body_is_413(node: NodeProcess) -> None:
     assert node.client.get("/v1/services").json()["revision"] == 0
 
 
+def blocking_queries(node: NodeProcess) -> float:
+    for line in node.client.get("/metrics").text.splitlines():
+        if line.startswith('interknit_registry_watchers{kind="blocking"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no interknit_registry_watchers{kind=blocking} in /metrics")
+
+
 def test_blocking_query_wakes_only_for_its_service(node: NodeProcess) -> None:
     node.register("a", "x", **GOOD)
     node.register("b", "x", **GOOD)
@@ -185,11 +193,13 @@ def test_blocking_query_wakes_only_for_its_service(node: NodeProcess) -> None:
 
     t = threading.Thread(target=blocking)
     t.start()
-    time.sleep(0.3)
+    wait_for(lambda: blocking_queries(node) == 1)  # the query waits in the node now
     for i in range(5):  # churn on another service must not wake the watcher of "a"
         node.register("b", f"y{i}", **GOOD)
-    time.sleep(0.5)
-    assert t.is_alive(), "a change of service b woke a blocking query on service a"
+    # Each registration was answered after the node had offered it to its waiters; give the
+    # loop a moment more, then the query must still be waiting.
+    time.sleep(0.2)
+    assert blocking_queries(node) == 1 and t.is_alive(), "a change of b woke a query on a"
     node.register("a", "z", **GOOD)
     t.join(5)
     assert not t.is_alive()
@@ -214,8 +224,10 @@ def read_sse(
     query: str,
     count: int,
     headers: dict[str, str] | None = None,
-    timeout: float = 10,
+    timeout: float = 20,
+    first: threading.Event | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
+    """The first ``count`` events of a watch; ``first`` is set once the first has arrived."""
     events: list[tuple[str, dict[str, Any]]] = []
     with (
         httpx.Client(base_url=node.url, timeout=timeout) as c,
@@ -229,6 +241,8 @@ def read_sse(
                 name = line[7:]
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[6:])))
+                if first is not None:
+                    first.set()
                 if len(events) >= count:
                     break
     return events
@@ -237,13 +251,16 @@ def read_sse(
 def test_watch_starts_with_resync_then_streams_changes(node: NodeProcess) -> None:
     node.register("web", "a", **GOOD)
     got: list[tuple[str, dict[str, Any]]] = []
-    t = threading.Thread(target=lambda: got.extend(read_sse(node, "?service=web", 3)))
+    watching = threading.Event()
+    t = threading.Thread(
+        target=lambda: got.extend(read_sse(node, "?service=web", 3, first=watching))
+    )
     t.start()
-    time.sleep(0.3)
+    assert watching.wait(20), "the watch sent no resync"  # changes from now on are streamed
     node.register("other", "x", **GOOD)
     node.register("web", "b", **GOOD)
     node.client.delete("/v1/services/web/instances/a")
-    t.join(10)
+    t.join(20)
     kinds = [(name, data.get("id")) for name, data in got]
     assert kinds == [("resync", None), ("put", "b"), ("delete", "a")]
     assert got[0][1]["instances"][0]["id"] == "a"
@@ -273,22 +290,36 @@ def test_watch_older_than_history_gets_resync(tmp_path: Path) -> None:
         node.stop()
 
 
+def health_of(node: NodeProcess) -> dict[str, str]:
+    return {i["id"]: i["health"] for i in node.client.get("/v1/services/web").json()["instances"]}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
 def test_ttl_expiry_and_removal(node: NodeProcess) -> None:
-    check = {"ttl": "300ms", "deregister_after": "600ms"}
-    node.register("web", "a", **GOOD, check=check)
-    node.register("web", "b", address="127.0.0.1", port=9002, check={"ttl": "300ms"})
-    for _ in range(4):
-        time.sleep(0.1)
+    # The lease rules are RegistryState's (tests/registry/test_state.py, with an injected
+    # clock); this is the node's wiring. b is registered before a with the same TTL, so the
+    # tick that makes a critical would have taken b too, had b's heartbeats not renewed it:
+    # no margin between a heartbeat period and a TTL decides the outcome.
+    node.register("web", "b", address="127.0.0.1", port=9002, check={"ttl": "1s"})
+    node.register("web", "a", **GOOD, check={"ttl": "1s", "deregister_after": "500ms"})
+    beats = 0
+
+    def a_is_critical_while_b_beats() -> bool:
+        nonlocal beats
         assert node.client.put("/v1/services/web/instances/b/heartbeat").status_code == 200
-    health = {i["id"]: i["health"] for i in node.client.get("/v1/services/web").json()["instances"]}
-    assert health == {"a": "critical", "b": "passing"}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        ids = [i["id"] for i in node.client.get("/v1/services/web").json()["instances"]]
-        if ids == ["b"]:
-            break
-        time.sleep(0.05)
-    assert ids == ["b"]
+        beats += 1
+        return health_of(node).get("a") == "critical"
+
+    wait_for(a_is_critical_while_b_beats)
+    assert health_of(node)["b"] == "passing" and beats > 1
+    wait_for(lambda: list(health_of(node)) == ["b"])  # a removed after deregister_after
+    wait_for(lambda: health_of(node)["b"] == "critical")  # b's lease runs out without beats
     metrics = node.client.get("/metrics").text
     assert "interknit_registry_lease_expiries_total 2.0" in metrics
     assert 'interknit_registry_deregistrations_total{reason="expire"} 1.0' in metrics
@@ -316,11 +347,14 @@ def test_kill9_loses_no_acknowledged_write(tmp_path: Path) -> None:
 def test_restart_keeps_revision_health_and_grants_lease_grace(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path).start()
     try:
-        node.register("web", "a", **GOOD, check={"ttl": "1s"})
+        ttl = 3.0  # also the grace after a restart: the first lookup must come within it
+        node.register("web", "a", **GOOD, check={"ttl": "3s"})
+        registered = time.time()  # the lease was granted before this, on the same clock
         node.register("web", "b", address="127.0.0.1", port=9002)
         node.client.put("/v1/services/web/instances/b/health", json={"status": "draining"})
         assert node.terminate() == 0
-        time.sleep(1.2)  # longer than a's TTL while the node is down
+        # Down until a's lease has surely run out: without the grace it starts critical.
+        time.sleep(max(0.0, registered + ttl + 0.05 - time.time()))
         node.start()
         insts = {i["id"]: i for i in node.client.get("/v1/services/web").json()["instances"]}
         assert insts["a"]["health"] == "passing"  # grace: a full TTL to renew

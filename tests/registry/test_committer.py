@@ -1,10 +1,17 @@
 """The registry's write path against a real SQLite store whose disk can be made to say no:
-group commit, writes that change nothing, a failed commit and the recovery after it."""
+group commit, writes that change nothing, a failed commit and the recovery after it.
+
+Nothing here waits a fixed time for another thread or task to get somewhere: the disk says
+when a commit has reached it, and the tests wait for that (or for the state they need) with a
+generous deadline.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,13 +32,34 @@ class Disk(SqliteStore):
         self.gate.set()
         self.fail = False
         self.commits: list[Batch] = []
+        self.arrived = 0  # commits that reached the disk (some may wait at the gate)
 
     def commit(self, batch: Batch) -> None:
-        self.gate.wait(10)
+        self.arrived += 1
+        self.gate.wait(30)
         if self.fail:
             raise StoreError("disk full")
         super().commit(batch)
         self.commits.append(batch)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def registered(registry: Registry, *ids: str) -> Callable[[], bool]:
+    """The writes were applied in memory (and queued for the disk)."""
+    return lambda: all(registry.state.get("api", i) is not None for i in ids)
+
+
+async def timers_asleep_until_the_lease(registry: Registry) -> None:
+    """The lease timers task is waiting for the soonest deadline (and nothing woke it)."""
+    wake = registry._timer_wake
+    assert wake is not None
+    await until(lambda: registry._timer_due == registry.state.next_deadline() and not wake.is_set())
 
 
 async def started(path: Path) -> tuple[Registry, Disk]:
@@ -45,9 +73,10 @@ async def test_writes_queued_during_a_commit_share_the_next_one(tmp_path: Path) 
     registry, disk = await started(tmp_path)
     disk.gate.clear()
     first = asyncio.create_task(registry.register("api", "a", SPEC))
-    await asyncio.sleep(0.05)  # the committer now holds "a" at the gate
-    rest = [asyncio.create_task(registry.register("api", f"b{n}", SPEC)) for n in range(10)]
-    await asyncio.sleep(0.05)
+    await until(lambda: disk.arrived == 1)  # the committer now holds "a" at the gate
+    names = [f"b{n}" for n in range(10)]
+    rest = [asyncio.create_task(registry.register("api", name, SPEC)) for name in names]
+    await until(registered(registry, *names))
     assert not first.done()
     disk.gate.set()
     await asyncio.gather(first, *rest)
@@ -61,10 +90,12 @@ async def test_a_write_that_changes_nothing_waits_for_the_commit_it_repeats(
     registry, disk = await started(tmp_path)
     disk.gate.clear()
     original = asyncio.create_task(registry.register("api", "a", SPEC))
-    await asyncio.sleep(0.05)
+    await until(lambda: disk.arrived == 1)
     repeat = asyncio.create_task(registry.register("api", "a", SPEC))
-    await asyncio.sleep(0.05)
-    assert not repeat.done()  # answering it now would acknowledge what is not on the disk
+    # Answering it now would acknowledge what is not on the disk: given turns of the loop to
+    # answer, it must not.
+    done, _ = await asyncio.wait({repeat}, timeout=0.05)
+    assert not done
     disk.gate.set()
     (_, rev1), (_, rev2) = await asyncio.gather(original, repeat)
     assert rev1 == rev2
@@ -84,18 +115,16 @@ async def test_a_failed_commit_fails_its_writes_and_those_behind_it_and_changes_
     revision = registry.state.revision
     disk.gate.clear()
     disk.fail = True
+    arrived = disk.arrived
     doomed = asyncio.create_task(registry.register("api", "lost", SPEC))
-    await asyncio.sleep(0.05)
+    await until(lambda: disk.arrived == arrived + 1)
     behind = asyncio.create_task(registry.deregister("api", "kept"))
-    await asyncio.sleep(0.05)
+    await until(lambda: registry.state.get("api", "kept") is None)
     disk.gate.set()
     for task in (doomed, behind):
         with pytest.raises(Unavailable, match="disk full"):
             await task
-    for _ in range(100):
-        if resyncs:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(resyncs))
     # Memory went back to what the disk holds; consumers were told to rebuild.
     assert resyncs == [revision]
     assert registry.state.get("api", "lost") is None
@@ -112,10 +141,13 @@ async def test_a_failed_commit_fails_its_writes_and_those_behind_it_and_changes_
 async def test_close_commits_and_answers_what_is_queued(tmp_path: Path) -> None:
     registry, disk = await started(tmp_path)
     disk.gate.clear()
-    writes = [asyncio.create_task(registry.register("api", f"i{n}", SPEC)) for n in range(20)]
-    await asyncio.sleep(0.05)
+    names = [f"i{n}" for n in range(20)]
+    writes = [asyncio.create_task(registry.register("api", name, SPEC)) for name in names]
+    await until(lambda: disk.arrived == 1)
+    await until(registered(registry, *names))
     closing = asyncio.create_task(registry.close())
-    await asyncio.sleep(0.05)
+    await asyncio.wait({closing}, timeout=0.05)  # close() is now waiting for the disk
+    assert not closing.done()
     disk.gate.set()
     await closing
     assert all(task.done() and task.exception() is None for task in writes)
@@ -149,11 +181,14 @@ async def test_a_batch_too_big_for_one_statement_or_with_deletes_commits_whole(
     registry, disk = await started(tmp_path)
     gone, _ = await registry.register("api", "gone", SPEC)
     disk.gate.clear()
+    arrived = disk.arrived
     first = asyncio.create_task(registry.register("api", "x", SPEC))
-    await asyncio.sleep(0.05)
-    many = [asyncio.create_task(registry.register("api", f"i{n}", SPEC)) for n in range(300)]
+    await until(lambda: disk.arrived == arrived + 1)
+    names = [f"i{n}" for n in range(300)]
+    many = [asyncio.create_task(registry.register("api", name, SPEC)) for name in names]
     many.append(asyncio.create_task(registry.deregister("api", "gone")))
-    await asyncio.sleep(0.05)
+    await until(registered(registry, *names))
+    await until(lambda: registry.state.get("api", "gone") is None)
     disk.gate.set()
     await asyncio.gather(first, *many)
     assert [len(b.upserts) for b in disk.commits[-2:]] == [1, 300]
@@ -176,7 +211,7 @@ async def test_close_in_the_turn_a_write_woke_the_lease_timers(tmp_path: Path) -
     await registry.register(
         "api", "a", InstanceSpec(address="10.0.0.1", port=80, check=Check(ttl=30.0))
     )
-    await asyncio.sleep(0.05)  # the timers task sleeps until the lease deadline
+    await timers_asleep_until_the_lease(registry)
     (timers,) = registry._tasks
     assert registry._timer_wake is not None
     registry._timer_wake.set()
@@ -194,7 +229,7 @@ async def test_a_write_with_a_later_lease_does_not_wake_the_lease_timers(tmp_pat
     await registry.start()
     ttl = InstanceSpec(address="10.0.0.1", port=80, check=Check(ttl=30.0))
     await registry.register("api", "a", ttl)
-    await asyncio.sleep(0.05)  # the timers now sleep until a's lease runs out
+    await timers_asleep_until_the_lease(registry)  # until a's lease runs out
     wake = registry._timer_wake
     assert wake is not None
     wakes: list[None] = []
