@@ -210,8 +210,8 @@ def test_one_list_of_balance_policy_names() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 12, lead's part: proxy/http.py spells the hashing policies twice "
-    "(_HASHED and hash_key) instead of using balance.HASHING_POLICIES",
+    reason="issue 12, lead's part: proxy/exchange.py spells the hashing policies (_HASHED) "
+    "instead of using balance.HASHING_POLICIES",
 )
 def test_one_set_of_hashing_policies() -> None:
     copies = spelled_out(set(HASHING_POLICIES), at_least=len(HASHING_POLICIES))

@@ -5,13 +5,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from interknit.registry.registry import Registry
 from interknit.registry.store import SqliteStore
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "interknit"
-LEADS = {"proxy/http.py", "proxy/pools.py"}  # issue 12: the lead's Admission/PoolLike work
 
 
 def optional_members(files: list[Path]) -> list[str]:
@@ -30,27 +27,16 @@ def optional_members(files: list[Path]) -> list[str]:
     return found
 
 
-def sources(lead: bool) -> list[Path]:
-    return [p for p in sorted(SRC.rglob("*.py")) if (str(p.relative_to(SRC)) in LEADS) == lead]
-
-
-def test_no_optional_members_outside_the_proxys_exchange() -> None:
-    """node.py read ``getattr(registry, "owns", ...)``; ``owns`` is now RegistryBackend's."""
-    assert optional_members(sources(lead=False)) == []
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12, lead's part: last_rejection, forward_timeout and pick_sticky become "
-    "members of the Admission, Permit and PoolLike Protocols (proxy/pools.py, proxy/http.py)",
-)
-def test_no_optional_members_in_the_proxys_exchange() -> None:
-    found = [f for f in optional_members(sources(lead=True)) if "_asyncio_future_blocking" not in f]
-    assert found == []
+def test_no_optional_members() -> None:
+    """node.py read ``getattr(registry, "owns", ...)`` and compat/api.py also
+    ``getattr(registry.state, "owner", ...)``: ``owns`` is RegistryBackend's and ``owner``
+    RegistryState's now; the proxy's Admission, Permit and PoolLike name theirs (issue 12)."""
+    assert optional_members(sorted(SRC.rglob("*.py"))) == []
 
 
 def test_node_types_what_it_holds() -> None:
-    """No attribute of the node is typed Any (its proxy, its health checker, its workers)."""
+    """No attribute of the node, and nothing it returns, is typed Any (its proxy, health
+    checker, workers, Consul API)."""
     tree = ast.parse((SRC / "node.py").read_text(encoding="utf-8"))
     untyped = [
         ast.unparse(node.target)
@@ -58,6 +44,12 @@ def test_node_types_what_it_holds() -> None:
         if isinstance(node, ast.AnnAssign)
         and isinstance(node.target, ast.Attribute)
         and ast.unparse(node.annotation) == "Any"
+    ] + [
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.returns is not None
+        and ast.unparse(node.returns) == "Any"
     ]
     assert untyped == []
 
@@ -65,3 +57,4 @@ def test_node_types_what_it_holds() -> None:
 def test_the_embedded_registry_owns_every_instance(tmp_path: Path) -> None:
     registry = Registry(SqliteStore(str(tmp_path)))
     assert registry.owns("web", "a") is True
+    assert registry.state.owner("web", "a") is None

@@ -39,6 +39,7 @@ from interknit.registry.store import SqliteStore, StoreError
 from interknit.registry.tokens import Tokens
 
 if TYPE_CHECKING:  # imported when started: a node without listeners never loads the proxy
+    from interknit.compat.api import ConsulApi
     from interknit.health import HealthChecker
     from interknit.proxy.component import ProxyComponent
     from interknit.workers import Supervisor
@@ -230,7 +231,7 @@ class Node:
         self._ready = True
         log.info("node started", extra={"event": "node.started", **self.listen})
 
-    def _consul_api(self, app: web.Application) -> Any:
+    def _consul_api(self, app: web.Application) -> ConsulApi | None:
         """Consul's HTTP API subset and Prometheus http_sd on the registry's listener."""
         section = self.config.compat
         if not section.enabled:

@@ -80,12 +80,14 @@ class ConsulApi:
         self._clock = clock
         # On etcd every node sees every instance; "the agent's" services are the ones this
         # node owns, and the node an instance is on is its owner.
-        owner_of = getattr(registry.state, "owner", None)
-        owner = (lambda i: owner_of(i.service, i.id)) if callable(owner_of) else None
-        owns = getattr(registry, "owns", None)
-        self._owns: Callable[[str, str], bool] = owns if callable(owns) else lambda s, i: True
+        self._owns: Callable[[str, str], bool] = registry.owns
         self.view = ConsulView(
-            settings.datacenter, node_name, node_address, dict(settings.node_meta), owner
+            settings.datacenter,
+            node_name,
+            node_address,
+            dict(settings.node_meta),
+            # Read at each call: a resync may replace the registry's state.
+            lambda i: registry.state.owner(i.service, i.id),
         )
         self.ids = ConsulIds()
         self.ids.rebuild(registry.state.all_instances())

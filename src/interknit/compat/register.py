@@ -35,6 +35,7 @@ from interknit.compat.names import (
     instance_label,
     service_label,
 )
+from interknit.names import parse_hostport
 from interknit.registry.model import Check, CheckStatus, InstanceSpec, is_hostname, is_label
 from interknit.registry.state import RegistryError
 
@@ -269,11 +270,11 @@ def _http_path(url: str, field: str, address: str, port: int) -> str:
 
 
 def _tcp_target(value: str, field: str, address: str, port: int) -> None:
-    host, sep, port_text = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port_text.isdigit() or len(port_text) > 5:
+    try:
+        host, target_port = parse_hostport(value)
+    except ValueError:
         fail(field, "must be host:port, such as 10.0.0.5:6379")
-    if not _same_place(host, int(port_text), address, port):
+    if not _same_place(host, target_port, address, port):
         _elsewhere(field, value, address, port)
 
 

@@ -7,7 +7,9 @@ import ipaddress
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, Field
+
+from interknit.sections import Section
 
 _DATACENTER = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -35,9 +37,7 @@ def _node_meta(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-class CompatSection(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class CompatSection(Section):
     # Serve Consul's HTTP API subset and Prometheus http_sd on the registry's listener.
     enabled: bool = True
     # What Consul clients see as this agent's datacenter (``Config.Datacenter``, ``?dc=``).

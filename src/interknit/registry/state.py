@@ -113,6 +113,11 @@ class RegistryState:
     def get(self, service: str, instance_id: str) -> Instance | None:
         return self._services.get(service, {}).get(instance_id)
 
+    def owner(self, service: str, instance_id: str) -> str | None:
+        """The node that owns the instance, where the store records one (etcd); None here:
+        the embedded store's one node owns every instance."""
+        return None
+
     def instances(self, service: str) -> list[Instance]:
         """The instances of ``service`` sorted by id (empty if unknown)."""
         group = self._services.get(service)

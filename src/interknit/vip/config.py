@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from interknit.durations import parse_duration
 from interknit.names import parse_hostport
 from interknit.registry.model import is_label
+from interknit.sections import Seconds, Section
 
 MAX_ADDRESSES = 1024
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _seconds(value: Any) -> Any:
-    if isinstance(value, str):
-        return parse_duration(value)
-    raise ValueError("must be a duration such as '250ms', '5s' or '1m'")
-
-
-Seconds = Annotated[float, BeforeValidator(_seconds)]
 
 
 def expand(entry: str) -> list[Address]:
@@ -92,10 +83,6 @@ def _label(value: str) -> str:
     if not is_label(value) or len(value) > 63 - len("-addresses"):
         raise ValueError("must be a DNS label of at most 53 characters")
     return value
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class TrackSection(Section):
