@@ -208,11 +208,6 @@ def test_one_list_of_balance_policy_names() -> None:
         parse_config({"listeners": [listener({"service": "a", "balance": name})]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12, lead's part: proxy/exchange.py spells the hashing policies (_HASHED) "
-    "instead of using balance.HASHING_POLICIES",
-)
 def test_one_set_of_hashing_policies() -> None:
     copies = spelled_out(set(HASHING_POLICIES), at_least=len(HASHING_POLICIES))
     assert all(c.startswith("balance/pool.py:") for c in copies), copies

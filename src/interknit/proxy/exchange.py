@@ -34,6 +34,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from interknit.balance import HASHING_POLICIES
 from interknit.balance.base import Endpoint
 from interknit.http1.status import STATUS_LINES, status_line
 from interknit.proxy.flow import PEER_FULL, WAITING
@@ -91,8 +92,6 @@ STALE_RETRIES = 2
 RETRY_NO = 0
 RETRY_MAYBE = 1
 RETRY_APPROVED = 2
-# Balancers that take a hash key (see hash_key()).
-_HASHED = frozenset({"ring_hash", "maglev", "source_ip"})
 
 
 class RouteState:
@@ -128,7 +127,7 @@ class RouteState:
         self.admission = admission
         self.pool: PoolLike | None = None
         spec = self.spec
-        self.hashed = spec.balance in _HASHED
+        self.hashed = spec.balance in HASHING_POLICIES
         self.cookie = None if spec.sticky_cookie is None else spec.sticky_cookie.encode()
         # No sticky cookie and no hashing: the pool picks with no key.
         self.plain = self.cookie is None and not self.hashed

@@ -16,6 +16,7 @@ from collections.abc import Callable, Container
 from typing import Protocol
 
 from interknit.balance.base import Balancer, Endpoint
+from interknit.names import parse_hostport
 from interknit.proxy.spec import RouteSpec
 
 
@@ -106,13 +107,6 @@ class AdmissionSource(Protocol):
     def admission(self, route: RouteSpec) -> Admission | None: ...
 
 
-def parse_server(server: str) -> tuple[str, int]:
-    host, _, port = server.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
 class BalancedPool:
     """A fixed endpoint list behind any ``Balancer``; reports are counted, nothing is ejected.
 
@@ -180,7 +174,7 @@ class StaticPoolSource:
         if found is None:
             endpoints = []
             for server in route.servers:
-                host, port = parse_server(server)
+                host, port = parse_hostport(server)
                 endpoints.append(Endpoint(key=server, address=host, port=port))
             found = self._pools[route] = BalancedPool(
                 endpoints, self._factory(route), cookie_name=route.sticky_cookie
