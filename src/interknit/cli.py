@@ -10,13 +10,16 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from interknit import heap
 from interknit.config import ConfigError, load_config
 from interknit.names import parse_hostport
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -29,6 +32,20 @@ HEALTH_STYLE = {
     "draining": "blue",
     "maintenance": "bright_black",
 }
+
+
+def log_options(command: F) -> F:
+    """``--log-json`` and ``--log-level``, for every command that runs for a while."""
+    command = click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        help="Least severe log records written.",
+    )(command)
+    return click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")(
+        command
+    )
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -96,13 +113,7 @@ def main(ctx: click.Context, api: str, token: str | None) -> None:
     default=None,
     help="interknit.toml (defaults: every key's default).",
 )
-@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
+@log_options
 @click.option(
     "--workers",
     default=1,
@@ -506,13 +517,7 @@ def _label_option(name: str, value: str) -> str:
     show_default=True,
     help="Start the child again when it fails on its own (with a doubling backoff).",
 )
-@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
+@log_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @pass_api
 def run_command(
@@ -662,13 +667,7 @@ def agent() -> None:
     metavar="HOST:PORT",
     help="Serve Prometheus metrics at http://HOST:PORT/metrics.",
 )
-@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
+@log_options
 @pass_api
 def agent_containers(
     api: Api,

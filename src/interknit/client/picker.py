@@ -11,24 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Container
 
-from interknit.balance import Endpoint, EndpointState, Pool, make_balancer
+from interknit.balance import Endpoint, Pool, make_balancer
 from interknit.client.model import Instance, Lookup, Query
-
-
-def endpoint_state(instance: Instance) -> EndpointState:
-    """An instance of an answer as a pool is told about it, keyed ``service/id`` (as the
-    proxy's pools key registry instances)."""
-    spec = instance.spec
-    return EndpointState(
-        key=f"{instance.service}/{instance.id}",
-        address=spec.address,
-        port=spec.port,
-        weight=spec.weight,
-        zone=spec.zone,
-        meta=spec.meta,
-        health=instance.health,
-        ejected_until=instance.ejected_until,
-    )
+from interknit.endpoints import endpoint_state
 
 
 class Picker:

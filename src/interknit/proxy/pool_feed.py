@@ -12,36 +12,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from interknit.balance.base import Endpoint
-from interknit.balance.pool import EndpointState, Pool, make_balancer
+from interknit.balance.pool import Pool, make_balancer
 from interknit.balance.sticky import StickyCookie
+from interknit.endpoints import endpoint_state, endpoint_states
 from interknit.proxy.config import OutlierSection
 from interknit.proxy.spec import RouteSpec
-from interknit.registry.model import Event, Instance
+from interknit.registry.model import Event
 from interknit.registry.state import RegistryState
-
-
-def endpoint_state(instance: Instance) -> EndpointState:
-    """A registry instance as a pool is told about it, keyed ``service/id``."""
-    spec = instance.spec
-    return EndpointState(
-        key=f"{instance.service}/{instance.id}",
-        address=spec.address,
-        port=spec.port,
-        weight=spec.weight,
-        zone=spec.zone,
-        meta=spec.meta,
-        health=instance.health,
-        ejected_until=instance.ejected_until,
-    )
-
-
-def endpoint_states(instances: Iterable[Instance]) -> list[EndpointState]:
-    return [endpoint_state(instance) for instance in instances]
 
 
 @dataclass(frozen=True, slots=True)
