@@ -37,6 +37,7 @@ from interknit.compat.names import (
 )
 from interknit.names import parse_hostport
 from interknit.registry.model import Check, CheckStatus, InstanceSpec, is_hostname, is_label
+from interknit.registry.schema import instance_spec
 from interknit.registry.state import RegistryError
 
 MAX_BODY = 64 * 1024
@@ -475,15 +476,15 @@ def parse_registration(raw: bytes, node_address: str) -> Registration:
             kept[META_CHECK_NAME] = chosen.name
         if chosen.check.ttl is not None:
             initial = None if chosen.status == "passing" else (chosen.status or "critical")
-    spec = InstanceSpec(
-        address=address,
-        port=port,
-        zone=zone,
-        region=region,
-        weight=weight,
-        tags=tuple(dict.fromkeys(tags)),
-        meta=tuple(sorted(kept.items())),
-        check=None if chosen is None else chosen.check,
+    spec = instance_spec(
+        address,
+        port,
+        zone,
+        region,
+        weight,
+        list(tags),
+        kept,
+        None if chosen is None else chosen.check,
     )
     dropped = tuple(c.field for c in parsed if c is not chosen)
     return Registration(consul_id, consul_name, service, instance_id, spec, initial, dropped)

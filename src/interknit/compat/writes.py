@@ -9,10 +9,8 @@ they are two writes, one after the other.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -30,24 +28,13 @@ from interknit.compat.register import (
 from interknit.compat.register import fail as body_fail
 from interknit.registry.api import read_body
 from interknit.registry.model import CheckStatus, Event, Instance
-from interknit.registry.registry import Registry, RegistryBackend
+from interknit.registry.registry import Op, Registry, RegistryBackend
 from interknit.registry.state import Conflict, NotFound, RegistryError, RegistryState
 
 log = logging.getLogger("interknit.compat")
 
 _UPDATE_FIELDS = {"status": "Status", "output": "Output"}
 _VERBS: dict[str, CheckStatus] = {"pass": "passing", "warn": "warning", "fail": "critical"}
-
-Op = Callable[[float], tuple[Any, list[Event]]]
-
-
-def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
 
 
 class AgentWrites:
@@ -66,14 +53,6 @@ class AgentWrites:
     def _write_query(self, request: web.Request) -> None:
         # dc is checked; ns, partition and the rest are accepted and ignored, as on reads.
         parse_query(request.query.items(), datacenter=self.datacenter)
-
-    async def _submit(self, registry: Registry, op: Op) -> None:
-        """Run ``op`` through the embedded registry's own write path: one commit for all the
-        events it makes, so no reader sees the state between them."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        _, queued = registry.write(op, lambda error: _settle(fut, error))
-        if queued:
-            await fut
 
     async def _register(self, reg: Registration) -> None:
         registry = self.registry
@@ -94,7 +73,7 @@ class AgentWrites:
                     events += state.set_check_status(service, instance_id, initial, "", now)
                 return None, events
 
-            await self._submit(registry, op)
+            await registry.submit(op)
             return
         # On etcd the two writes go one after the other: between them, for an instant, a
         # new TTL instance reads as passing (docs/compat.md).
@@ -198,7 +177,7 @@ class AgentWrites:
             )
         registry = self.registry
         if isinstance(registry, Registry):
-            await self._submit(registry, _ttl_op(registry.state, inst.key, status, output))
+            await registry.submit(_ttl_op(registry.state, inst.key, status, output))
             return
         await registry.register(inst.service, inst.id, inst.spec)
         await registry.set_check_status(inst.service, inst.id, status, output)

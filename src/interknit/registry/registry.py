@@ -199,17 +199,17 @@ class Registry:
     async def register(
         self, service: str, instance_id: str, spec: InstanceSpec
     ) -> tuple[Instance, int]:
-        result: tuple[Instance, int] = await self._submit(
+        result: tuple[Instance, int] = await self.submit(
             self._register_op(service, instance_id, spec)
         )
         return result
 
     async def deregister(self, service: str, instance_id: str) -> int:
-        result: int = await self._submit(self._deregister_op(service, instance_id))
+        result: int = await self.submit(self._deregister_op(service, instance_id))
         return result
 
     async def heartbeat(self, service: str, instance_id: str) -> tuple[Instance, int]:
-        result: tuple[Instance, int] = await self._submit(self._heartbeat_op(service, instance_id))
+        result: tuple[Instance, int] = await self.submit(self._heartbeat_op(service, instance_id))
         return result
 
     def _register_op(self, service: str, instance_id: str, spec: InstanceSpec) -> Op:
@@ -240,7 +240,7 @@ class Registry:
             events = self.state.set_operator(service, instance_id, status)
             return self._current(service, instance_id), events
 
-        result: tuple[Instance, int] = await self._submit(op)
+        result: tuple[Instance, int] = await self.submit(op)
         return result
 
     async def set_check_status(
@@ -249,20 +249,22 @@ class Registry:
         def op(now: float) -> tuple[Any, list[Event]]:
             return None, self.state.set_check_status(service, instance_id, status, output, now)
 
-        await self._submit(op)
+        await self.submit(op)
 
     async def set_ejected(self, service: str, instance_id: str, until: float | None) -> None:
         def op(now: float) -> tuple[Any, list[Event]]:
             return None, self.state.set_ejected(service, instance_id, until)
 
-        await self._submit(op)
+        await self.submit(op)
 
     def _current(self, service: str, instance_id: str) -> tuple[Instance, int]:
         inst = self.state.get(service, instance_id)
         assert inst is not None
         return inst, self.state.revision
 
-    async def _submit(self, op: Op) -> Any:
+    async def submit(self, op: Op) -> Any:
+        """``write`` for a coroutine: apply ``op`` and wait until it is on the disk. One op is
+        one commit however many events it makes, so no reader sees the state between them."""
         fut: asyncio.Future[None] = self._loop.create_future()
         result, queued = self.write(op, functools.partial(_settle, fut))
         if queued:
@@ -373,7 +375,7 @@ class Registry:
             due = self.state.next_deadline()
             if due is not None and due <= self._clock():
                 try:
-                    await self._submit(lambda now: (None, self.state.tick(now)))
+                    await self.submit(lambda now: (None, self.state.tick(now)))
                 except RegistryError:
                     await asyncio.sleep(1.0)
 

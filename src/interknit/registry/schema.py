@@ -168,10 +168,10 @@ class RegisterBody(BaseModel):
     def to_spec(self) -> InstanceSpec:
         check = None if self.check is None else self.check.to_check()
         where = (self.address, self.port, self.zone, self.region, self.weight)
-        return _spec(*where, self.tags, self.meta, check)
+        return instance_spec(*where, self.tags, self.meta, check)
 
 
-def _spec(
+def instance_spec(
     address: str,
     port: int,
     zone: str | None,
@@ -325,7 +325,7 @@ def _plain_spec(raw: bytes) -> InstanceSpec | None:
         if too_short:
             return None
         check = _check(None, None, ttl, None, None, None, None, after)
-    return _spec(address, port, zone, region, weight, tags, meta, check)
+    return instance_spec(address, port, zone, region, weight, tags, meta, check)
 
 
 def check_name(field: str, value: str) -> str:
