@@ -55,6 +55,8 @@ class Ticket:
 class OneAtATime:
     """Admits while nothing else is admitted; rejects otherwise."""
 
+    client_header = None
+
     def __init__(self) -> None:
         self.log: list[tuple[str, bool]] = []
         self.busy = False

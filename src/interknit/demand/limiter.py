@@ -110,6 +110,15 @@ class Limiter:
     def limit(self) -> int:
         return self._limit
 
+    @property
+    def algorithm(self) -> str | None:
+        """The limit's kind (``fixed``, ``aimd``, ``gradient``); None: no concurrency limit,
+        only the queue's and deadlines' rules (``limit`` is then a number no route reaches)."""
+        algo = self._limit_algo
+        if algo is None:
+            return None
+        return type(algo).__name__.removesuffix("Limit").lower()
+
     def _set_limit(self, limit: int) -> None:
         self._limit = max(1, limit)
         reserved = int(self._limit * self.reserve)

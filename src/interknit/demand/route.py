@@ -12,7 +12,7 @@ upstream in ``X-Request-Timeout`` and is released once when the exchange ends.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from interknit.demand.asyncio_gate import Gate, Permit, Rejected, Waiter
@@ -102,10 +102,13 @@ class Ticket:
 class RouteAdmission:
     """One route's gate behind the proxy's ``Admission`` interface."""
 
-    __slots__ = ("gate",)
+    __slots__ = ("client_header", "gate")
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, client_header: str | None = None) -> None:
         self.gate = gate
+        # The header that names a client for per-client rate limits (``client_key =
+        # "header:NAME"``), lower-case; None: the client's address does.
+        self.client_header = None if client_header is None else client_header.encode("latin-1")
 
     def admit(
         self,
@@ -151,14 +154,19 @@ class DemandAdmissions:
         self.metrics = metrics
         self.overload = overload
         self.clock = clock
-        # Keyed by the route itself (RouteSpec is frozen and hashable): same-named routes on
-        # two listeners still get their own settings.
-        self._admissions: dict[RouteLike, RouteAdmission | None] = {}
+        # Keyed by the route itself (RouteSpec is frozen and hashable: same-named routes on two
+        # listeners still get their own settings) and by its settings, which the route does not
+        # carry: a reload that changes only a route's demand table builds a new gate, one that
+        # changes nothing keeps the gate (and its buckets, limit and queue) as it was.
+        self._admissions: dict[tuple[RouteLike, DemandSettings | None], RouteAdmission | None] = {}
 
     def admission(self, route: RouteLike) -> RouteAdmission | None:
-        if route in self._admissions:
-            return self._admissions[route]
+        """The route's admission, built on first use; asked once per route and reload (a
+        listener keeps the answer), not per request."""
         settings = self._settings_for(route)
+        key = (route, settings)
+        if key in self._admissions:
+            return self._admissions[key]
         found = None
         if settings is not None:
             gate = Gate.from_settings(
@@ -169,31 +177,55 @@ class DemandAdmissions:
                 timeout=route.timeout,
                 clock=self.clock,
             )
-            found = RouteAdmission(gate)
-        self._admissions[route] = found
+            found = RouteAdmission(gate, settings.client_header)
+        self._admissions[key] = found
         return found
+
+    def retain(self, routes: Iterable[RouteLike]) -> None:
+        """After a reload: forget the gates of routes (or settings) no longer in use. Requests
+        still holding a ticket of a forgotten gate release it there."""
+        wanted = {(route, self._settings_for(route)) for route in routes}
+        kept = {key: found for key, found in self._admissions.items() if key in wanted}
+        labels = {route.label for route, _ in kept}
+        for (route, _), found in self._admissions.items():
+            if found is not None and route.label not in labels and self.metrics is not None:
+                self.metrics.forget(route.label)
+        self._admissions = kept
 
     def gates(self) -> list[Gate]:
         """The gates built so far (for the status page)."""
         return [a.gate for a in self._admissions.values() if a is not None]
 
     def describe(self) -> list[dict[str, object]]:
-        """One row per route with demand control: what the status page's demand panel shows."""
+        """One row per route with demand control: what the status page's demand panel shows.
+        A limit that is not set reads None, not the internal "no limit" number."""
         rows: list[dict[str, object]] = []
-        for route, admission in self._admissions.items():
+        now = self.clock()
+        for (route, _), admission in self._admissions.items():
             if admission is None:
                 continue
-            limiter = admission.gate.limiter
+            gate = admission.gate
+            limiter = gate.limiter
+            bounded = limiter is not None and limiter.algorithm is not None
             rows.append(
                 {
                     "route": route.label,
-                    "limit": "-" if limiter is None else limiter.limit,
-                    "in flight": "-" if limiter is None else limiter.inflight,
-                    "queued": "-" if limiter is None else len(limiter.queue),
-                    "median service ms": "-"
+                    "concurrency": limiter.algorithm if limiter is not None else None,
+                    "limit": limiter.limit if bounded and limiter is not None else None,
+                    "inflight": None if limiter is None else limiter.inflight,
+                    "queued": None if limiter is None else len(limiter.queue),
+                    "queue_max": None if limiter is None else limiter.queue.capacity,
+                    "median_service_ms": None
                     if limiter is None
                     else round(limiter.service_times.median * 1000, 1),
-                    "overloaded": admission.gate.overloaded(),
+                    "rate": None if gate.rate is None else _rate_text(gate.rate.rate),
+                    "burst": None if gate.rate is None else gate.rate.burst,
+                    "tokens": None if gate.rate is None else round(gate.rate.tokens(now), 1),
+                    "client_rate": None
+                    if gate.client_rate is None
+                    else _rate_text(gate.client_rate.rate),
+                    "clients": None if gate.client_rate is None else len(gate.client_rate),
+                    "overloaded": gate.overloaded(),
                 }
             )
         return rows
@@ -201,3 +233,12 @@ class DemandAdmissions:
     def overloaded(self) -> bool:
         """For ``GET /v1/health``: True while the node sheds more than its threshold."""
         return self.overload is not None and self.overload.overloaded(self.clock())
+
+
+def _rate_text(per_second: float) -> str:
+    """A rate as an operator wrote it, roughly: ``500/s``, ``30/m``."""
+    if per_second >= 1:
+        return f"{per_second:g}/s"
+    if per_second * 60 >= 1:
+        return f"{per_second * 60:g}/m"
+    return f"{per_second * 3600:g}/h"

@@ -143,6 +143,9 @@ class ProxyComponent:
             if name not in self.listeners:
                 await self._open(section, spec)
         self.sections = list(sections)
+        routes = [r for _, spec in new_specs.values() for r in spec.routes]
+        self.admissions.retain(routes)
+        self.passive.retain(set(self.pools.pools()))
         log.info(
             "listeners reloaded",
             extra={"event": "proxy.reload", "listeners": sorted(self.listeners)},

@@ -136,6 +136,15 @@ class RouteState:
         )
 
 
+def client_header_key(value: bytes | None, address: str) -> str:
+    """The per-client rate-limit key of a request whose route keys clients by a header: its
+    value (the first 256 bytes: keys are kept for 10,000 clients), or its address without it.
+    Prefixed so that a header's value never shares an address's bucket."""
+    if value is None:
+        return address
+    return "header:" + value[:256].decode("latin-1")
+
+
 # The head of an exchange whose head is still being read (never routed or forwarded).
 NO_HEAD = RequestHead(b"", b"/", (), {}, False, False)
 
@@ -269,12 +278,15 @@ class Exchange(ExchangeMachine):
         admission = route.admission
         if admission is not None:
             hdict = self.head.hdict
+            client_key = proto.client_key
+            if admission.client_header is not None:
+                client_key = client_header_key(hdict.get(admission.client_header), client_key)
             ticket = self.ticket = admission.admit(
                 now,
                 request_timeout=hdict.get(b"x-request-timeout"),
                 grpc_timeout=hdict.get(b"grpc-timeout"),
                 priority=hdict.get(b"x-priority"),
-                client_key=proto.client_key,
+                client_key=client_key,
                 on_decided=self.on_admission,
             )
             if not ticket.admitted:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -137,6 +137,12 @@ class PassiveHealth:
                 "could not record ejection",
                 extra={"event": "proxy.eject_failed", "service": service, "error": str(exc)},
             )
+
+    def retain(self, pools: Collection[Pool]) -> None:
+        """Forget the detectors of pools no longer in use (a reload replaced them)."""
+        for pool in [p for p in self._detectors if p not in pools]:
+            del self._detectors[pool]
+            self._watches.pop(pool, None)
 
     def expire(self, now: float) -> None:
         """Return endpoints whose ejection ran out (clears ``ejected_until`` in the registry)."""

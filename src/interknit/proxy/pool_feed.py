@@ -169,11 +169,17 @@ class RegistryPools:
         return found
 
     def prepare(self, routes: Sequence[RouteSpec]) -> None:
-        """Build pools up front so that the first request finds them, and drop old ones."""
+        """Build pools up front so that the first request finds them, and drop old ones.
+
+        A route whose pool options changed (``slow_start``, ``panic_threshold``, ``outlier``:
+        the keys its spec does not carry) gets a new pool, as a changed spec does; a route that
+        did not change keeps its pool, with its ejections, slow starts and counts."""
         wanted = set(routes)
         self._by_id.clear()
         for route in list(self._pools):
-            if route not in wanted:
+            if route not in wanted or self._pools[route].options != self._options.get(
+                route, PoolOptions()
+            ):
                 old = self._pools.pop(route)
                 if old.service is not None:
                     self._by_service[old.service].remove(old)
@@ -208,6 +214,10 @@ class RegistryPools:
         now = time.time()
         for route_pool in self._pools.values():
             route_pool.pool.refresh(now)
+
+    def pools(self) -> list[Pool]:
+        """The pools in use now."""
+        return [route_pool.pool for route_pool in self._pools.values()]
 
     def describe(self) -> list[dict[str, Any]]:
         rows = []

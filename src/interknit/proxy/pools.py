@@ -86,6 +86,10 @@ class Ticket(Protocol):
 class Admission(Protocol):
     """A route's demand control (``demand.route.RouteAdmission`` is one)."""
 
+    # The lower-case header whose value names the client for per-client limits; None: the
+    # client's address does (as it does for a request without that header).
+    client_header: bytes | None
+
     def admit(
         self,
         now: float,
