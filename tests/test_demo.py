@@ -60,7 +60,7 @@ def test_demo_serves_fails_over_and_stops_cleanly() -> None:
             )
             codes = {c.get(f"http://127.0.0.1:{proxy}/search").status_code for _ in range(20)}
             assert codes == {200}
-            panel = c.get(f"{api_url}/v1/status").json()["panels"]["Demo backends"]
+            panel = c.get(f"{api_url}/v1/status").json()["panels"]["demo_backends"]
             assert {r["backend"]: r["running"] for r in panel}["search-2"] is False
             res = subprocess.run(
                 [INTERKNIT, "demo", "start", "search-2"],

@@ -116,7 +116,7 @@ class Demo:
             for n in range(1, INSTANCES + 1)
         }
         self.node.route_hooks.append(self._routes)
-        self.node.panels["Demo backends"] = self._panel
+        self.node.panels["demo_backends"] = self._panel
 
     def _panel(self) -> list[dict[str, Any]]:
         rows = []

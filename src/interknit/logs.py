@@ -51,3 +51,13 @@ def setup_logging(level: str = "info", json_format: bool = False) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log duplicates ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def iso_time(epoch: float) -> str:
+    """A wall-clock time as people read it in logs and on the status page:
+    ``2025-01-02T03:04:05.678Z`` (UTC, milliseconds)."""
+    whole = int(epoch // 1)
+    millis = round((epoch - whole) * 1000)
+    if millis == 1000:
+        whole, millis = whole + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"

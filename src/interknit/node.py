@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from prometheus_client import (
 from interknit import __version__
 from interknit.admin.app import Panels, build_app
 from interknit.config import Config, ConfigError, load_config
+from interknit.logs import iso_time
 from interknit.names import format_hostport, parse_hostport
 from interknit.registry.api import RegistryApi
 from interknit.registry.config import ServiceSection
@@ -100,6 +102,7 @@ class Node:
         self._api_server: asyncio.Server | None = None
         self._api_fast: FastApi | None = None
         self._ready = False
+        self.started_at = time.time()
         self._stopping = False
         self._stop_hooks: list[Callable[[], Any]] = []
         self._overloaded: Callable[[], bool] = lambda: False
@@ -165,6 +168,25 @@ class Node:
             "listen": self.listen,
         }
 
+    def _cluster(self) -> dict[str, Any]:
+        """The nodes sharing this registry: on etcd every node that holds a lease, else this
+        one alone on its embedded store."""
+        cluster = getattr(self.registry, "cluster", None)
+        if cluster is not None:
+            found: dict[str, Any] = cluster()
+            return found
+        return {
+            "backend": "embedded",
+            "nodes": [
+                {
+                    "node": self.config.node.name,
+                    "this_node": True,
+                    "started": iso_time(self.started_at),
+                    "instances": sum(1 for _ in self.registry.state.all_instances()),
+                }
+            ],
+        }
+
     def readiness(self) -> tuple[bool, str]:
         if self._stopping:
             return False, "stopping"
@@ -179,6 +201,7 @@ class Node:
             await self.registry.start()
         except StoreError as exc:
             raise NodeStartError(str(exc)) from None
+        self.panels["cluster"] = self._cluster
         tokens = self.config.registry.tokens
         api = RegistryApi(self.registry, self.registry_metrics)
         token_check = Tokens(tokens.read, tokens.write)
@@ -312,6 +335,7 @@ class Node:
         checker.start()
         self.on_stop(checker.stop)
         self.health = checker
+        self.panels["checks"] = checker.describe
 
     async def _start_dns(self) -> None:
         section = self.config.dns
@@ -335,7 +359,7 @@ class Node:
         self.on_stop(server.stop)
         host, _ = parse_hostport(section.listen, port_zero=True)
         self.listen["dns"] = f"{format_hostport(host, server.port)} (udp+tcp, zone {section.zone})"
-        self.panels["DNS"] = lambda: answers_panel(self.registry.state, section.zone)
+        self.panels["dns"] = lambda: answers_panel(self.registry.state, section.zone)
 
     async def _start_proxy(self) -> None:
         if not self.config.listeners:
@@ -373,8 +397,8 @@ class Node:
         except VipStartError as exc:
             await vip.stop()
             raise NodeStartError(str(exc)) from None
-        self.panels["Virtual IPs"] = vip.panel
-        self.panels["VIP nodes"] = vip.nodes_panel
+        self.panels["vips"] = vip.panel
+        self.panels["vip_nodes"] = vip.nodes_panel
         self.listen["vip"] = f"{vip.address}:{self.config.vip.port} (udp adverts)"
         self.on_stop(vip.stop)
 

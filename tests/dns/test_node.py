@@ -50,7 +50,7 @@ def test_node_answers_dns_from_the_registry(tmp_path: Path) -> None:
         ).stdout
         assert out.split()[2] == str(node.client.get("/v1/services").json()["revision"])
         status = node.client.get("/v1/status").json()
-        assert "DNS" in status["panels"]
+        assert "dns" in status["panels"]
         assert "dns" in status["node"]["listen"]
         metrics = node.client.get("/metrics").text
         assert "interknit_dns_queries_total" in metrics

@@ -136,15 +136,18 @@ async def test_fails_then_recovers_at_the_expected_counts(
         checker = checker_factory(sink)
         checker.update(instance(port, rise=2, fall=3))
         await until(lambda: backend.requests >= 15)
-    # New: passing on the first success (3); 3 failures (5-7); rise 2 passes (9-10); the
+    # New: its first result is written whatever it is (1: the registry says why it has not
+    # passed); passing on the first success (3); 3 failures (5-7); rise 2 passes (9-10); the
     # steady results in between and after produce no calls.
-    assert sink.at == [("passing", 3), ("critical", 7), ("passing", 10)]
+    assert sink.at == [("critical", 1), ("passing", 3), ("critical", 7), ("passing", 10)]
     assert [c[:3] for c in sink.calls] == [
+        ("web", "i1", "critical"),
         ("web", "i1", "passing"),
         ("web", "i1", "critical"),
         ("web", "i1", "passing"),
     ]
-    assert sink.calls[1][3] == f"HTTP GET http://127.0.0.1:{port}/health: 500 X Output: answer 7"
+    assert sink.calls[0][3] == f"HTTP GET http://127.0.0.1:{port}/health: 500 X Output: answer 1"
+    assert sink.calls[2][3] == f"HTTP GET http://127.0.0.1:{port}/health: 500 X Output: answer 7"
 
 
 async def test_restored_passing_needs_fall_failures(

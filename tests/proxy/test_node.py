@@ -69,7 +69,7 @@ servers = ["127.0.0.1:{static.port}"]
         node.client.delete("/v1/services/search/instances/b0")
         assert proxy.get("/search").status_code == 503
         status = node.client.get("/v1/status").json()
-        assert {row["route"] for row in status["panels"]["Proxy"]} >= {"search"}
+        assert {row["route"] for row in status["panels"]["pools"]} >= {"search"}
         assert "proxy web" in status["node"]["listen"]
         assert "interknit_proxy_requests_total" in node.client.get("/metrics").text
     finally:
@@ -128,7 +128,7 @@ demand = {{ concurrency = 1, queue = 0 }}
         assert shed[503] > shed[200] > 0
         health = node.client.get("/v1/health")
         assert health.status_code == 503 and health.json()["status"] == "overloaded"
-        rows = node.client.get("/v1/status").json()["panels"]["Demand"]
+        rows = node.client.get("/v1/status").json()["panels"]["demand"]
         assert any(row["limit"] == 1 for row in rows)
     finally:
         node.stop()

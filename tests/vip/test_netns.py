@@ -164,7 +164,7 @@ def test_every_vip_has_one_owner_visible_in_the_registry_and_metrics(c: Cluster)
         }
         assert owned == set(c.held_by(name))
     _, status_body = http_get(c.lab.ns("n3"), 7470, "/v1/status")
-    panel = json.loads(status_body)["panels"]["Virtual IPs"]
+    panel = json.loads(status_body)["panels"]["vips"]
     assert {row["address"]: row["holder"] for row in panel} == claims
 
 

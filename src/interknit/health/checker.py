@@ -31,6 +31,7 @@ import heapq
 import logging
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from prometheus_client.registry import Collector
 
 from interknit.health.machine import CheckMachine
 from interknit.health.probes import ProbeResult, http_probe, http_request, tcp_probe
+from interknit.logs import iso_time
 from interknit.registry.model import Check, CheckStatus, Instance
 from interknit.registry.state import NEVER_CHECKED_OUTPUT
 
@@ -124,6 +126,7 @@ class _Target:
         "generation",
         "id",
         "key",
+        "last_checked",
         "last_lag",
         "last_latency",
         "last_output",
@@ -137,6 +140,7 @@ class _Target:
         "request",
         "results",
         "service",
+        "unchecked",
     )
 
     def __init__(self, instance: Instance, check: Check, machine: CheckMachine) -> None:
@@ -148,6 +152,9 @@ class _Target:
         # What the registry holds, as far as we know; a result that leaves the machine at
         # this status is not reported.
         self.reported: CheckStatus = instance.check_status
+        # The registry still says no check has run: the first result is written whatever it
+        # is, so that an instance that never passed shows why at once.
+        self.unchecked = instance.output == NEVER_CHECKED_OUTPUT
         self.generation = 0
         self.nominal = 0.0  # the current slot on the grid, before jitter
         self.checks = 0
@@ -155,6 +162,7 @@ class _Target:
         self.last_output = ""
         self.last_latency: float | None = None
         self.last_lag: float | None = None
+        self.last_checked: float | None = None  # wall-clock time of the last result
         self.max_lag = 0.0
         # Metric children, looked up once rather than per check.
         self.latency: Any = None
@@ -309,6 +317,7 @@ class HealthChecker:
             if (target.address, target.port) != (instance.address, instance.port):
                 target.set_address(instance.address, instance.port)
             target.reported = instance.check_status
+            target.unchecked = instance.output == NEVER_CHECKED_OUTPUT
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -374,6 +383,36 @@ class HealthChecker:
             last_lag=t.last_lag,
             max_lag=t.max_lag,
         )
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per checked instance for the status page: its last check (result, output,
+        how long it took, when) and its status and how long it has held it (since this node
+        started checking it)."""
+        loop_now = asyncio.get_running_loop().time()
+        wall_now = time.time()
+        rows = []
+        for t in sorted(self._targets.values(), key=lambda t: t.key):
+            check = t.check
+            since = wall_now - (loop_now - t.machine.since)
+            rows.append(
+                {
+                    "service": t.service,
+                    "id": t.id,
+                    "check": f"http {check.http}" if check.http is not None else check.kind,
+                    "status": t.machine.status,
+                    "progress": t.machine.describe(),
+                    "in_state_s": round(wall_now - since, 1),
+                    "state_since": iso_time(since),
+                    "last_result": t.last_result,
+                    "last_output": t.last_output,
+                    "last_duration_ms": None
+                    if t.last_latency is None
+                    else round(t.last_latency * 1000, 2),
+                    "last_checked": None if t.last_checked is None else iso_time(t.last_checked),
+                    "checks": t.checks,
+                }
+            )
+        return rows
 
     def lag_stats(self) -> LagStats:
         """Lag over the last ``LAG_WINDOW`` check starts, across all instances."""
@@ -474,7 +513,7 @@ class HealthChecker:
         if changed is not None:
             self._log_transition(target, old, changed, result)
         status = target.machine.status
-        if status != target.reported:
+        if status != target.reported or target.unchecked:
             try:
                 await self._sink(target.service, target.id, status, result.output)
             except Exception:
@@ -487,6 +526,7 @@ class HealthChecker:
                 )
             else:
                 target.reported = status
+                target.unchecked = False
 
     async def _probe(self, target: _Target) -> ProbeResult:
         check = target.check
@@ -509,6 +549,7 @@ class HealthChecker:
 
     def _record(self, target: _Target, result: ProbeResult) -> None:
         target.checks += 1
+        target.last_checked = time.time()
         target.last_result = result.status
         target.last_output = result.output
         target.last_latency = result.latency

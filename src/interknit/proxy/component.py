@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -28,6 +29,7 @@ from interknit.proxy.outliers import PassiveHealth
 from interknit.proxy.pool_feed import RegistryPools, refresh_forever
 from interknit.proxy.setup import demand_settings, pool_options
 from interknit.proxy.spec import ListenerSpec, RouteSpec
+from interknit.proxy.traffic import TrafficHistory
 from interknit.registry.model import Event
 from interknit.registry.state import RegistryState
 
@@ -68,6 +70,8 @@ class ProxyComponent:
             settings_for, metrics=DemandMetrics(metrics), overload=OverloadMonitor()
         )
         self.metrics = ProxyMetrics.for_registry(metrics)
+        self.traffic = TrafficHistory(self.metrics)
+        self._sampler: asyncio.Task[None] | None = None
         self.listeners: dict[str, Listener] = {}
         self.listen: dict[str, str] = {}
         self._refresher: asyncio.Task[None] | None = None
@@ -84,7 +88,16 @@ class ProxyComponent:
         return self.admissions.overloaded()
 
     def panels(self) -> dict[str, Callable[[], Any]]:
-        return {"Proxy": self.pools.describe, "Demand": self.admissions.describe}
+        return {
+            "traffic": lambda: self.traffic.describe(time.time()),
+            "pools": self.pools.describe,
+            "demand": self.admissions.describe,
+        }
+
+    async def _sample_traffic(self) -> None:
+        while True:
+            await asyncio.sleep(self.traffic.every)
+            self.traffic.sample(time.time())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -100,6 +113,8 @@ class ProxyComponent:
         self._refresher = asyncio.create_task(
             refresh_forever(self.pools, self.passive.expire), name="pool-refresh"
         )
+        self.traffic.sample(time.time())
+        self._sampler = asyncio.create_task(self._sample_traffic(), name="traffic-sampler")
 
     async def _open(self, section: ListenerSection, spec: ListenerSpec) -> None:
         listener = build_listener(spec, self.pools, admission=self.admissions, metrics=self.metrics)
@@ -156,8 +171,9 @@ class ProxyComponent:
         return max((s.drain_timeout for s in sections), default=10.0)
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in (self._refresher, self._sampler):
+            if task is not None:
+                task.cancel()
         drain = self._drain(self.sections)
         await asyncio.gather(*(lst.stop(drain) for lst in self.listeners.values()))
         await self.passive.close()

@@ -220,17 +220,30 @@ class RegistryPools:
         return [route_pool.pool for route_pool in self._pools.values()]
 
     def describe(self) -> list[dict[str, Any]]:
+        """One row per route's pool. ``state`` says at a glance whether it can serve: ``ok``,
+        ``panic`` (too few usable: balancing over every endpoint), ``down`` (endpoints, none
+        usable: requests fail) or ``empty`` (no endpoint at all: 503)."""
         rows = []
         for route, route_pool in self._pools.items():
             pool = route_pool.pool
+            if pool.total == 0:
+                state = "empty"
+            elif pool.usable_count == 0:
+                state = "down"
+            elif pool.panic:
+                state = "panic"
+            else:
+                state = "ok"
             rows.append(
                 {
                     "route": route.label,
                     "pool": route.service or "static",
                     "balance": route.balance,
-                    "usable": f"{pool.usable_count}/{pool.total}",
+                    "state": state,
+                    "usable": pool.usable_count,
+                    "total": pool.total,
                     "panic": pool.panic,
-                    "in flight": sum(ep.inflight for ep in pool.endpoints),
+                    "inflight": sum(ep.inflight for ep in pool.endpoints),
                 }
             )
         return rows

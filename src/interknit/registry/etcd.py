@@ -50,6 +50,7 @@ from typing import Any
 
 from aetcd import rpc
 
+from interknit.logs import iso_time
 from interknit.registry.etcd_client import (
     KV,
     EtcdClient,
@@ -65,6 +66,7 @@ from interknit.registry.etcd_client import (
 )
 from interknit.registry.etcd_records import (
     DEFAULT_PREFIX,
+    NEVER_CHECKED,
     Health,
     Layout,
     NodeRecord,
@@ -164,6 +166,35 @@ class EtcdRegistry:
     def owns(self, service: str, instance_id: str) -> bool:
         """True if this node owns the instance: its active checks run here and nowhere else."""
         return self.state.owner(service, instance_id) == self.node_name
+
+    def cluster(self) -> dict[str, Any]:
+        """The nodes sharing this registry (each holds a ``nodes/`` key under its lease) and
+        the etcd members this node talks to, for the status page."""
+        nodes = []
+        for name, kv in sorted(self.state.nodes.items()):
+            try:
+                started = float(json.loads(kv.value).get("started"))
+            except (ValueError, TypeError, AttributeError):
+                started = None
+            nodes.append(
+                {
+                    "node": name,
+                    "this_node": name == self.node_name,
+                    "started": None if started is None else iso_time(started),
+                    "lease": f"{kv.lease:x}",
+                    "instances": sum(
+                        1 for e in self.state.entries.values() if e.owner == name and e.reg
+                    ),
+                }
+            )
+        return {
+            "backend": "etcd",
+            "etcd": list(self._client.targets),
+            "talking_to": self._client.target,
+            "stale": self.stale,
+            "stale_reason": self.stale_reason if self.stale else None,
+            "nodes": nodes,
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -331,7 +362,10 @@ class EtcdRegistry:
         def change(cur: Entry) -> Health | None:
             health = _health(cur)
             if health.check_status == status:
-                return None
+                # The first result of an instance never checked is written all the same.
+                if health.output != NEVER_CHECKED or output == NEVER_CHECKED:
+                    return None
+                return _evolve(health, output=output, reason="health")
             since = None
             if status == "critical":
                 since = health.critical_since if health.critical_since is not None else now

@@ -262,10 +262,16 @@ class RegistryState:
         output: str,
         now: float,
     ) -> list[Event]:
-        """Record a check result that changes the status (the caller filters steady results)."""
+        """Record a check result that changes the status (the caller filters steady results),
+        or the first result of an instance no check has reached yet, whatever it is: one that
+        never passed shows its failure at once, not "no check has run yet"."""
         current = self.get(service, instance_id)
-        if current is None or current.check_status == status:
+        if current is None:
             return []
+        if current.check_status == status:
+            if current.output != NEVER_CHECKED_OUTPUT or output == NEVER_CHECKED_OUTPUT:
+                return []
+            return [self._put(current, "health", output=output)]
         critical_since = current.critical_since
         if status == "critical":
             critical_since = critical_since if critical_since is not None else now
