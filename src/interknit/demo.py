@@ -197,7 +197,7 @@ class Demo:
 def instructions(demo: Demo) -> str:
     listen = demo.node.listen
     api = listen.get("api", "")
-    proxy = listen.get("proxy web", "").removeprefix("http://")
+    proxy = listen.get("proxy.web", "").removeprefix("http://")
     dns_port = listen.get("dns", ":7453").split(" ")[0].rsplit(":", 1)[-1]
     return f"""interknit demo is running.
 

@@ -463,7 +463,7 @@ class Node:
         try:
             if self.proxy is not None:
                 await self.proxy.reload(config.listeners)
-                for key in [k for k in self.listen if k.startswith("proxy ")]:
+                for key in [k for k in self.listen if k.startswith("proxy.")]:
                     del self.listen[key]
                 self.listen.update(self.proxy.listen)
             elif config.listeners:

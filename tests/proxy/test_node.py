@@ -70,7 +70,7 @@ servers = ["127.0.0.1:{static.port}"]
         assert proxy.get("/search").status_code == 503
         status = node.client.get("/v1/status").json()
         assert {row["route"] for row in status["panels"]["pools"]} >= {"search"}
-        assert "proxy web" in status["node"]["listen"]
+        assert "proxy.web" in status["node"]["listen"]
         assert "interknit_proxy_requests_total" in node.client.get("/metrics").text
     finally:
         proxy.close()

@@ -126,7 +126,7 @@ class ProxyComponent:
                 f"cannot listen on {section.listen} for listener {section.name!r}: {reason}"
             ) from None
         self.listeners[spec.name] = listener
-        self.listen[f"proxy {spec.name}"] = (
+        self.listen[f"proxy.{spec.name}"] = (
             f"{spec.protocol}://{format_hostport(spec.host, listener.port)}"
         )
 
@@ -151,7 +151,7 @@ class ProxyComponent:
                 listener.update(found[1])
                 continue
             closing.append(self.listeners.pop(name))
-            self.listen.pop(f"proxy {name}", None)
+            self.listen.pop(f"proxy.{name}", None)
         # Close moved listeners first so that a listener may take over a freed address.
         await asyncio.gather(*(lst.stop(self._drain(self.sections)) for lst in closing))
         for name, (section, spec) in new_specs.items():

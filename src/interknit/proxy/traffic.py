@@ -265,4 +265,4 @@ class TrafficHistory:
                     "endpoints": by_route.get((listener, route), []),
                 }
             )
-        return {"every": self.every, "window": SUMMARY_SECONDS, "routes": routes}
+        return {"every": self.every, "keep": self.keep, "window": SUMMARY_SECONDS, "routes": routes}
