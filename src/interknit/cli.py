@@ -4,6 +4,7 @@ config; errors go to stderr as one sentence."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 DEFAULT_API = "http://127.0.0.1:7470"
+JSON_HELP = "Print the API's JSON answer."
 HEALTH_STYLE = {
     "passing": "green",
     "warning": "yellow",
@@ -53,14 +55,49 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def api_url(value: str) -> str:
+    """``--api`` as a URL: ``http://HOST:PORT`` as given, or ``HOST:PORT`` taken as http."""
+    value = value.strip()
+    hint = "must be the node's URL, such as http://127.0.0.1:7470"
+    if "://" not in value:
+        try:
+            parse_hostport(value)
+        except ValueError:
+            raise click.BadParameter(hint, param_hint="--api") from None
+        return "http://" + value
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(hint, param_hint="--api")
+    return value
+
+
 class Api:
     """A small synchronous client for the node's HTTP API, for the CLI."""
 
     def __init__(self, base: str, token: str | None) -> None:
-        self.base = base.rstrip("/")
+        self._given = base
         self.token = token
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    @property
+    def base(self) -> str:
+        """The node's URL, checked when a command first uses it (``interknit up`` does not)."""
+        return api_url(self._given).rstrip("/")
+
+    def not_a_node(self, what: str) -> NoReturn:
+        fail(
+            f"{self.base} {what}: is it an interknit node? "
+            f"(--api or INTERKNIT_API; the default is {DEFAULT_API})"
+        )
+
+    def call(self, method: str, path: str, body: Any = None, expect: tuple[str, ...] = ()) -> Any:
+        """The API's JSON answer; ``expect`` names keys a node's answer has (else the CLI is
+        talking to something that is not a node, and says so in one sentence)."""
+        result = self._call(method, path, body)
+        if expect and not (isinstance(result, dict) and all(k in result for k in expect)):
+            self.not_a_node(f"answered {method} {path} with something other than a node's answer")
+        return result
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method)
         request.add_header("Accept", "application/json")
@@ -70,17 +107,26 @@ class Api:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
+                raw = response.read()
         except urllib.error.HTTPError as exc:
             try:
-                message = json.loads(exc.read()).get("error") or exc.reason
-            except (ValueError, AttributeError):
-                message = exc.reason
+                message = json.loads(exc.read()).get("error")
+            except (ValueError, AttributeError, OSError):
+                message = None
+            if not isinstance(message, str):
+                # Not the API's error shape: whatever answered is not a node.
+                self.not_a_node(f"answered {method} {path} with HTTP {exc.code} {exc.reason}")
             fail(f"{message} (HTTP {exc.code})")
         except urllib.error.URLError as exc:
             fail(f"cannot reach the node at {self.base}: {exc.reason}")
         except (TimeoutError, ConnectionError) as exc:
             fail(f"cannot reach the node at {self.base}: {exc}")
+        except http.client.HTTPException:
+            self.not_a_node("does not speak HTTP/1.1 as a node does")
+        try:
+            return json.loads(raw or b"null")
+        except ValueError:
+            self.not_a_node(f"answered {method} {path} with something that is not JSON")
 
 
 pass_api = click.make_pass_decorator(Api)
@@ -92,7 +138,7 @@ pass_api = click.make_pass_decorator(Api)
     envvar="INTERKNIT_API",
     default=DEFAULT_API,
     show_default=True,
-    help="The node to talk to (also INTERKNIT_API).",
+    help="The node to talk to: its URL, or HOST:PORT for http (also INTERKNIT_API).",
 )
 @click.option(
     "--token", envvar="INTERKNIT_TOKEN", default=None, help="Bearer token (INTERKNIT_TOKEN)."
@@ -146,11 +192,61 @@ def up(config_path: str | None, log_json: bool, log_level: str, workers: int) ->
         click.echo("  status   " + node.listen.get("api", "") + "/")
         click.echo("Stop with Ctrl-C (SIGINT) or SIGTERM.")
 
-    node = Node(config, config_path=config_path, workers=workers)
     try:
+        node = Node(config, config_path=config_path, workers=workers)
         run(node.run(started))
     except NodeStartError as exc:
         fail(str(exc), 2)
+
+
+@main.command("check")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The interknit.toml to check.",
+)
+def check_command(config_path: str) -> None:
+    """Check a config file without starting anything: exit 0 when a node would take it, 2 with
+    the key at fault when not."""
+    try:
+        config = load_config(config_path)
+        _check_startable(config)
+    except ConfigError as exc:
+        fail(f"{config_path}: {exc}", 2)
+    routes = sum(len(listener.routes) for listener in config.listeners)
+    statics = sum(len(service.instances) for service in config.services)
+    click.echo(
+        f"{config_path}: ok: node {config.node.name}, registry {config.registry.backend} on"
+        f" {config.registry.listen}, {len(config.listeners)} listener(s) with {routes}"
+        f" route(s), {statics} static instance(s)"
+    )
+
+
+def _check_startable(config: Any) -> None:
+    """What the config model cannot see but a start would trip on: the etcd extra, and two
+    parts given the same address."""
+    if config.registry.backend == "etcd":
+        try:
+            import interknit.registry.etcd  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "registry.backend: \"etcd\" needs the etcd extra: pip install 'interknit[etcd]'"
+            ) from None
+    seen: dict[tuple[str, int], str] = {}
+    parts = [("registry.listen", config.registry.listen)]
+    if config.dns.enabled:
+        parts.append(("dns.listen", config.dns.listen))
+    parts += [(f"listeners[{i}].listen", lst.listen) for i, lst in enumerate(config.listeners)]
+    for key, value in parts:
+        where = parse_hostport(value, port_zero=True)
+        if where[1] == 0:
+            continue
+        if where in seen:
+            raise ConfigError(f"{key}: {value} is also {seen[where]}")
+        seen[where] = key
 
 
 @main.command(hidden=True)
@@ -177,7 +273,9 @@ def worker(config_path: str, node_api: str) -> None:
     show_default=True,
     help="The registry API and status page.",
 )
-@click.option("--dns-listen", default="127.0.0.1:7453", show_default=True)
+@click.option(
+    "--dns-listen", default="127.0.0.1:7453", show_default=True, help="The DNS server (UDP+TCP)."
+)
 @click.pass_context
 def demo(ctx: click.Context, listen: str, api_listen: str, dns_listen: str) -> None:
     """Run a complete local system to try: a node, six backends, a proxy on :7480.
@@ -269,17 +367,23 @@ def _emit(data: Any, as_json: bool, table: Table | None) -> None:
 @main.command()
 @click.argument("service")
 @click.argument("instance_id", metavar="ID")
-@click.option("--address", required=True, help="IP address or host name of the instance.")
-@click.option("--port", required=True, type=click.IntRange(1, 65535))
+@click.option("--address", required=True, help="IP address or host name of the instance (no port).")
+@click.option("--port", required=True, type=click.IntRange(1, 65535), help="Its port.")
 @click.option("--ttl", default=None, help="A TTL check: renew with heartbeats (e.g. 10s).")
 @click.option("--http-check", default=None, metavar="PATH", help="An HTTP check: GET PATH.")
 @click.option("--tcp-check", is_flag=True, help="A TCP check: connect to the port.")
 @click.option("--interval", default=None, help="Check interval (default 2s).")
 @click.option("--deregister-after", default=None, help="Remove after critical this long.")
 @click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
-@click.option("--zone", default=None)
-@click.option("--region", default=None)
-@click.option("--weight", default=1, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--zone", default=None, help="Its zone (a DNS label), for zone-aware balancing.")
+@click.option("--region", default=None, help="Its region (a DNS label), for DNS GSLB.")
+@click.option(
+    "--weight",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Its share of traffic against the others.",
+)
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
 @pass_api
@@ -302,6 +406,7 @@ def register(
     as_json: bool,
 ) -> None:
     """Register (or update) an instance of SERVICE."""
+    _address_option(address)
     kinds = [k for k in (ttl, http_check, tcp_check or None) if k]
     if len(kinds) > 1:
         raise click.UsageError("give at most one of --ttl, --http-check and --tcp-check")
@@ -334,7 +439,7 @@ def register(
     if check:
         body["check"] = check
     path = f"/v1/services/{_q(service)}/instances/{_q(instance_id)}"
-    result = api.call("PUT", path, body)
+    result = api.call("PUT", path, body, expect=("health", "revision"))
     if as_json:
         _emit(result, True, None)
     else:
@@ -347,11 +452,13 @@ def register(
 @main.command()
 @click.argument("service")
 @click.argument("instance_id", metavar="ID")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @pass_api
 def deregister(api: Api, service: str, instance_id: str, as_json: bool) -> None:
     """Remove an instance of SERVICE."""
-    result = api.call("DELETE", f"/v1/services/{_q(service)}/instances/{_q(instance_id)}")
+    result = api.call(
+        "DELETE", f"/v1/services/{_q(service)}/instances/{_q(instance_id)}", expect=("revision",)
+    )
     if as_json:
         _emit(result, True, None)
     else:
@@ -361,11 +468,15 @@ def deregister(api: Api, service: str, instance_id: str, as_json: bool) -> None:
 @main.command()
 @click.argument("service")
 @click.argument("instance_id", metavar="ID")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @pass_api
 def heartbeat(api: Api, service: str, instance_id: str, as_json: bool) -> None:
     """Renew the TTL of an instance."""
-    result = api.call("PUT", f"/v1/services/{_q(service)}/instances/{_q(instance_id)}/heartbeat")
+    result = api.call(
+        "PUT",
+        f"/v1/services/{_q(service)}/instances/{_q(instance_id)}/heartbeat",
+        expect=("health",),
+    )
     if as_json:
         _emit(result, True, None)
     else:
@@ -379,28 +490,33 @@ def heartbeat(api: Api, service: str, instance_id: str, as_json: bool) -> None:
     "--maintenance", "status", flag_value="maintenance", help="Take it out of every answer instead."
 )
 @click.option("--undo", "status", flag_value="passing", help="Give it work again.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @pass_api
 def drain(api: Api, service: str, instance_id: str, status: str | None, as_json: bool) -> None:
-    """Send an instance no new work (existing work finishes)."""
+    """Send an instance no new work (existing work finishes); --undo gives it work again."""
     status = status or "draining"
     path = f"/v1/services/{_q(service)}/instances/{_q(instance_id)}/health"
-    result = api.call("PUT", path, {"status": status})
+    result = api.call("PUT", path, {"status": status}, expect=("health",))
     if as_json:
         _emit(result, True, None)
-    else:
-        click.echo(f"{service}/{instance_id} is now {result['health']}")
+        return
+    click.echo(f"{service}/{instance_id} is now {result['health']}")
+    if status != "passing":
+        click.echo(f"  undo with: interknit drain {service} {instance_id} --undo")
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @pass_api
 def services(api: Api, as_json: bool) -> None:
     """List services with their instance counts."""
-    result = api.call("GET", "/v1/services")
+    result = api.call("GET", "/v1/services", expect=("revision", "services"))
     from rich.table import Table
 
-    table = Table(title=f"services (revision {result['revision']})")
+    table = Table(
+        title=f"services (revision {result['revision']})"
+        + (" [red]STALE[/]" if result.get("stale") else "")
+    )
     for column in ("service", "instances", "passing"):
         table.add_column(column)
     for name, info in result["services"].items():
@@ -411,23 +527,25 @@ def services(api: Api, as_json: bool) -> None:
         )
         table.add_row(name, str(info["instances"]), f"[{style}]{info['passing']}[/]")
     _emit(result, as_json, table)
+    _stale_warning(result)
 
 
 @main.command()
 @click.argument("service")
 @click.option("--healthy", is_flag=True, help="Only passing instances.")
 @click.option("--tag", default=None, help="Only instances with this tag.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @pass_api
 def instances(api: Api, service: str, healthy: bool, tag: str | None, as_json: bool) -> None:
-    """List the instances of SERVICE."""
+    """List the instances of SERVICE; exit status 1 when there are none (none passing, with
+    --healthy)."""
     query = {}
     if healthy:
         query["healthy"] = "1"
     if tag:
         query["tag"] = tag
     qs = ("?" + urllib.parse.urlencode(query)) if query else ""
-    result = api.call("GET", f"/v1/services/{_q(service)}{qs}")
+    result = api.call("GET", f"/v1/services/{_q(service)}{qs}", expect=("revision", "instances"))
     from rich.table import Table
 
     table = Table(
@@ -446,7 +564,38 @@ def instances(api: Api, service: str, healthy: bool, tag: str | None, as_json: b
             str(inst["weight"]),
             ",".join(inst["tags"]),
         )
-    _emit(result, as_json, table)
+    if result["instances"] or as_json:
+        _emit(result, as_json, table)
+    _stale_warning(result)
+    if not result["instances"]:
+        which = " with tag " + tag if tag else ""
+        if healthy:
+            fail(f"{service} has no passing instance{which}")
+        fail(f"{service} has no instance{which}")
+
+
+def _stale_warning(result: dict[str, Any]) -> None:
+    """Stale answers are served (the node's last copy) but said so; a node that has never
+    reached its store has no copy at all, which is a failure."""
+    if not result.get("stale"):
+        return
+    if not result.get("revision"):
+        fail("the node has not reached its store yet (stale, revision 0): it knows nothing yet")
+    click.echo(
+        "interknit: STALE: the node cannot reach its store; this is its last known copy"
+        f" (revision {result['revision']})",
+        err=True,
+    )
+
+
+def _address_option(address: str) -> None:
+    """``--address`` takes a host, not ``host:port`` (the port has its own option)."""
+    host, sep, port = address.rpartition(":")
+    if sep and ":" not in host and port.isdigit():
+        raise click.BadParameter(
+            f"{address!r} has a port: give it with --port, as --address {host} --port {port}",
+            param_hint="--address",
+        )
 
 
 def _duration_option(name: str, value: str, minimum: float = 0.0) -> float:
@@ -501,11 +650,17 @@ def _label_option(name: str, value: str) -> str:
 @click.option("--tcp-check", is_flag=True, help="Ready when the port accepts (the default).")
 @click.option("--notify", is_flag=True, help="Ready when the child sends READY=1 (sd_notify).")
 @click.option("--interval", default="1s", show_default=True, help="Between checks once ready.")
-@click.option("--check-timeout", default="1s", show_default=True)
+@click.option("--check-timeout", default="1s", show_default=True, help="Each check's time limit.")
 @click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
-@click.option("--weight", default=1, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--zone", default=None)
-@click.option("--region", default=None)
+@click.option(
+    "--weight",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Its share of traffic against the others.",
+)
+@click.option("--zone", default=None, help="Its zone (a DNS label), for zone-aware balancing.")
+@click.option("--region", default=None, help="Its region (a DNS label), for DNS GSLB.")
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata (repeatable).")
 @click.option("--ttl", default="10s", show_default=True, help="Lease, renewed every TTL/3.")
 @click.option("--drain", default="5s", show_default=True, help="Draining time before SIGTERM.")

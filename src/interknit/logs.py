@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 import time
 
@@ -61,3 +63,16 @@ def iso_time(epoch: float) -> str:
     if millis == 1000:
         whole, millis = whole + 1, 0
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def os_error(exc: OSError) -> str:
+    """An OS error in words, without ``[Errno N]``: ``address already in use``, ``permission
+    denied``. Some raise paths (uvloop's) leave ``strerror`` unset; the errno still says it."""
+    cause = exc.__cause__
+    if exc.errno is None and isinstance(cause, OSError) and cause.errno is not None:
+        exc = cause  # uvloop wraps the bind's error in one without an errno
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    text = exc.strerror or (os.strerror(exc.errno) if exc.errno else "") or str(exc)
+    text = text or type(exc).__name__
+    return text[:1].lower() + text[1:]

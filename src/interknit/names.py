@@ -23,11 +23,15 @@ def is_label(value: str) -> bool:
 
 
 def is_hostname(value: str) -> bool:
-    """RFC 1123 host name (a trailing dot allowed); at most 253 characters."""
+    """RFC 1123 host name (a trailing dot allowed); at most 253 characters. The last label is
+    not all digits (RFC 3696 2): ``999.1.1.1`` is a mistyped address, not a name."""
     name = value[:-1] if value.endswith(".") else value
     if not name or len(name) > 253:
         return False
-    return all(_HOST_LABEL_RE.fullmatch(label) for label in name.split("."))
+    labels = name.split(".")
+    if labels[-1].isdigit():
+        return False
+    return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
 def parse_hostport(value: str, *, port_zero: bool = False) -> tuple[str, int]:

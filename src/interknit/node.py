@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ from prometheus_client import (
 from interknit import __version__
 from interknit.admin.app import Panels, build_app
 from interknit.config import Config, ConfigError, load_config
-from interknit.logs import iso_time
+from interknit.logs import iso_time, os_error
 from interknit.names import format_hostport, parse_hostport
 from interknit.registry.api import RegistryApi
 from interknit.registry.config import ServiceSection
@@ -196,11 +195,19 @@ class Node:
             return False, "overloaded"
         return True, "ready"
 
-    async def start(self) -> None:
+    async def _start_registry(self) -> None:
         try:
             await self.registry.start()
         except StoreError as exc:
             raise NodeStartError(str(exc)) from None
+
+    async def start(self) -> None:
+        # On etcd the API listens first: while the node waits for etcd (up to its start
+        # timeout) it answers at once, stale, writes refused with 503 and /v1/health "starting",
+        # rather than not at all. The embedded store loads before anything can be asked of it.
+        shared = self.config.registry.backend == "etcd"
+        if not shared:
+            await self._start_registry()
         self.panels["cluster"] = self._cluster
         tokens = self.config.registry.tokens
         api = RegistryApi(self.registry, self.registry_metrics)
@@ -233,6 +240,8 @@ class Node:
         self.listen["api"] = f"http://{format_hostport(host, bound[1])}"
         if consul is not None:
             consul.api_port = bound[1]
+        if shared:
+            await self._start_registry()
         await self._register_static_services()
         await self._start_health()
         await self._start_dns()
@@ -349,8 +358,9 @@ class Node:
         try:
             await server.start()
         except OSError as exc:
-            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-            raise NodeStartError(f"cannot listen on {section.listen} for DNS: {reason}") from None
+            raise NodeStartError(
+                f"cannot listen on {section.listen} for DNS (dns.listen): {os_error(exc)}"
+            ) from None
 
         def resync() -> None:
             server.sync(list(self.registry.state.all_instances()), self.registry.state.revision)
@@ -539,8 +549,7 @@ def bind_tcp(host: str, port: int, what: str, reuse_port: bool = False) -> socke
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         raise NodeStartError(
-            f"cannot listen on {format_hostport(host, port)} for {what}: {reason}"
+            f"cannot listen on {format_hostport(host, port)} for {what}: {os_error(exc)}"
         ) from None
     return sock

@@ -8,7 +8,6 @@ and the node's event subscription), so the same component runs in the node itsel
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +20,7 @@ from interknit.demand.metrics import DemandMetrics
 from interknit.demand.overload import OverloadMonitor
 from interknit.demand.route import DemandAdmissions, RouteLike
 from interknit.demand.settings import DemandSettings
+from interknit.logs import os_error
 from interknit.names import format_hostport
 from interknit.proxy.config import ListenerSection
 from interknit.proxy.listener import HttpListener, TcpListener, build_listener
@@ -121,7 +121,7 @@ class ProxyComponent:
         try:
             await listener.start()
         except OSError as exc:
-            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            reason = os_error(exc)
             raise ListenError(
                 f"cannot listen on {section.listen} for listener {section.name!r}: {reason}"
             ) from None

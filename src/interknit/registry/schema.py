@@ -51,6 +51,11 @@ def _address(value: str) -> str:
     except ValueError:
         pass
     if not is_hostname(value):
+        host, sep, port = value.rpartition(":")
+        if sep and port.isdigit() and ":" not in host:
+            raise ValueError(
+                f"must be an IP address or a host name without a port: {port} goes in 'port'"
+            )
         raise ValueError("must be an IP address or a host name")
     return value
 

@@ -28,11 +28,13 @@ import contextlib
 import functools
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from interknit.logs import os_error
 from interknit.registry.model import Instance
 
 
@@ -107,8 +109,20 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
+            directory = self.path.parent
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                directory.mkdir(parents=True, exist_ok=True)
+                # SQLite says only "unable to open database file"; a file of our own says why
+                # (permission denied, read-only file system) and the store then needs its -wal
+                # and -shm files beside it anyway.
+                with tempfile.TemporaryFile(dir=directory):
+                    pass
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write in the data directory {directory} (node.data_dir):"
+                    f" {os_error(exc)}"
+                ) from exc
+            try:
                 db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 # FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on power loss,
