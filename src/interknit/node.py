@@ -58,6 +58,11 @@ def static_instance_id(hostport: str) -> str:
     return label[:63].strip("-") or "instance"
 
 
+# meta.owner of the instances a config's [[services]] registers (as ``run:...`` and
+# ``agent:...`` name theirs): the node removes them when the config no longer lists them.
+CONFIG_OWNER = "config"
+
+
 def service_spec(section: ServiceSection, hostport: str) -> InstanceSpec:
     host, port = parse_hostport(hostport)
     check = None if section.check is None else section.check.to_check()
@@ -68,8 +73,18 @@ def service_spec(section: ServiceSection, hostport: str) -> InstanceSpec:
         region=section.region,
         weight=section.weight,
         tags=tuple(section.tags),
+        meta=(("owner", CONFIG_OWNER),),
         check=check,
     )
+
+
+def static_instances(services: Sequence[ServiceSection]) -> dict[tuple[str, str], InstanceSpec]:
+    """What a config's ``[[services]]`` register, by (service, id)."""
+    return {
+        (section.name, static_instance_id(hostport)): service_spec(section, hostport)
+        for section in services
+        for hostport in section.instances
+    }
 
 
 class Node:
@@ -288,36 +303,57 @@ class Node:
 
     async def _register_static_services(self) -> None:
         shared = self.config.registry.backend == "etcd"
-        for section in self.config.services:
-            for hostport in section.instances:
-                spec = service_spec(section, hostport)
-                try:
-                    await self.registry.register(section.name, static_instance_id(hostport), spec)
-                except Unavailable:
-                    if not shared:
-                        raise
-                    # etcd is away: the loop below registers them once it is back.
-                except RegistryError as exc:
-                    raise NodeStartError(
-                        f"cannot register static instance {hostport} of {section.name}: {exc}"
-                    ) from None
-        if shared and self.config.services:
+        try:
+            await self._sync_static_services()
+        except Unavailable:
+            if not shared:
+                raise
+            # etcd is away: the loop below registers them once it is back.
+        except RegistryError as exc:
+            raise NodeStartError(str(exc)) from None
+        if shared:
             # On etcd a static instance belongs to the node that registered it and goes with
             # that node's lease; every node re-registers them (a local no-op while unchanged),
             # so another node takes them over when the owner dies.
             task = asyncio.create_task(self._keep_static_services(), name="static-services")
             self.on_stop(task.cancel)
 
+    async def _sync_static_services(self) -> None:
+        """Register what ``[[services]]`` lists, and deregister the instances the config
+        registered before (``meta.owner = "config"``) that it no longer lists. On etcd only
+        those this node owns: another node whose config still lists one keeps it."""
+        wanted = static_instances(self.config.services)
+        for (service, instance_id), spec in wanted.items():
+            try:
+                await self.registry.register(service, instance_id, spec)
+            except Unavailable:
+                raise
+            except RegistryError as exc:
+                raise RegistryError(
+                    f"cannot register static instance {spec.address}:{spec.port} of"
+                    f" {service}: {exc}"
+                ) from None
+        state = self.registry.state
+        gone = [
+            inst
+            for inst in state.all_instances()
+            if inst.spec.meta_dict.get("owner") == CONFIG_OWNER
+            and inst.key not in wanted
+            and self.registry.owns(inst.service, inst.id)
+        ]
+        for inst in gone:
+            with contextlib.suppress(RegistryError):
+                await self.registry.deregister(inst.service, inst.id)
+            log.info(
+                "static instance removed: the config no longer lists it",
+                extra={"event": "node.static_removed", "service": inst.service, "id": inst.id},
+            )
+
     async def _keep_static_services(self, every: float = 3.0) -> None:
         while True:
             await asyncio.sleep(every)
-            for section in self.config.services:
-                for hostport in section.instances:
-                    spec = service_spec(section, hostport)
-                    with contextlib.suppress(RegistryError):
-                        await self.registry.register(
-                            section.name, static_instance_id(hostport), spec
-                        )
+            with contextlib.suppress(RegistryError):
+                await self._sync_static_services()
 
     async def _start_health(self) -> None:
         """Active checks for every instance with an HTTP or TCP check, results to the registry."""
@@ -461,7 +497,7 @@ class Node:
                 "config reload refused", extra={"event": "node.reload_failed", "error": str(exc)}
             )
             return False
-        unchanged = ("node", "registry", "dns", "services", "compat", "vip")
+        unchanged = ("node", "registry", "dns", "compat", "vip")
         for section in unchanged:
             if getattr(config, section) != getattr(self.config, section):
                 log.warning(
@@ -484,7 +520,16 @@ class Node:
                 "config reload failed", extra={"event": "node.reload_failed", "error": str(exc)}
             )
             return False
-        self.config = self.config.model_copy(update={"listeners": config.listeners})
+        self.config = self.config.model_copy(
+            update={"listeners": config.listeners, "services": config.services}
+        )
+        try:
+            await self._sync_static_services()
+        except RegistryError as exc:
+            log.error(
+                "static instances not updated",
+                extra={"event": "node.reload_failed", "error": str(exc)},
+            )
         log.info("config reloaded", extra={"event": "node.reloaded"})
         return True
 
