@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 
@@ -81,3 +82,9 @@ def test_demo_serves_fails_over_and_stops_cleanly() -> None:
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out
     assert "interknit demo is running" in out
+    # The terminal tells the story in words and local times, the recovery as well as the
+    # failure, and no raw epoch.
+    assert re.search(r"^\d\d:\d\d:\d\d search/search-2 registered", out, re.M), out
+    assert re.search(r"^\d\d:\d\d:\d\d warning: search/search-2 is now critical", out, re.M), out
+    assert re.search(r"^\d\d:\d\d:\d\d search/search-2 is now passing", out, re.M), out
+    assert not re.search(r"\b1\d{9}\.\d+", out), out

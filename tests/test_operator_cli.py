@@ -265,3 +265,21 @@ def test_check_validates_a_config_without_starting(tmp_path: Path) -> None:
     clash.write_text(good.read_text().replace("127.0.0.1:7480", f"127.0.0.1:{port}"))
     result = interknit("check", "-c", str(clash))
     assert result.returncode == 2 and "listeners[0].listen" in one_sentence(result)
+
+
+# ------------------------------------------------------------------ item 9: logs
+
+
+def test_registrations_are_logged_at_info(node: NodeProcess) -> None:
+    node.register("logged", "l1", port=9100)
+    node.client.delete("/v1/services/logged/instances/l1")
+    deadline = time.monotonic() + 10
+    while "logged/l1 deregistered" not in node.log():
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.05)
+    assert "logged/l1 registered (127.0.0.1:9100)" in node.log()
+
+
+def test_scale_out_tells_each_node_to_change_its_dns_listen() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "scale-out.md").read_text()
+    assert "`[dns] listen`" in page and "DNS 7455" in page

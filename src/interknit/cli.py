@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import os
 import sys
 import urllib.error
@@ -288,7 +289,11 @@ def demo(ctx: click.Context, listen: str, api_listen: str, dns_listen: str) -> N
     from interknit.logs import setup_logging
     from interknit.node import NodeStartError
 
-    setup_logging("warning")
+    # The terminal of a person trying things: what changes, good news and bad, in words, at
+    # local time; not the node's routine lines.
+    setup_logging("warning", human=True)
+    for name in ("interknit.health", "interknit.proxy", "interknit.events"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         run_demo(api_listen, dns_listen, listen, lambda d: click.echo(instructions(d)))
     except NodeStartError as exc:

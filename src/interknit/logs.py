@@ -45,9 +45,22 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-def setup_logging(level: str = "info", json_format: bool = False) -> None:
+class HumanFormatter(logging.Formatter):
+    """For a terminal a person watches (``interknit demo``): local time and the message,
+    which says what happened in words (``search/search-2 is now passing: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"{stamp} {level}{record.getMessage()}"
+
+
+def setup_logging(level: str = "info", json_format: bool = False, human: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_format else LogfmtFormatter())
+    if human:
+        handler.setFormatter(HumanFormatter())
+    else:
+        handler.setFormatter(JsonFormatter() if json_format else LogfmtFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

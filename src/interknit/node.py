@@ -46,6 +46,52 @@ if TYPE_CHECKING:  # imported when started: a node without listeners never loads
     from interknit.workers import Supervisor
 
 log = logging.getLogger("interknit.node")
+# Registrations and removals, one line each (a big batch, such as a resync, is summed up).
+events_log = logging.getLogger("interknit.events")
+_LOGGED_REASONS = {
+    "register": "registered",
+    "update": "updated",
+    "deregister": "deregistered",
+    "expire": "removed after staying critical for its deregister_after",
+    "lease": "turned critical: its TTL ran out without a heartbeat",
+}
+_LOG_BATCH = 20
+
+
+def log_events(events: Sequence[Event]) -> None:
+    """What the registry's events say, for operators: who came, who went."""
+    if not events_log.isEnabledFor(logging.INFO):
+        return
+    logged = [e for e in events if e.reason in _LOGGED_REASONS]
+    if len(logged) > _LOG_BATCH:
+        counts: dict[str, int] = {}
+        for event in logged:
+            counts[event.reason] = counts.get(event.reason, 0) + 1
+        for reason, count in counts.items():
+            events_log.info(
+                "%d instances %s",
+                count,
+                _LOGGED_REASONS[reason],
+                extra={"event": f"registry.{reason}", "count": count},
+            )
+        return
+    for event in logged:
+        inst = event.instance
+        events_log.info(
+            "%s/%s %s (%s:%d)",
+            inst.service,
+            inst.id,
+            _LOGGED_REASONS[event.reason],
+            inst.address,
+            inst.port,
+            extra={
+                "event": f"registry.{event.reason}",
+                "service": inst.service,
+                "instance": inst.id,
+                "address": f"{inst.address}:{inst.port}",
+                "revision": event.revision,
+            },
+        )
 
 
 class NodeStartError(Exception):
@@ -215,6 +261,7 @@ class Node:
             await self.registry.start()
         except StoreError as exc:
             raise NodeStartError(str(exc)) from None
+        self.registry.subscribe(log_events)
 
     async def start(self) -> None:
         # On etcd the API listens first: while the node waits for etcd (up to its start

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from interknit.balance.base import Endpoint
 from interknit.balance.pool import Pool
 from interknit.health.outlier import OutlierDetector
+from interknit.logs import iso_time
 from interknit.proxy.pool_feed import RoutePool
 
 log = logging.getLogger("interknit.proxy")
@@ -106,12 +107,17 @@ class PassiveHealth:
         self.ejections.labels(pool.name).inc()
         self.ejected.labels(pool.name).set(detector.ejected_count(now))
         log.warning(
-            "endpoint ejected",
+            "%s ejected from pool %s for %.0f s (until %s)",
+            endpoint.key,
+            pool.name,
+            until - now,
+            iso_time(until),
             extra={
                 "event": "proxy.eject",
                 "pool": pool.name,
                 "endpoint": endpoint.key,
-                "until": until,
+                "until": iso_time(until),
+                "seconds": round(until - now, 3),
                 "ejections": detector.ejection_count(endpoint.key, now),
             },
         )
@@ -154,7 +160,9 @@ class PassiveHealth:
             watch.sync_due()
             for key in returned:
                 log.info(
-                    "endpoint returned",
+                    "%s returned to pool %s (its ejection ran out)",
+                    key,
+                    pool.name,
                     extra={"event": "proxy.uneject", "pool": pool.name, "endpoint": key},
                 )
                 self._apply(pool, key, None, now)
