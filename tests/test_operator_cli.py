@@ -283,3 +283,52 @@ def test_registrations_are_logged_at_info(node: NodeProcess) -> None:
 def test_scale_out_tells_each_node_to_change_its_dns_listen() -> None:
     page = (Path(__file__).parent.parent / "docs" / "scale-out.md").read_text()
     assert "`[dns] listen`" in page and "DNS 7455" in page
+
+
+# ------------------------------------------------------------------ item 7: --workers
+
+
+def test_workers_warn_that_demand_limits_are_per_process(tmp_path: Path) -> None:
+    port = free_port()
+    extra = f"""
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[listeners.routes]]
+service = "api"
+demand = {{ rate = "100/s" }}
+"""
+    node = NodeProcess(tmp_path, extra_config=extra).start(args=("--workers", "2"))
+    try:
+        assert "demand limits are per process: with --workers 2" in node.log()
+        assert "listeners[0].routes[0]" in node.log()
+    finally:
+        node.stop()
+
+
+# ------------------------------------------------------------------ item 10: refusal bodies
+
+
+def test_demand_docs_show_the_refusal_the_proxy_sends() -> None:
+    from interknit.proxy.wire import error_response
+
+    page = (Path(__file__).parent.parent / "docs" / "demand.md").read_text()
+    block = page.split("```text\n", 1)[1].split("```", 1)[0]
+    head, body = block.split("\n\n", 1)
+    sent = error_response(429, "rate", retry_after=1).decode()
+    sent_head, sent_body = sent.split("\r\n\r\n", 1)
+    assert body == sent_body
+    sent_lines = sent_head.split("\r\n")
+    lines = head.split("\n")
+    assert lines[0] == sent_lines[0]
+    assert set(lines[1:]) <= set(sent_lines[1:])
+
+
+def test_license_is_an_spdx_expression() -> None:
+    """setuptools warns on every install about license = { text = ... } (deprecated)."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in project["build-system"]["requires"]

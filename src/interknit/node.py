@@ -311,6 +311,7 @@ class Node:
         if self.workers > 1 and self.config_path is not None:
             from interknit.workers import Supervisor
 
+            self._warn_per_process_limits()
             supervisor = Supervisor(self.workers - 1, str(self.config_path), self.listen["api"])
             await supervisor.start()
             self._supervisor = supervisor
@@ -324,6 +325,32 @@ class Node:
         await self._start_vip()
         self._ready = True
         log.info("node started", extra={"event": "node.started", **self.listen})
+
+    def _warn_per_process_limits(self) -> None:
+        """Demand limits are per process (docs/demand.md, "With --workers N"): say so once."""
+        for index, listener in enumerate(self.config.listeners):
+            for number, route in enumerate(listener.routes):
+                demand = route.demand
+                if demand is None:
+                    continue
+                limits = [
+                    key
+                    for key in ("rate", "client_rate", "concurrency")
+                    if getattr(demand, key) is not None
+                ]
+                if limits:
+                    log.warning(
+                        "demand limits are per process: with --workers %d this route admits"
+                        " up to %d times its %s",
+                        self.workers,
+                        self.workers,
+                        ", ".join(limits),
+                        extra={
+                            "event": "node.per_process_limits",
+                            "route": f"listeners[{index}].routes[{number}]",
+                            "workers": self.workers,
+                        },
+                    )
 
     def _consul_api(self, app: web.Application) -> ConsulApi | None:
         """Consul's HTTP API subset and Prometheus http_sd on the registry's listener."""
