@@ -176,7 +176,9 @@ def test_a_configured_check_is_the_apis_check() -> None:
         }
     )
     body = {"http": "/health", "interval": "1s", "rise": 2, "fall": 3}
-    raw = json.dumps({"address": "127.0.0.1", "port": 9001, "check": body}).encode()
+    # A static instance says that the config owns it (the node removes it with the config).
+    meta = {"owner": "config"}
+    raw = json.dumps({"address": "127.0.0.1", "port": 9001, "meta": meta, "check": body}).encode()
     assert service_spec(config.services[0], "127.0.0.1:9001") == register_spec(raw)
 
 

@@ -231,9 +231,8 @@ class Node:
     def _cluster(self) -> dict[str, Any]:
         """The nodes sharing this registry: on etcd every node that holds a lease, else this
         one alone on its embedded store."""
-        cluster = getattr(self.registry, "cluster", None)
-        if cluster is not None:
-            found: dict[str, Any] = cluster()
+        found = self.registry.cluster()
+        if found is not None:
             return found
         return {
             "backend": "embedded",
@@ -615,6 +614,11 @@ class Node:
             await asyncio.sleep(every)
             now = _mtime(self.config_path)
             if now != last:
+                # A file being written in place changes more than once: reload once it has
+                # stood still for a moment, not from a half-written (perhaps empty) file.
+                await asyncio.sleep(min(every, 0.2))
+                if _mtime(self.config_path) != now:
+                    continue
                 last = now
                 await self.reload()
 

@@ -7,6 +7,7 @@ checks mechanically that every key of a route reaches the part of the proxy that
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,6 +34,13 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = DEADLINE
         time.sleep(0.03)
 
 
+def save(path: Path, text: str) -> None:
+    """Replace the file at once, as editors save: the node's file watcher never reads half."""
+    fresh = path.with_suffix(".new")
+    fresh.write_text(text)
+    os.replace(fresh, path)
+
+
 @dataclass
 class Lab:
     node: NodeProcess
@@ -45,7 +54,7 @@ class Lab:
         """Make ``body`` the listener's one route and wait until the node has reloaded it."""
         text = self.base + f"\n[[listeners.routes]]\n{body}\n"
         reloads = self.node.log().count("config reloaded")
-        self.node.config_path.write_text(text)
+        save(self.node.config_path, text)
         assert self.node.proc is not None
         self.node.proc.send_signal(signal.SIGHUP)
         wait_for(
@@ -253,8 +262,9 @@ def test_panic_threshold(lab: Lab) -> None:
 def test_saving_the_file_reloads_too(lab: Lab) -> None:
     lab.route('service = "one"')
     reloads = lab.node.log().count("config reloaded")
-    lab.node.config_path.write_text(
-        lab.base + '\n[[listeners.routes]]\nservice = "one"\ndemand = { rate = "1/m" }\n'
+    save(
+        lab.node.config_path,
+        lab.base + '\n[[listeners.routes]]\nservice = "one"\ndemand = { rate = "1/m" }\n',
     )
     wait_for(lambda: lab.node.log().count("config reloaded") > reloads, "reloaded on save")
     assert lab.codes(4)[429] >= 3

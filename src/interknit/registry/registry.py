@@ -82,6 +82,11 @@ class RegistryBackend(Protocol):
         owning node; the embedded store's one node owns every instance)."""
         ...
 
+    def cluster(self) -> dict[str, Any] | None:
+        """The nodes sharing this registry, for the status page; None: this node alone on its
+        own store."""
+        ...
+
     def changed_since(self, service: str | None, revision: int) -> bool: ...
 
     async def wait_for_change(self, service: str | None, revision: int, timeout: float) -> bool: ...
@@ -389,6 +394,9 @@ class Registry:
     def owns(self, service: str, instance_id: str) -> bool:
         """One node, one store: this node checks every instance."""
         return True
+
+    def cluster(self) -> dict[str, Any] | None:
+        return None
 
     def changed_since(self, service: str | None, revision: int) -> bool:
         if service is None:
