@@ -48,6 +48,12 @@ service = "app"
         assert dns_answers(b, "app.ik.internal.") == {"127.0.0.1"}
         with httpx.Client(timeout=5) as c:
             assert c.get(f"http://127.0.0.1:{port}/").text == "app-1"
+        # The status page's cluster: both nodes, from either, and the instance's owner.
+        cluster_view = b.client.get("/v1/status").json()["panels"]["cluster"]
+        assert cluster_view["backend"] == "etcd" and not cluster_view["stale"]
+        nodes = {n["node"]: n for n in cluster_view["nodes"]}
+        assert set(nodes) == {"node-a", "node-b"} and nodes["node-b"]["this_node"]
+        assert nodes["node-a"]["instances"] == 1
         acknowledged = ["one"]
         for i in range(5):
             assert b.register("app", f"w{i}", port=backend.port).status_code == 200
