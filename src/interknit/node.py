@@ -55,7 +55,7 @@ _LOGGED_REASONS = {
     "expire": "removed after staying critical for its deregister_after",
     "lease": "turned critical: its TTL ran out without a heartbeat",
 }
-_LOG_BATCH = 20
+_LOG_BATCH = 8
 
 
 def log_events(events: Sequence[Event]) -> None:
