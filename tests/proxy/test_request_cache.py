@@ -105,7 +105,7 @@ def normalized(data: bytes) -> bytes:
 async def run(proxy: Any, name: str, connections: list[list[bytes]], **kw: Any) -> Any:
     recorder = Recorder()
     p = await proxy(RouteSpec(servers=(await recorder.start(),)), name=name, **kw)
-    replies = [await exchange(p.port, pieces) for pieces in connections]
+    replies = [await exchange(p.port, pieces, settle=0.1) for pieces in connections]
     await asyncio.sleep(0.05)
     recorder.close()
     return replies, [normalized(r) for r in recorder.received]
