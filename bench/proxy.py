@@ -1,6 +1,7 @@
 """The proxy beside HAProxy and nginx, against the same two nginx backends, in one run.
 
     .venv/bin/python bench/proxy.py [--runs 3] [--duration 5] [--connections 50]
+        [--traffic browser|path|repeat] [--no-access-log] [--log-json] [--workers 2]
 
 Two nginx backends (one worker each) answer every request with ``200 ok``. wrk (``-t1 -c50
 --latency``) measures, in turn and ``--runs`` times over so that drift hits every case alike:
@@ -11,17 +12,37 @@ routing, balancing, passive health, metrics); and interknit's TCP listener besid
 ``mode tcp``. Medians of requests per second and of p99 latency are printed with the ratio to
 HAProxy (HTTP cases to HAProxy HTTP, the TCP case to HAProxy TCP).
 
-On two or more cores every proxy is pinned to core 1 and wrk plus the backends to core 0
-(``taskset``): unpinned, the proxies, wrk and the backends fight over both cores and the
-figures are noise. Nothing logs per request (nginx ``access_log off``, HAProxy without
-``log``, the node at ``--log-level warning``), so each does only its forwarding.
+**Traffic** (``--traffic``). ``browser``, the default and the headline: a wrk Lua script gives
+every request a path and query of its own (no request head ever repeats) and the head a
+browser sends: 13 fields with a user agent, cookies, Accept-*, Referer and the Sec-Fetch
+fields, about 750 bytes. ``path``: wrk's plain head (Host only) with a path of its own per
+request. ``repeat``: wrk's one request, the same bytes every time, which interknit's head cache
+answers without parsing (see docs/proxy.md, "Two shortcuts"): no user's traffic looks like it.
+
+**Access logs.** HAProxy and nginx log nothing (no ``log``, ``access_log off``). interknit's
+``web`` listener writes its access log to a file (the default; ``--no-access-log`` turns it
+off, ``--log-json`` makes it JSON lines): that is the case named ``interknit http``. The same
+node's ``web-nolog`` listener (``access_log = "off"``) is the case ``interknit http (no log)``,
+which prices the log.
+
+**Pinning.** On two or more cores every proxy is pinned to core 1 and wrk plus the backends to
+core 0 (``taskset``): unpinned, the proxies, wrk and the backends fight over both cores and the
+figures are noise. On a small machine core 0 is then the limit: wrk and two nginx backends
+there answer a bounded number of requests per second whatever the proxy, so requests per
+second cannot tell the proxies apart. Two more figures can: each proxy's **CPU time per
+request** (user + system time of its processes from ``/proc/PID/stat`` over the run, divided by
+the requests wrk counted), and each core's **busy share** over the run (``/proc/stat``): where
+the load core is (nearly) full, the client side is the limit, and a proxy's capacity on its
+core is 1 / its CPU per request.
+
+**Workers** (``--workers N``, default 2; 1 skips it). After the pinned runs every process is
+unpinned (``taskset -a -p``) and wrk runs unpinned too: HAProxy with ``nbthread 1`` and with
+``nbthread N``, interknit's node alone and ``interknit up --workers N``, all on the same
+cores as the scheduler likes. For each, the share of another core it gains is its requests per
+second with N over those with one, minus one (N=2: 100% would be perfect scaling).
 
 Last, the node's resident memory (VmRSS) is read with 1,000 client connections open, each
 having sent one request and kept the connection alive.
-
-wrk repeats one request; interknit reuses what it parsed of a request head it has seen on a
-kept-alive connection. ``--vary-path`` gives every request a path of its own (a wrk Lua
-script), which measures every proxy without that.
 """
 
 from __future__ import annotations
@@ -40,7 +61,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,11 +71,15 @@ from common import free_port, interknit_process, machine, median, process, rss_k
 NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
 SERVICE = "bench"
-HTTP_GOAL = 0.75  # requests per second, as a share of HAProxy's
-P99_GOAL = 2.0  # p99 latency, at most this multiple of HAProxy's
+HTTP_GOAL = 0.75  # requests per second (or capacity), as a share of HAProxy's
+P99_GOAL = 1.5  # p99 latency, at most this multiple of HAProxy's
 TCP_GOAL = 0.9
+LOG_COST_GOAL = 0.10  # the access log may cost this share of CPU per request, at most
 RSS_GOAL_MIB = 60
+CLIENT_BOUND = 0.95  # a core this busy is the limit
 BASELINE = "interknit http (baseline)"
+NO_LOG = "interknit http (no log)"
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,10 @@ class Case:
     port: int
     # The case whose figures this one is compared with (None: it is a reference itself).
     versus: str | None
+    # The process whose CPU time (with its children's) is the proxy's; None: not measured.
+    pid: int | None = None
+    # Unpinned (the workers section): wrk runs unpinned too.
+    unpinned: bool = False
 
 
 @dataclass
@@ -70,6 +99,23 @@ class Sample:
     rps: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    cpu_us: float = float("nan")  # the proxy's CPU time per request, microseconds
+    busy: tuple[float, ...] = ()  # each core's busy share over the run
+
+
+@dataclass
+class Samples:
+    runs: list[Sample] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        values = [getattr(s, attr) for s in self.runs]
+        return median(values) if values else float("nan")
+
+    def busy(self) -> tuple[float, ...]:
+        if not self.runs or not self.runs[0].busy:
+            return ()
+        return tuple(median([s.busy[i] for s in self.runs]) for i in range(len(self.runs[0].busy)))
 
 
 # Pinning
@@ -94,6 +140,65 @@ def pinning() -> Pinning:
     return Pinning((), (), f"NOT pinned ({cores} core(s) or no taskset): figures are noisy")
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (nginx's workers, interknit's worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, ()))
+    return out
+
+
+def unpin(pid: int) -> None:
+    """Let ``pid``, its threads and its descendants run on every core."""
+    cores = f"0-{(os.cpu_count() or 1) - 1}"
+    for member in tree(pid):
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", cores, str(member)], capture_output=True, check=False
+        )
+
+
+# CPU accounting
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of ``pid`` and its descendants (all threads), in seconds."""
+    total = 0
+    for member in tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{member}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / CLOCK_TICK
+
+
+def core_times() -> list[tuple[int, int]]:
+    """(busy, total) jiffies of each core since boot."""
+    out = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            values = [int(v) for v in line.split()[1:]]
+            idle = values[3] + values[4]  # idle + iowait
+            out.append((sum(values) - idle, sum(values)))
+    return out
+
+
+def busy_shares(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> tuple[float, ...]:
+    return tuple(
+        (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
+        for (b0, t0), (b1, t1) in zip(before, after, strict=True)
+    )
+
+
 # Servers
 
 
@@ -114,18 +219,19 @@ def nginx_conf(prefix: Path, body: str) -> Path:
 
 
 @contextlib.contextmanager
-def nginx(tmp: Path, name: str, body: str, prefix: Sequence[str]) -> Iterator[None]:
+def nginx(tmp: Path, name: str, body: str, prefix: Sequence[str]) -> Iterator[int]:
     root = tmp / name
     root.mkdir()
     conf = nginx_conf(root, body)
     args = [*prefix, NGINX, "-c", str(conf), "-p", str(root), "-g", "daemon off;"]
-    with process(args, log=root / "out.log"):
-        yield
+    with process(args, log=root / "out.log") as proc:
+        yield proc.pid
 
 
 def backend_body(port: int) -> str:
     return (
         f"    server {{\n        listen 127.0.0.1:{port};\n        keepalive_requests 10000000;\n"
+        f"        large_client_header_buffers 4 16k;\n"
         f'        location / {{ return 200 "ok"; }}\n    }}'
     )
 
@@ -136,34 +242,56 @@ def nginx_proxy_body(port: int, backends: Sequence[int]) -> str:
         f"    upstream backends {{\n{servers}        keepalive 64;\n"
         f"        keepalive_requests 10000000;\n    }}\n"
         f"    server {{\n        listen 127.0.0.1:{port};\n        keepalive_requests 10000000;\n"
+        f"        large_client_header_buffers 4 16k;\n"
         f"        location / {{\n            proxy_pass http://backends;\n"
         f"            proxy_http_version 1.1;\n"
         f'            proxy_set_header Connection "";\n        }}\n    }}'
     )
 
 
-def haproxy_cfg(path: Path, http_port: int, tcp_port: int, backends: Sequence[int]) -> Path:
+def haproxy_cfg(
+    path: Path, http_port: int, tcp_port: int | None, backends: Sequence[int], threads: int = 1
+) -> Path:
     servers = "".join(f"    server b{i} 127.0.0.1:{b}\n" for i, b in enumerate(backends))
-    path.write_text(
-        "global\n    nbthread 1\n    maxconn 8000\n"
+    text = (
+        f"global\n    nbthread {threads}\n    maxconn 8000\n"
         "defaults\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
         f"frontend web\n    mode http\n    bind 127.0.0.1:{http_port}\n"
         "    option http-keep-alive\n    default_backend web\n"
         f"backend web\n    mode http\n    balance roundrobin\n    http-reuse safe\n{servers}"
-        f"frontend relay\n    mode tcp\n    bind 127.0.0.1:{tcp_port}\n    default_backend relay\n"
-        f"backend relay\n    mode tcp\n    balance roundrobin\n{servers}"
     )
+    if tcp_port is not None:
+        text += (
+            f"frontend relay\n    mode tcp\n    bind 127.0.0.1:{tcp_port}\n"
+            "    default_backend relay\n"
+            f"backend relay\n    mode tcp\n    balance roundrobin\n{servers}"
+        )
+    path.write_text(text)
     return path
 
 
-def interknit_listeners(http_port: int, tcp_port: int) -> str:
+def interknit_listeners(
+    http_port: int,
+    tcp_port: int | None,
+    access_log: str | None,
+    no_log_port: int | None = None,
+) -> str:
+    """The node's listeners: ``web`` (its access log ``access_log``; None: the key is left
+    out, for a baseline tree from before it), ``web-nolog`` without one, and ``relay``."""
     route = f'[[listeners.routes]]\nservice = "{SERVICE}"\nbalance = "round_robin"\n'
-    return (
-        f'[[listeners]]\nname = "web"\nlisten = "127.0.0.1:{http_port}"\nprotocol = "http"\n'
-        f"{route}\n"
-        f'[[listeners]]\nname = "relay"\nlisten = "127.0.0.1:{tcp_port}"\nprotocol = "tcp"\n'
-        f"{route}"
-    )
+    log = "" if access_log is None else f'access_log = "{access_log}"\n'
+    out = f'[[listeners]]\nname = "web"\nlisten = "127.0.0.1:{http_port}"\n{log}{route}\n'
+    if no_log_port is not None:
+        out += (
+            f'[[listeners]]\nname = "web-nolog"\nlisten = "127.0.0.1:{no_log_port}"\n'
+            f'access_log = "off"\n{route}\n'
+        )
+    if tcp_port is not None:
+        out += (
+            f'[[listeners]]\nname = "relay"\nlisten = "127.0.0.1:{tcp_port}"\n'
+            f'protocol = "tcp"\n{log}{route}'
+        )
+    return out
 
 
 def register(api: str, backends: Sequence[int]) -> None:
@@ -210,9 +338,7 @@ def baseline_env(src: str) -> Iterator[None]:
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
-
-# For --vary-path: every request a path of its own, so that no request head repeats (interknit
-# reuses the parse of a head it has seen before; this measures the path without that).
+# --traffic path: every request a path of its own, wrk's plain head otherwise.
 VARY_PATH_LUA = """
 local n = 0
 request = function()
@@ -221,6 +347,52 @@ request = function()
 end
 """
 
+# --traffic browser: what a browser sends for a page of a shop, every path and query its own.
+BROWSER_HEADERS = {
+    "Host": "shop.example.com",
+    "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36",
+    "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
+    "*/*;q=0.8",
+    "Accept-Language": "en-GB,en;q=0.9,de;q=0.7",
+    "Accept-Encoding": "gzip, deflate, br",
+    "Referer": "https://shop.example.com/",
+    "Cookie": "session=3f9a1c7e5b2d4a6f8e0c1b3d5f7a9c2e; cart=17; theme=dark; "
+    "_ga=GA1.2.1234567890.1700000000; consent=analytics:1,ads:0",
+    "Sec-Fetch-Dest": "document",
+    "Sec-Fetch-Mode": "navigate",
+    "Sec-Fetch-Site": "same-origin",
+    "Upgrade-Insecure-Requests": "1",
+    "Cache-Control": "max-age=0",
+    "Connection": "keep-alive",
+}
+
+
+def browser_lua() -> str:
+    fields = "\n".join(
+        f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in BROWSER_HEADERS.items()
+    )
+    return (
+        fields
+        + """
+local sections = {"shoes", "shirts", "bags", "hats", "socks", "coats", "belts", "watches"}
+local n = 0
+request = function()
+    n = n + 1
+    local path = string.format("/shop/%s/item/%d?colour=%d&size=%d&ref=home&page=%d",
+        sections[n % 8 + 1], n, n % 13, n % 7, n % 50)
+    return wrk.format("GET", path)
+end
+"""
+    )
+
+
+TRAFFIC = {
+    "browser": "a browser's head (13 fields, cookies, ~750 bytes), every path and query its own",
+    "path": "wrk's plain head, every path its own",
+    "repeat": "one request repeated byte for byte (interknit's head cache answers it)",
+}
+
 
 def wrk(
     port: int,
@@ -228,6 +400,7 @@ def wrk(
     connections: int,
     prefix: Sequence[str],
     script: Path | None = None,
+    pid: int | None = None,
 ) -> Sample:
     args = [
         *prefix,
@@ -239,10 +412,15 @@ def wrk(
         *(["-s", str(script)] if script is not None else []),
         f"http://127.0.0.1:{port}/",
     ]
+    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
+    cores_before = core_times()
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    busy = busy_shares(cores_before, core_times())
+    cpu = cpu_seconds(pid) - cpu_before if pid is not None else float("nan")
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
-    if rps is None or p99 is None:
+    total = re.search(r"(\d+) requests in", out)
+    if rps is None or p99 is None or total is None:
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
     errors = 0
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -251,7 +429,15 @@ def wrk(
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if sock:
         errors += sum(int(g) for g in sock.groups())
-    return Sample(float(rps.group(1)), float(p99.group(1)) * _UNITS[p99.group(2)], errors)
+    requests = int(total.group(1))
+    return Sample(
+        float(rps.group(1)),
+        float(p99.group(1)) * _UNITS[p99.group(2)],
+        errors,
+        requests,
+        cpu / requests * 1e6 if requests and pid is not None else float("nan"),
+        busy,
+    )
 
 
 async def hold_connections(port: int, count: int) -> list[asyncio.StreamWriter]:
@@ -301,19 +487,63 @@ def raise_fd_limit(need: int) -> None:
 
 
 def ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.2f}x" if reference > 0 else "-"
+    return f"{value / reference:.2f}x" if reference > 0 and value == value else "-"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def limit(busy: tuple[float, ...], pinned: bool) -> str:
+    """Which side a run was bound by, from the cores' busy shares."""
+    if not busy:
+        return "-"
+    if pinned and len(busy) >= 2:
+        if busy[0] >= CLIENT_BOUND:
+            return "client"
+        return "proxy" if busy[1] >= CLIENT_BOUND else "neither"
+    return "cores" if min(busy) >= CLIENT_BOUND else "neither"
+
+
+def table(
+    cases: Sequence[Case], samples: dict[str, Samples], pinned: bool
+) -> dict[str, dict[str, float]]:
+    figures: dict[str, dict[str, float]] = {}
+    for c in cases:
+        s = samples[c.name]
+        figures[c.name] = {k: s.median(k) for k in ("rps", "p99_ms", "cpu_us")}
+    header = (
+        f"{'case':<34} {'req/s':>8} {'p99 ms':>7} {'req/s':>6} {'p99':>6} "
+        f"{'CPU us/req':>10} {'capacity':>8} {'busy 0/1':>9} {'bound':>7} {'errors':>6}"
+    )
+    print(header)
+    print(f"{'':<34} {'':>8} {'':>7} {'ratio':>6} {'ratio':>6} {'':>10} {'ratio':>8}")
+    print("-" * len(header))
+    for c in cases:
+        f = figures[c.name]
+        ref = figures[c.versus] if c.versus else None
+        busy = samples[c.name].busy()
+        cpu = f["cpu_us"]
+        capacity = ratio(ref["cpu_us"], cpu) if ref is not None else "-"
+        print(
+            f"{c.name:<34} {f['rps']:>8.0f} {f['p99_ms']:>7.2f} "
+            f"{ratio(f['rps'], ref['rps']) if ref else '-':>6} "
+            f"{ratio(f['p99_ms'], ref['p99_ms']) if ref else '-':>6} "
+            f"{cpu:>10.1f} {capacity:>8} "
+            f"{'/'.join(f'{b:.0%}' for b in busy[:2]) or '-':>9} {limit(busy, pinned):>7} "
+            f"{sum(s.errors for s in samples[c.name].runs):>6}"
+        )
+    return figures
 
 
 def report(
     cases: Sequence[Case],
-    samples: dict[str, list[Sample]],
+    worker_cases: Sequence[Case],
+    samples: dict[str, Samples],
     rss: tuple[int, int] | None,
-    held: int,
     pin: Pinning,
     args: argparse.Namespace,
 ) -> None:
-    rps = {c.name: median([s.rps for s in samples[c.name]]) for c in cases}
-    p99 = {c.name: median([s.p99_ms for s in samples[c.name]]) for c in cases}
     print()
     print(f"command: {' '.join(sys.argv)}")
     print(f"machine: {machine()}")
@@ -322,41 +552,81 @@ def report(
     print(
         f"wrk -t1 -c{args.connections} -d{args.duration:g}s --latency; medians of {args.runs} "
         f'run(s); backends: 2 x nginx (1 worker, return 200 "ok")'
-        + ("; every request a path of its own (--vary-path)" if args.vary_path else "")
     )
-    print()
-    header = f"{'case':<34} {'req/s':>9} {'p99 ms':>8} {'req/s ratio':>11} {'p99 ratio':>9} "
-    print(header + f"{'errors':>6}")
-    print("-" * (len(header) + 6))
-    for c in cases:
-        ref = c.versus
-        r_rps = ratio(rps[c.name], rps[ref]) if ref else "-"
-        r_p99 = ratio(p99[c.name], p99[ref]) if ref else "-"
-        errors = sum(s.errors for s in samples[c.name])
-        print(
-            f"{c.name:<34} {rps[c.name]:>9.0f} {p99[c.name]:>8.2f} {r_rps:>11} {r_p99:>9} "
-            f"{errors:>6}"
-        )
-    print("(ratios: HTTP cases to HAProxy HTTP, the TCP relay to HAProxy mode tcp)")
-    print()
-    http_r = rps["interknit http"] / rps["haproxy http"]
-    p99_r = p99["interknit http"] / p99["haproxy http"]
-    tcp_r = rps["interknit tcp"] / rps["haproxy tcp"]
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
+    print(f"traffic: {TRAFFIC[args.traffic]} (--traffic {args.traffic})")
+    log_kind = "JSON lines" if args.log_json else "text lines"
     print(
-        f"goal HTTP >= {HTTP_GOAL}x HAProxy req/s and p99 <= {P99_GOAL:g}x: "
-        f"{http_r:.2f}x, p99 {p99_r:.2f}x -> {verdict(http_r >= HTTP_GOAL and p99_r <= P99_GOAL)}"
+        "access logs: HAProxy and nginx none; 'interknit http' "
+        + (f"writes its access log to a file ({log_kind})" if args.access_log else "none")
+        + (
+            f"; '{NO_LOG}' is the same node's listener with access_log = \"off\""
+            if args.access_log
+            else ""
+        )
     )
-    print(f"goal TCP >= {TCP_GOAL}x HAProxy mode tcp: {tcp_r:.2f}x -> {verdict(tcp_r >= TCP_GOAL)}")
+    print()
+    figures = table(cases, samples, pinned=bool(pin.proxy))
+    print(
+        "(ratios: HTTP cases to HAProxy HTTP, the TCP relay to HAProxy mode tcp; CPU us/req: "
+        "the proxy's user+system time per request;\n capacity: the reference's CPU per request "
+        "over this one's, what each could serve with a core of its own; busy: cores 0 (wrk and "
+        "backends)\n and 1 (the proxy); bound 'client' where core 0 was full, so that req/s "
+        "says little and CPU per request tells the proxies apart)"
+    )
+    print()
+
+    def get(name: str, key: str) -> float:
+        return figures.get(name, {}).get(key, float("nan"))
+
+    ik, ha = "interknit http", "haproxy http"
+    http_r = get(ik, "rps") / get(ha, "rps")
+    cap_r = get(ha, "cpu_us") / get(ik, "cpu_us")
+    p99_r = get(ik, "p99_ms") / get(ha, "p99_ms")
+    what = "with its access log" if args.access_log else "without an access log"
+    print(
+        f"goal HTTP ({args.traffic} traffic, interknit {what}) >= {HTTP_GOAL}x HAProxy and p99 "
+        f"<= {P99_GOAL:g}x: req/s {http_r:.2f}x, capacity (CPU per request) {cap_r:.2f}x, "
+        f"p99 {p99_r:.2f}x -> req/s {verdict(http_r >= HTTP_GOAL)}, capacity "
+        f"{verdict(cap_r >= HTTP_GOAL)}, p99 {verdict(p99_r <= P99_GOAL)}"
+    )
+    if args.access_log and NO_LOG in figures:
+        cost = get(ik, "cpu_us") / get(NO_LOG, "cpu_us") - 1
+        rps_cost = 1 - get(ik, "rps") / get(NO_LOG, "rps")
+        print(
+            f"goal access log costs <= {LOG_COST_GOAL:.0%}: CPU per request +{cost:.1%} "
+            f"({get(ik, 'cpu_us'):.1f} against {get(NO_LOG, 'cpu_us'):.1f} us), req/s "
+            f"{rps_cost:+.1%} lower -> {verdict(cost <= LOG_COST_GOAL)}"
+        )
+    tcp_r = get("interknit tcp", "rps") / get("haproxy tcp", "rps")
+    tcp_cap = get("haproxy tcp", "cpu_us") / get("interknit tcp", "cpu_us")
+    print(
+        f"goal TCP >= {TCP_GOAL}x HAProxy mode tcp: req/s {tcp_r:.2f}x, capacity {tcp_cap:.2f}x "
+        f"-> {verdict(tcp_r >= TCP_GOAL)}"
+    )
     if rss is not None:
         before, during = rss
         print(
             f"interknit node RSS: {before / 1024:.1f} MiB idle after the runs, "
-            f"{during / 1024:.1f} MiB with {held} open keep-alive connections -> "
+            f"{during / 1024:.1f} MiB with {args.hold} open keep-alive connections -> "
             f"{verdict(during / 1024 < RSS_GOAL_MIB)} (goal < {RSS_GOAL_MIB} MiB)"
+        )
+    if worker_cases:
+        n = args.workers
+        print()
+        print(
+            f"Workers: every process unpinned (taskset -a -p), wrk too; HAProxy nbthread 1 and "
+            f"{n}, interknit alone and --workers {n}"
+        )
+        print()
+        wf = table(worker_cases, samples, pinned=False)
+        h1, hn, i1, i_n = (c.name for c in worker_cases)
+        gain_h = wf[hn]["rps"] / wf[h1]["rps"] - 1
+        gain_i = wf[i_n]["rps"] / wf[i1]["rps"] - 1
+        print(
+            f"(bound 'cores' where every core was full)\nshare of {n - 1} more core(s) gained: "
+            f"HAProxy {gain_h:.0%}, interknit {gain_i:.0%}; interknit --workers {n} against "
+            f"HAProxy nbthread {n}: req/s {ratio(wf[i_n]['rps'], wf[hn]['rps'])}, "
+            f"CPU per request {ratio(wf[i_n]['cpu_us'], wf[hn]['cpu_us'])}"
         )
 
 
@@ -369,16 +639,26 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="comma-separated case names to run (default: all)"
     )
+    parser.add_argument("--traffic", choices=sorted(TRAFFIC), default="browser")
     parser.add_argument(
-        "--vary-path",
-        action="store_true",
-        help="give every request a path of its own (no request head repeats)",
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="interknit's 'web' listener writes its access log to a file (default: on)",
+    )
+    parser.add_argument("--log-json", action="store_true", help="the access log as JSON lines")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="the unpinned section: HAProxy nbthread N against interknit --workers N (1: skip)",
     )
     parser.add_argument(
         "--baseline",
         default="",
         help="a copy of an older src/ tree: adds an 'interknit http (baseline)' case, a second "
-        "node run from it (PYTHONPATH), so that a change is measured against it in one run",
+        "node run from it (PYTHONPATH), so that a change is measured against it in one run; it "
+        "logs as that tree does at --log-level info when the access log is on",
     )
     args = parser.parse_args()
     for tool in (NGINX, HAPROXY):
@@ -391,75 +671,140 @@ def main() -> None:
     print(f"pinning: {pin.note}; load average {load()}", flush=True)
 
     backends = [free_port(), free_port()]
-    names = ("haproxy", "haproxy_tcp", "nginx", "ik", "ik_tcp", "base", "base_tcp")
+    names = (
+        "haproxy",
+        "haproxy_tcp",
+        "haproxy_n",
+        "nginx",
+        "ik",
+        "ik_nolog",
+        "ik_tcp",
+        "ik_n",
+        "base",
+        "base_tcp",
+    )
     ports = {name: free_port() for name in names}
-    cases = [
-        Case("direct to a backend", backends[0], None),
-        Case("haproxy http", ports["haproxy"], None),
-        Case("nginx proxy", ports["nginx"], "haproxy http"),
-        Case("interknit http", ports["ik"], "haproxy http"),
-        *([Case(BASELINE, ports["base"], "haproxy http")] if args.baseline else []),
-        Case("haproxy tcp", ports["haproxy_tcp"], None),
-        Case("interknit tcp", ports["ik_tcp"], "haproxy tcp"),
-    ]
-    only = {n.strip() for n in args.only.split(",") if n.strip()}
-    run_cases = [c for c in cases if not only or c.name in only]
-
+    node_options = ["--log-json"] if args.log_json else []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="proxy-bench-")))
-        for i, port in enumerate(backends):
+        backend_pids = [
             stack.enter_context(nginx(tmp, f"backend{i}", backend_body(port), pin.load))
-        stack.enter_context(
+            for i, port in enumerate(backends)
+        ]
+        nginx_pid = stack.enter_context(
             nginx(tmp, "proxy", nginx_proxy_body(ports["nginx"], backends), pin.proxy)
         )
         cfg = haproxy_cfg(tmp / "haproxy.cfg", ports["haproxy"], ports["haproxy_tcp"], backends)
-        stack.enter_context(process([*pin.proxy, HAPROXY, "-f", str(cfg), "-db"]))
+        haproxy_pid = stack.enter_context(process([*pin.proxy, HAPROXY, "-f", str(cfg), "-db"])).pid
+        access = str(tmp / "access.log") if args.access_log else "off"
         api, node = stack.enter_context(
             interknit_process(
-                interknit_listeners(ports["ik"], ports["ik_tcp"]),
+                interknit_listeners(
+                    ports["ik"],
+                    ports["ik_tcp"],
+                    access,
+                    ports["ik_nolog"] if args.access_log else None,
+                ),
                 prefix=pin.proxy,
-                options=["--log-level", "warning"],
+                options=node_options,
             )
         )
         register(api, backends)
+        cases = [
+            Case("direct to a backend", backends[0], None),
+            Case("haproxy http", ports["haproxy"], None, haproxy_pid),
+            Case("nginx proxy", ports["nginx"], "haproxy http", nginx_pid),
+            Case("interknit http", ports["ik"], "haproxy http", node.pid),
+            *(
+                [Case(NO_LOG, ports["ik_nolog"], "haproxy http", node.pid)]
+                if args.access_log
+                else []
+            ),
+        ]
         if args.baseline:
             with baseline_env(args.baseline):
-                base_api, _ = stack.enter_context(
+                base_api, base = stack.enter_context(
                     interknit_process(
-                        interknit_listeners(ports["base"], ports["base_tcp"]),
+                        interknit_listeners(ports["base"], ports["base_tcp"], None),
                         prefix=pin.proxy,
-                        options=["--log-level", "warning"],
+                        options=[] if args.access_log else ["--log-level", "warning"],
                     )
                 )
             register(base_api, backends)
-        for c in cases:
+            cases.append(Case(BASELINE, ports["base"], "haproxy http", base.pid))
+        cases += [
+            Case("haproxy tcp", ports["haproxy_tcp"], None, haproxy_pid),
+            Case("interknit tcp", ports["ik_tcp"], "haproxy tcp", node.pid),
+        ]
+        worker_cases: list[Case] = []
+        workers_node = None
+        if args.workers > 1:
+            n = args.workers
+            cfg_n = haproxy_cfg(tmp / "haproxy-n.cfg", ports["haproxy_n"], None, backends, n)
+            haproxy_n = stack.enter_context(process([HAPROXY, "-f", str(cfg_n), "-db"])).pid
+            access_n = str(tmp / "access-workers.log") if args.access_log else "off"
+            api_n, workers_node = stack.enter_context(
+                interknit_process(
+                    interknit_listeners(ports["ik_n"], None, access_n),
+                    options=[*node_options, "--workers", str(n)],
+                )
+            )
+            register(api_n, backends)
+            worker_cases = [
+                Case("haproxy http (nbthread 1)", ports["haproxy"], None, haproxy_pid, True),
+                Case(f"haproxy http (nbthread {n})", ports["haproxy_n"], None, haproxy_n, True),
+                Case("interknit http (1 process)", ports["ik"], None, node.pid, True),
+                Case(
+                    f"interknit http (--workers {n})",
+                    ports["ik_n"],
+                    f"haproxy http (nbthread {n})",
+                    workers_node.pid,
+                    True,
+                ),
+            ]
+        only = {n.strip() for n in args.only.split(",") if n.strip()}
+        run_cases = [c for c in cases if not only or c.name in only]
+        run_workers = [c for c in worker_cases if not only or c.name in only]
+        for c in [*cases, *worker_cases]:
             wait_ok(c.name, c.port)
         print(f"interknit node pid {node.pid}; warming up", flush=True)
-        script = None
-        if args.vary_path:
+        script: Path | None = None
+        if args.traffic == "path":
             script = tmp / "vary-path.lua"
             script.write_text(VARY_PATH_LUA)
-        for c in run_cases:
-            wrk(c.port, 1, args.connections, pin.load, script)
+        elif args.traffic == "browser":
+            script = tmp / "browser.lua"
+            script.write_text(browser_lua())
 
-        samples: dict[str, list[Sample]] = {c.name: [] for c in cases}
-        for run in range(args.runs):
-            for c in run_cases:
-                s = wrk(c.port, args.duration, args.connections, pin.load, script)
-                samples[c.name].append(s)
-                print(
-                    f"run {run + 1}/{args.runs} {c.name:<26} {s.rps:>9.0f} req/s "
-                    f"p99 {s.p99_ms:.2f} ms errors {s.errors} load {load()}",
-                    flush=True,
-                )
+        samples: dict[str, Samples] = {c.name: Samples() for c in [*cases, *worker_cases]}
+
+        def measure(group: Sequence[Case], prefix: Sequence[str]) -> None:
+            for c in group:
+                wrk(c.port, 1, args.connections, prefix, script)
+            for run in range(args.runs):
+                for c in group:
+                    s = wrk(c.port, args.duration, args.connections, prefix, script, c.pid)
+                    samples[c.name].runs.append(s)
+                    print(
+                        f"run {run + 1}/{args.runs} {c.name:<30} {s.rps:>8.0f} req/s "
+                        f"p99 {s.p99_ms:.2f} ms CPU {s.cpu_us:.1f} us/req busy "
+                        f"{'/'.join(f'{b:.0%}' for b in s.busy)} errors {s.errors} "
+                        f"load {load()}",
+                        flush=True,
+                    )
+
+        measure(run_cases, pin.load)
         rss = None
         if args.hold > 0:
             rss = asyncio.run(rss_with_connections(node.pid, ports["ik"], args.hold))
-        if only:
-            for c in cases:
-                if not samples[c.name]:
-                    samples[c.name].append(Sample(float("nan"), float("nan"), 0))
-        report(cases, samples, rss, args.hold, pin, args)
+        if run_workers:
+            for pid in [*backend_pids, haproxy_pid, node.pid]:
+                unpin(pid)
+            measure(run_workers, ())
+        for c in [*cases, *worker_cases]:
+            if not samples[c.name].runs:
+                samples[c.name].runs.append(Sample(float("nan"), float("nan"), 0))
+        report(cases, worker_cases if run_workers else [], samples, rss, pin, args)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,11 @@ def log_options(command: F) -> F:
         type=click.Choice(["debug", "info", "warning", "error"]),
         help="Least severe log records written.",
     )(command)
-    return click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")(
-        command
-    )
+    return click.option(
+        "--log-json",
+        is_flag=True,
+        help="Log JSON lines instead of key=value (a proxy's access logs too).",
+    )(command)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -169,7 +171,9 @@ def main(ctx: click.Context, api: str, token: str | None) -> None:
     help="Proxy processes sharing each listener (SO_REUSEPORT).",
 )
 def up(config_path: str | None, log_json: bool, log_level: str, workers: int) -> None:
-    """Run a node until SIGINT or SIGTERM; SIGHUP reloads listeners and routes."""
+    """Run a node until SIGINT or SIGTERM; SIGHUP reloads listeners and routes, SIGUSR1
+    reopens the access log files."""
+    ignore_sigusr1()
     import_aiohttp_without_tls()
     from interknit.logs import setup_logging
     from interknit.node import Node, NodeStartError
@@ -194,7 +198,13 @@ def up(config_path: str | None, log_json: bool, log_level: str, workers: int) ->
         click.echo("Stop with Ctrl-C (SIGINT) or SIGTERM.")
 
     try:
-        node = Node(config, config_path=config_path, workers=workers)
+        node = Node(
+            config,
+            config_path=config_path,
+            workers=workers,
+            log_json=log_json,
+            log_level=log_level,
+        )
         run(node.run(started))
     except NodeStartError as exc:
         fail(str(exc), 2)
@@ -253,15 +263,17 @@ def _check_startable(config: Any) -> None:
 @main.command(hidden=True)
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--node-api", required=True, help="The node whose registry to follow.")
-def worker(config_path: str, node_api: str) -> None:
+@log_options
+def worker(config_path: str, node_api: str, log_json: bool, log_level: str) -> None:
     """A proxy-only worker process (started by ``interknit up --workers N``)."""
+    ignore_sigusr1()
     import_aiohttp_without_tls()
     from interknit.logs import setup_logging
     from interknit.workers import run_worker
 
-    setup_logging("info")
+    setup_logging(log_level, log_json)
     try:
-        run(run_worker(config_path, node_api))
+        run(run_worker(config_path, node_api, log_json))
     except ConfigError as exc:
         fail(str(exc), 2)
 
@@ -330,6 +342,14 @@ def run(coro: Any) -> Any:
         return uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
         return asyncio.run(coro)
+
+
+def ignore_sigusr1() -> None:
+    """SIGUSR1 (logrotate's "reopen your logs") ends a process that has no handler for it yet:
+    ignored until the node or worker installs its own."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def import_aiohttp_without_tls() -> None:

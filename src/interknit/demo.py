@@ -83,6 +83,8 @@ def demo_config(data_dir: str, api: str, dns: str, proxy: str) -> Config:
                 {
                     "name": "web",
                     "listen": proxy,
+                    # The demo prints its instructions on stdout; its status page shows traffic.
+                    "access_log": "off",
                     "routes": [
                         {
                             "match": {"path_prefix": "/search"},

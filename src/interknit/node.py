@@ -141,6 +141,8 @@ class Node:
         drain_timeout: float = 10.0,
         config_path: str | os.PathLike[str] | None = None,
         workers: int = 1,
+        log_json: bool = False,
+        log_level: str = "info",
     ) -> None:
         # The *_created series double every counter's output for no operator benefit.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -170,6 +172,9 @@ class Node:
         self.health: HealthChecker | None = None
         self.workers = workers
         self.reuse_port = workers > 1
+        # How the node logs (--log-json, --log-level): its access logs too, and its workers.
+        self.log_json = log_json
+        self.log_level = log_level
         self._supervisor: Supervisor | None = None
         # Extra HTTP routes on the node's API (the demo's backend switches).
         self.route_hooks: list[Callable[[web.Application], None]] = []
@@ -311,7 +316,13 @@ class Node:
             from interknit.workers import Supervisor
 
             self._warn_per_process_limits()
-            supervisor = Supervisor(self.workers - 1, str(self.config_path), self.listen["api"])
+            supervisor = Supervisor(
+                self.workers - 1,
+                str(self.config_path),
+                self.listen["api"],
+                log_json=self.log_json,
+                log_level=self.log_level,
+            )
             await supervisor.start()
             self._supervisor = supervisor
             self.listen["workers"] = f"{self.workers} proxy processes (SO_REUSEPORT)"
@@ -492,6 +503,7 @@ class Node:
             metrics=self.metrics,
             secret=self._sticky_secret(),
             reuse_port=self.reuse_port,
+            access_log_json=self.log_json,
         )
         self.registry.subscribe(proxy.on_events, proxy.on_resync)
         try:
@@ -606,6 +618,14 @@ class Node:
         log.info("config reloaded", extra={"event": "node.reloaded"})
         return True
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): open the access log files anew, here and in every worker."""
+        if self._supervisor is not None:
+            self._supervisor.signal_all(signal.SIGUSR1)
+        if self.proxy is not None:
+            self.proxy.reopen_access_logs()
+        log.info("access logs reopened", extra={"event": "node.logs_reopened"})
+
     async def _watch_config(self, every: float = 1.0) -> None:
         """Reload when the config file changes, as SIGHUP does."""
         assert self.config_path is not None
@@ -638,6 +658,7 @@ class Node:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         watcher = None
         try:
             await self.start()

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from interknit import heap
 from interknit.config import Config, ConfigError, load_config
-from interknit.proxy.component import ProxyComponent
+from interknit.proxy.component import ListenError, ProxyComponent
 from interknit.registry.follower import Follower, local_ejections
 from interknit.registry.model import Event
 
@@ -32,8 +32,9 @@ def _token(config: Config) -> str | None:
     return found[0] if found else None
 
 
-async def run_worker(config_path: str, api: str) -> None:
-    """One proxy-only worker: follow the node, serve the listeners, drain on SIGTERM."""
+async def run_worker(config_path: str, api: str, log_json: bool = False) -> None:
+    """One proxy-only worker: follow the node, serve the listeners, drain on SIGTERM; reload
+    on SIGHUP and reopen its access logs on SIGUSR1, as the node does."""
     config = load_config(config_path)
     follower = Follower(api, _token(config))
     await follower.start()
@@ -52,6 +53,7 @@ async def run_worker(config_path: str, api: str) -> None:
         metrics=CollectorRegistry(auto_describe=True),
         secret=secret,
         reuse_port=True,
+        access_log_json=log_json,
     )
     follower.subscribe(proxy.on_events, proxy.on_resync)
     await proxy.start()
@@ -70,7 +72,12 @@ async def run_worker(config_path: str, api: str) -> None:
             )
             return
         assert proxy is not None
-        await proxy.reload(fresh.listeners)
+        try:
+            await proxy.reload(fresh.listeners)
+        except ListenError as exc:
+            log.error(
+                "config reload failed", extra={"event": "worker.reload_failed", "error": str(exc)}
+            )
 
     reloads: set[asyncio.Task[None]] = set()
 
@@ -80,6 +87,7 @@ async def run_worker(config_path: str, api: str) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_access_logs)
     try:
         await stop.wait()
     finally:
@@ -90,10 +98,20 @@ async def run_worker(config_path: str, api: str) -> None:
 class Supervisor:
     """Starts the extra workers, restarts one that dies, and stops them all on the way out."""
 
-    def __init__(self, count: int, config_path: str, api: str) -> None:
+    def __init__(
+        self,
+        count: int,
+        config_path: str,
+        api: str,
+        *,
+        log_json: bool = False,
+        log_level: str = "info",
+    ) -> None:
         self.count = count
         self.config_path = config_path
         self.api = api
+        # The node's own logging options, so that a worker logs (and writes access lines) alike.
+        self.options = ["--log-level", log_level, *(["--log-json"] if log_json else [])]
         self.procs: list[asyncio.subprocess.Process | None] = [None] * count
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -113,6 +131,7 @@ class Supervisor:
                 self.config_path,
                 "--node-api",
                 self.api,
+                *self.options,
             )
             self.procs[index] = proc
             log.info("worker started", extra={"event": "worker.started", "pid": proc.pid})

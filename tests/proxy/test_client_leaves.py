@@ -17,6 +17,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,8 +52,8 @@ async def send_and_leave(port: int, data: bytes, before_leaving: Any, reset: boo
 async def listener_factory() -> AsyncIterator[Any]:
     started: list[HttpListener] = []
 
-    async def make(route: RouteSpec, **kw: Any) -> HttpListener:
-        spec = ListenerSpec(name="leave", routes=(route,))
+    async def make(route: RouteSpec, access_log: str = "off", **kw: Any) -> HttpListener:
+        spec = ListenerSpec(name="leave", routes=(route,), access_log=access_log)
         listener = HttpListener(spec, StaticPoolSource(round_robin), **kw)
         await listener.start()
         started.append(listener)
@@ -64,15 +65,19 @@ async def listener_factory() -> AsyncIterator[Any]:
 
 
 async def test_a_queued_client_that_leaves_frees_its_place_at_once(
-    backends: Any, listener_factory: Any, caplog: pytest.LogCaptureFixture
+    backends: Any, listener_factory: Any, tmp_path: Path
 ) -> None:
     b = await backends("a")
     admissions = DemandAdmissions(
         lambda route: DemandSettings(concurrency=1, queue=8, queue_timeout=30.0, reserve=0.0)
     )
     registry = CollectorRegistry()
+    log_path = tmp_path / "access.log"
     listener = await listener_factory(
-        RouteSpec(servers=(b.server,), name="q"), admission=admissions, metrics=registry
+        RouteSpec(servers=(b.server,), name="q"),
+        access_log=str(log_path),
+        admission=admissions,
+        metrics=registry,
     )
     gate = admissions.gates()[0] if admissions.gates() else None
     # One request holds the only slot for a while.
@@ -88,13 +93,13 @@ async def test_a_queued_client_that_leaves_frees_its_place_at_once(
         await until(lambda: len(limiter.queue) == 1)
         queued.set()
 
-    with caplog.at_level("INFO", logger="interknit.access"):
-        await send_and_leave(listener.port, GET % b"0", wait_queued)
-        assert queued.is_set()
-        # Long before the 30 s queue timeout: the place is free once the client is gone.
-        await until(lambda: len(limiter.queue) == 0, timeout=2.0)
-        await until(lambda: closed_errors(registry, "q") == 1, timeout=2.0)
-    lines = [r.getMessage() for r in caplog.records if r.name == "interknit.access"]
+    await send_and_leave(listener.port, GET % b"0", wait_queued)
+    assert queued.is_set()
+    # Long before the 30 s queue timeout: the place is free once the client is gone.
+    await until(lambda: len(limiter.queue) == 0, timeout=2.0)
+    await until(lambda: closed_errors(registry, "q") == 1, timeout=2.0)
+    listener.flush_access_log()
+    lines = log_path.read_text().splitlines()
     assert any("status=499" in x and "reason=client-closed" in x for x in lines), lines
     assert len(b.seen) == 1  # the queued request never reached the upstream
     holder.cancel()

@@ -35,6 +35,14 @@ def test_defaults_and_values_reach_the_specs() -> None:
     assert given.routes[0].retry_backoff == 0.025
 
 
+def test_the_access_log_is_on_by_default_to_stdout() -> None:
+    assert spec().access_log == "-"
+    assert spec('access_log = "off"').access_log == "off"
+    assert spec('access_log = "/var/log/ik/web.log"').access_log == "/var/log/ik/web.log"
+    # An embedder's spec logs nothing unless it says so.
+    assert ListenerSpec(name="x").access_log == "off"
+
+
 @pytest.mark.parametrize(
     ("listener", "route", "path"),
     [
@@ -42,6 +50,9 @@ def test_defaults_and_values_reach_the_specs() -> None:
         ('abort_on_close = "sometimes"', "", "listeners[0].abort_on_close"),
         ("", 'retries = { backoff = "2m" }', "listeners[0].routes[0].retries.backoff"),
         ("", 'retries = { backoff = "-1s" }', "listeners[0].routes[0].retries.backoff"),
+        ('access_log = ""', "", "listeners[0].access_log"),
+        ("access_log = false", "", "listeners[0].access_log"),
+        (f'access_log = "/{"x" * 5000}"', "", "listeners[0].access_log"),
     ],
 )
 def test_bad_values_name_their_key(listener: str, route: str, path: str) -> None:

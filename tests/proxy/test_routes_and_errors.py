@@ -225,16 +225,17 @@ async def test_reset_before_response_is_retried_elsewhere_or_502(proxy) -> None:
     good.close()
 
 
-async def test_access_log_line(backends, proxy, caplog) -> None:
+async def test_access_log_line(backends, proxy, tmp_path) -> None:
     b = await backends("a")
-    p = await proxy(RouteSpec(servers=(b.server,), name="web-route"))
-    with caplog.at_level("INFO", logger="interknit.access"):
-        async with httpx.AsyncClient() as client:
-            await client.get(f"http://127.0.0.1:{p.port}/logged")
-    lines = [r.getMessage() for r in caplog.records if r.name == "interknit.access"]
+    path = tmp_path / "access.log"
+    p = await proxy(RouteSpec(servers=(b.server,), name="web-route"), access_log=str(path))
+    async with httpx.AsyncClient() as client:
+        await client.get(f"http://127.0.0.1:{p.port}/logged")
+    p.flush_access_log()
+    lines = path.read_text().splitlines()
     assert len(lines) == 1
     line = lines[0]
-    assert "route=web-route" in line and "status=200" in line
+    assert "route=web-route" in line and "status=200" in line and "target=/logged " in line
     assert f"endpoint={b.server}" in line and "retries=0" in line and "duration_ms=" in line
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -22,6 +23,7 @@ from interknit.demand.route import DemandAdmissions, RouteLike
 from interknit.demand.settings import DemandSettings
 from interknit.logs import os_error
 from interknit.names import format_hostport
+from interknit.proxy.accesslog import open_target
 from interknit.proxy.config import ListenerSection
 from interknit.proxy.listener import HttpListener, TcpListener, build_listener
 from interknit.proxy.observe import ProxyMetrics
@@ -42,6 +44,24 @@ class ListenError(Exception):
     """A listener could not bind; the message names the listener and the address."""
 
 
+def _access_log_error(index: int, section: ListenerSection, exc: OSError) -> ListenError:
+    return ListenError(
+        f"listeners[{index}].access_log: cannot open {section.access_log} for listener "
+        f"{section.name!r}: {os_error(exc)}"
+    )
+
+
+def _check_access_log(index: int, section: ListenerSection, spec: ListenerSpec) -> None:
+    """Raise ListenError when ``spec``'s access log file cannot be opened for appending, so
+    that a reload naming one changes nothing."""
+    if spec.access_log in ("off", "-"):
+        return
+    try:
+        os.close(open_target(spec.access_log))
+    except OSError as exc:
+        raise _access_log_error(index, section, exc) from None
+
+
 class ProxyComponent:
     def __init__(
         self,
@@ -52,9 +72,11 @@ class ProxyComponent:
         metrics: CollectorRegistry,
         secret: bytes,
         reuse_port: bool = False,
+        access_log_json: bool = False,
     ) -> None:
         self.sections = list(sections)
         self.reuse_port = reuse_port
+        self.access_log_json = access_log_json
         self.passive = PassiveHealth(set_ejected, metrics)
         self._options = pool_options(sections)
         self._settings = demand_settings(sections)
@@ -103,24 +125,35 @@ class ProxyComponent:
 
     def _spec(self, section: ListenerSection) -> ListenerSpec:
         spec = section.to_spec()
-        return replace(spec, reuse_port=True) if self.reuse_port else spec
+        if self.reuse_port or self.access_log_json:
+            spec = replace(
+                spec,
+                reuse_port=spec.reuse_port or self.reuse_port,
+                access_log_json=self.access_log_json,
+            )
+        return spec
 
     async def start(self) -> None:
         specs = [self._spec(s) for s in self.sections]
         self.pools.prepare([route for spec in specs for route in spec.routes])
-        for section, spec in zip(self.sections, specs, strict=True):
-            await self._open(section, spec)
+        for index, (section, spec) in enumerate(zip(self.sections, specs, strict=True)):
+            await self._open(section, spec, index)
         self._refresher = asyncio.create_task(
             refresh_forever(self.pools, self.passive.expire), name="pool-refresh"
         )
         self.traffic.sample(time.time())
         self._sampler = asyncio.create_task(self._sample_traffic(), name="traffic-sampler")
 
-    async def _open(self, section: ListenerSection, spec: ListenerSpec) -> None:
+    async def _open(self, section: ListenerSection, spec: ListenerSpec, index: int) -> None:
         listener = build_listener(spec, self.pools, admission=self.admissions, metrics=self.metrics)
         try:
             await listener.start()
         except OSError as exc:
+            if listener.access is None and spec.access_log != "off":
+                # The access log is opened first: the socket was never bound.
+                raise _access_log_error(index, section, exc) from None
+            if listener.access is not None:
+                listener.access.close()
             reason = os_error(exc)
             raise ListenError(
                 f"cannot listen on {section.listen} for listener {section.name!r}: {reason}"
@@ -133,38 +166,49 @@ class ProxyComponent:
     async def reload(self, sections: Sequence[ListenerSection]) -> None:
         """Apply a new ``[[listeners]]`` list: routes swap in place on listeners that keep their
         address, so open connections are not dropped; others are opened or drained."""
-        new_specs = {s.name: (s, self._spec(s)) for s in sections}
+        new_specs = {s.name: (i, s, self._spec(s)) for i, s in enumerate(sections)}
+        for index, section, spec in new_specs.values():
+            _check_access_log(index, section, spec)
         self._options.clear()
         self._options.update(pool_options(sections))
         self._settings.clear()
         self._settings.update(demand_settings(sections))
-        self.pools.prepare([r for _, spec in new_specs.values() for r in spec.routes])
+        self.pools.prepare([r for _, _, spec in new_specs.values() for r in spec.routes])
         closing = []
         for name, listener in list(self.listeners.items()):
             found = new_specs.get(name)
             old = listener.spec
-            if found is not None and (found[1].host, found[1].port, found[1].protocol) == (
+            if found is not None and (found[2].host, found[2].port, found[2].protocol) == (
                 old.host,
                 old.port,
                 old.protocol,
             ):
-                listener.update(found[1])
+                index, section, spec = found
+                try:
+                    listener.update(spec)
+                except OSError as exc:  # the access log, which opened a moment ago
+                    raise _access_log_error(index, section, exc) from None
                 continue
             closing.append(self.listeners.pop(name))
             self.listen.pop(f"proxy.{name}", None)
         # Close moved listeners first so that a listener may take over a freed address.
         await asyncio.gather(*(lst.stop(self._drain(self.sections)) for lst in closing))
-        for name, (section, spec) in new_specs.items():
+        for name, (index, section, spec) in new_specs.items():
             if name not in self.listeners:
-                await self._open(section, spec)
+                await self._open(section, spec, index)
         self.sections = list(sections)
-        routes = [r for _, spec in new_specs.values() for r in spec.routes]
+        routes = [r for _, _, spec in new_specs.values() for r in spec.routes]
         self.admissions.retain(routes)
         self.passive.retain(set(self.pools.pools()))
         log.info(
             "listeners reloaded",
             extra={"event": "proxy.reload", "listeners": sorted(self.listeners)},
         )
+
+    def reopen_access_logs(self) -> None:
+        """Open every access log's file anew (SIGUSR1: logrotate renamed them)."""
+        for listener in self.listeners.values():
+            listener.reopen_access_log()
 
     @staticmethod
     def _drain(sections: Sequence[ListenerSection]) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from interknit.balance.pool import Policy
 from interknit.demand.config import DemandSection
@@ -119,6 +119,12 @@ class RouteSection(Section):
         )
 
 
+def _access_log(value: str) -> str:
+    if not value or "\0" in value or len(value) > 4096:
+        raise ValueError("must be 'off', '-' (stdout) or the path of a file to append to")
+    return value
+
+
 class ListenerSection(Section):
     name: str
     listen: HostPort
@@ -132,6 +138,8 @@ class ListenerSection(Section):
     upstream_max_idle: Annotated[int, Field(ge=0, le=10_000)] = 32
     upstream_idle_timeout: Seconds = 60.0
     drain_timeout: Seconds = 10.0
+    # "-": stdout; "off"; or a file, appended to (reopened on SIGUSR1).
+    access_log: Annotated[str, AfterValidator(_access_log)] = "-"
     routes: list[RouteSection] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -156,5 +164,6 @@ class ListenerSection(Section):
             abort_on_close=self.abort_on_close,
             upstream_max_idle=self.upstream_max_idle,
             upstream_idle_timeout=self.upstream_idle_timeout,
+            access_log=self.access_log,
             routes=tuple(r.to_spec() for r in self.routes),
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from interknit.balance import HASHING_POLICIES
@@ -58,7 +59,7 @@ from interknit.proxy.machine import (
     ExchangeMachine,
     Timeouts,
 )
-from interknit.proxy.observe import EndpointStats, RouteStats, access_log
+from interknit.proxy.observe import EndpointStats, RouteStats
 from interknit.proxy.pools import PoolLike, Ticket
 from interknit.proxy.request import RequestHead, cookie_value, host_field, upstream_head
 from interknit.proxy.response import response_fields
@@ -72,6 +73,7 @@ from interknit.proxy.wire import (
     LAST_CHUNK,
     NO_BODY_STATUSES,
     SimpleHead,
+    body_size,
     chunk,
     error_response,
 )
@@ -155,6 +157,7 @@ class Exchange(ExchangeMachine):
     __slots__ = (
         "attempt_failed",
         "attempt_stats",
+        "began",
         "body_seen",
         "broken",
         "buffer",
@@ -196,6 +199,8 @@ class Exchange(ExchangeMachine):
     def __init__(self, proto: HttpProxyProtocol, now: float) -> None:
         ExchangeMachine.__init__(self, now)
         self.proto = proto
+        # For the access log's duration: the loop's clock (uvloop's) counts milliseconds.
+        self.began = monotonic()
         # The request
         self.head = NO_HEAD
         self.keep_alive = False
@@ -624,7 +629,9 @@ class Exchange(ExchangeMachine):
             self.must_close = True
         proto = self.proto
         close = self.must_close or not self.keep_alive or proto.listener.stopping
-        proto.write(error_response(status, reason, close=close, retry_after=retry_after))
+        response = error_response(status, reason, close=close, retry_after=retry_after)
+        self.bytes_out += body_size(response)
+        proto.write(response)
 
     def finish(self, now: float) -> None:
         """Close the books: route, demand control, metrics, the access log, the connection."""
@@ -646,9 +653,8 @@ class Exchange(ExchangeMachine):
             if route.stats is not None:
                 route.stats.inflight.value -= 1
         stats = route.stats if route is not None else listener.no_route_stats()
-        duration = now - self.started_at
         if stats is not None:
-            stats.finished(self.status, duration, self.reason)
+            stats.finished(self.status, now - self.started_at, self.reason)
         if (
             self.must_close
             or not self.keep_alive
@@ -659,30 +665,26 @@ class Exchange(ExchangeMachine):
             self.to(CLOSE, now)
         else:
             self.to(FINISH, now)
-        if access_log.isEnabledFor(logging.INFO):
-            self.log_access(duration)
+        access = listener.access
+        if access is not None:
+            head = self.head
+            ep = self.endpoint
+            access.http(
+                monotonic(),
+                self.began,
+                route.label if route is not None else "",
+                proto.client_key,
+                head.method,
+                head.target,
+                self.status,
+                ep.key if ep is not None else "",
+                self.bytes_in,
+                self.bytes_out,
+                self.retries,
+                self.reason,
+                self.request_id or head.request_id or b"",
+            )
         proto.exchange_finished(self, now)
-
-    def log_access(self, duration: float) -> None:
-        route = self.route
-        ep = self.endpoint
-        head = self.head
-        access_log.info(
-            "listener=%s route=%s method=%s target=%s status=%d endpoint=%s bytes_in=%d "
-            "bytes_out=%d duration_ms=%.2f retries=%d reason=%s request_id=%s",
-            self.proto.listener.spec.name,
-            route.label if route is not None else "-",
-            head.method.decode("latin-1"),
-            head.target.decode("latin-1"),
-            self.status,
-            ep.key if ep is not None else "-",
-            self.bytes_in,
-            self.bytes_out,
-            duration * 1000.0,
-            self.retries,
-            self.reason or "-",
-            self.request_id.decode("latin-1") or "-",
-        )
 
     def abandon(self, now: float) -> None:
         """Stop whatever the exchange waits for; its attempt (if any) ends."""

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
@@ -32,10 +33,9 @@ from interknit.http1.limits import HeadGuard
 from interknit.proxy.exchange import Exchange
 from interknit.proxy.flow import PEER_FULL, PIPELINE, WAITING, FlowControl
 from interknit.proxy.machine import ADMITTING, CONNECTING, HEAD, MUST_CLOSE, RETRY_WAIT
-from interknit.proxy.observe import access_log
 from interknit.proxy.request import Rejected, RequestHead, read_head
 from interknit.proxy.upstream import UpstreamConnection
-from interknit.proxy.wire import error_response
+from interknit.proxy.wire import body_size, error_response
 
 if TYPE_CHECKING:
     from interknit.proxy.listener import HttpListener
@@ -113,7 +113,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         # The exchange whose head this read completed, begun once the read is parsed.
         self.starting: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
-        self.pending_error: bytes | None = None
+        # A refusal to send once the exchanges before it are answered: (status, reason, began).
+        self.pending_error: tuple[int, str, float] | None = None
         # One timer handle bounds every wait of the connection: the head or the next request
         # (``wait``, until ``wait_until``) and the active exchange's (its machine says when).
         # It is re-armed only when a wait must end sooner than it fires: setting a handle per
@@ -151,14 +152,17 @@ class HttpProxyProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = transport  # type: ignore[assignment]
-        if not self.listener.connection_opened(self):
-            self.rejected = True
-            self.transport.write(error_response(503, "max-connections", close=True, retry_after=1))
-            self.transport.close()
-            return
-        self.flow = FlowControl(self.transport)
         peer = self.transport.get_extra_info("peername")
         self.client_key = str(peer[0]) if peer else ""
+        if not self.listener.connection_opened(self):
+            self.rejected = True
+            response = error_response(503, "max-connections", close=True, retry_after=1)
+            self.transport.write(response)
+            self.transport.close()
+            now = monotonic()
+            self.log_refusal(503, "max-connections", response, now, now)
+            return
+        self.flow = FlowControl(self.transport)
         self.client_ip = self.client_key.encode()
         self.wait_for(_WAIT_HEAD, self.loop.time() + self.header_timeout)
 
@@ -392,29 +396,45 @@ class HttpProxyProtocol(asyncio.Protocol):
         if ex is not None and ex is self.active:
             ex.request_failed(status, reason)
             return
+        began = monotonic() if ex is None else ex.began
         if ex is not None:
             with contextlib.suppress(ValueError):
                 self.pipeline.remove(ex)
-        response = error_response(status, reason, close=True)
         if self.active is None:
-            self.count_rejection(reason, status)
-            self.write(response)
-            self.close()
+            self.refuse(status, reason, began)
         else:
-            self.pending_error = response
+            self.pending_error = (status, reason, began)
 
-    def count_rejection(self, reason: str, status: int) -> None:
+    def refuse(self, status: int, reason: str, began: float) -> None:
+        """Answer a request refused before routing, count it, and close."""
+        response = error_response(status, reason, close=True)
         stats = self.listener.no_route_stats()
         if stats is not None:
             stats.count(status)
             stats.error(reason)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "listener=%s route=- status=%d reason=%s client=%s",
-                self.listener.spec.name,
-                status,
-                reason,
+        self.write(response)
+        self.close()
+        self.log_refusal(status, reason, response, began, monotonic())
+
+    def log_refusal(
+        self, status: int, reason: str, response: bytes, began: float, now: float
+    ) -> None:
+        access = self.listener.access
+        if access is not None:
+            access.http(
+                now,
+                began,
+                "",
                 self.client_key,
+                b"",
+                b"",
+                status,
+                "",
+                0,
+                body_size(response),
+                0,
+                reason,
+                b"",
             )
 
     def exchange_finished(self, ex: Exchange, now: float) -> None:
@@ -438,8 +458,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             self.loop.call_soon(self.begin_next, nxt)
             return
         if self.pending_error is not None:
-            self.write(self.pending_error)
-            self.close()
+            self.refuse(*self.pending_error)
             return
         if self.in_head:
             if self.wait != _WAIT_HEAD:
@@ -524,9 +543,10 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     def on_head_timeout(self) -> None:
         if self.active is None and not self.closed:
-            self.count_rejection("header-timeout", 408)
-            self.write(error_response(408, "header-timeout", close=True))
-            self.close()
+            # The wait began header_timeout before it ended (at the head's first byte, or when
+            # the connection opened or its last request ended), on the loop's clock: the
+            # monotonic clock, to the millisecond.
+            self.refuse(408, "header-timeout", self.wait_until - self.header_timeout)
 
     def on_idle_timeout(self) -> None:
         if self.active is None and not self.in_head:

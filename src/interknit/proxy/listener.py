@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from interknit.http1 import headcache
 from interknit.http1.headcache import HeadCache
+from interknit.proxy.accesslog import AccessLog
 from interknit.proxy.exchange import RouteState
 from interknit.proxy.http import HttpProxyProtocol
 from interknit.proxy.observe import ListenerStats, ProxyMetrics, RouteStats
@@ -57,6 +58,8 @@ class Listener:
         self._drained: asyncio.Event | None = None
         self._budgets: dict[RouteSpec, RetryBudget] = {}
         self.routing: tuple[Router, tuple[RouteState, ...]] = self._compile(spec)
+        # Opened by start(); None when the spec says "off".
+        self.access: AccessLog | None = None
 
     @property
     def port(self) -> int:
@@ -72,7 +75,19 @@ class Listener:
     def protocol_factory(self) -> asyncio.Protocol:
         raise NotImplementedError
 
+    def _access_log(self, spec: ListenerSpec) -> AccessLog | None:
+        """The access log ``spec`` asks for, opened (raises OSError), or None."""
+        if spec.access_log == "off":
+            return None
+        access = AccessLog(
+            spec.access_log, spec.name, json_lines=spec.access_log_json, loop=self.loop
+        )
+        access.open()
+        return access
+
     async def start(self) -> None:
+        """Open the access log (OSError if it cannot be), then accept."""
+        self.access = self._access_log(self.spec)
         self.server = await self.loop.create_server(
             self.protocol_factory,
             self.spec.host,
@@ -91,8 +106,28 @@ class Listener:
             self.spec.protocol,
         ):
             raise ValueError("update() cannot change a listener's address or protocol")
+        old = self.spec
+        if (spec.access_log, spec.access_log_json, spec.name) != (
+            old.access_log,
+            old.access_log_json,
+            old.name,
+        ):
+            # Opened first: a path that cannot be opened changes nothing (OSError).
+            access = self._access_log(spec)
+            if self.access is not None:
+                self.access.close()
+            self.access = access
         self.spec = spec
         self.routing = self._compile(spec)
+
+    def reopen_access_log(self) -> None:
+        """Open the access log's file anew (SIGUSR1, after logrotate renamed it)."""
+        if self.access is not None:
+            self.access.reopen()
+
+    def flush_access_log(self) -> None:
+        if self.access is not None:
+            self.access.flush()
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop accepting; wait up to ``drain_timeout`` for requests in flight, then close."""
@@ -111,6 +146,9 @@ class Listener:
             conn.transport.abort()
         self._closed()
         await asyncio.sleep(0)
+        # After the aborted connections' last lines (their connection_lost ran in that turn).
+        if self.access is not None:
+            self.access.close()
 
     def _flush(self) -> None:
         """Send what is queued for the connections, before they are cut."""

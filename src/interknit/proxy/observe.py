@@ -1,4 +1,5 @@
-"""Metrics and the access log, shaped so that a request touches only plain Python numbers.
+"""Metrics, shaped so that a request touches only plain Python numbers (the access log is
+``accesslog.py``).
 
 A prometheus-client child takes a lock and a few calls per ``inc`` or ``observe``, which is a
 fair share of a proxied request. So the proxy's families keep their children as bare numbers
@@ -10,15 +11,12 @@ scrape from another thread reads numbers that at worst miss a request in flight.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from interknit.plainmetrics import Collector, Family
-
-access_log = logging.getLogger("interknit.access")
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 

@@ -157,6 +157,10 @@ class ListenerSpec:
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
     # SO_REUSEPORT, so that several worker processes accept on the same address.
     reuse_port: bool = False
+    # Where the listener's access log goes: "off", "-" (stdout) or a file's path, appended to.
+    access_log: str = "off"
+    # JSON lines instead of key=value text (the node's --log-json).
+    access_log_json: bool = False
 
     def validate(self) -> None:
         if self.protocol not in ("http", "tcp"):
@@ -175,6 +179,8 @@ class ListenerSpec:
             raise ValueError("max_header_bytes: must be at least 1024")
         if not 1 <= self.max_headers <= 10000:
             raise ValueError("max_headers: must be between 1 and 10000")
+        if not self.access_log or "\0" in self.access_log or len(self.access_log) > 4096:
+            raise ValueError("access_log: must be 'off', '-' (stdout) or a file's path")
         if self.protocol == "tcp" and (len(self.routes) != 1 or self.routes[0].match is not None):
             raise ValueError("routes: a tcp listener has exactly one route without 'match'")
         for index, route in enumerate(self.routes):

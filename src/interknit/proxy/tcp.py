@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from interknit.balance.base import Endpoint
 from interknit.balance.pool import HASHING_POLICIES
-from interknit.proxy.observe import access_log
 
 if TYPE_CHECKING:
     from interknit.proxy.listener import TcpListener
@@ -76,6 +76,8 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.endpoint: Endpoint | None = None
         self.task: asyncio.Task[None] | None = None
         self.started = 0.0
+        self.began = 0.0  # for the access log's duration (the loop counts milliseconds)
+        self.client = ""  # the client's address, for the access log
         self.bytes_in = 0
         self.bytes_out = 0
         self.status = 0
@@ -90,11 +92,19 @@ class TcpProxyProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = transport  # type: ignore[assignment]
+        peer = self.transport.get_extra_info("peername")
+        self.client = str(peer[0]) if peer else ""
         if not self.listener.connection_opened(self):
             self.rejected = True
             self.transport.abort()
+            access = self.listener.access
+            if access is not None:
+                now = monotonic()
+                label = self.listener.route_state.label
+                access.tcp(now, now, label, self.client, 503, "", 0, 0, 0, "max-connections")
             return
         self.started = self.last_activity = self.loop.time()
+        self.began = monotonic()
         self.arm_idle_timer(self.started + self.listener.route_state.spec.idle_timeout)
         self.task = self.loop.create_task(self.connect())
 
@@ -210,8 +220,7 @@ class TcpProxyProtocol(asyncio.Protocol):
     def client_key(self) -> bytes | None:
         spec = self.listener.route_state.spec
         if spec.balance in HASHING_POLICIES:
-            peer = self.transport.get_extra_info("peername")
-            return str(peer[0]).encode() if peer else None
+            return self.client.encode() if self.client else None
         return None
 
     def upstream_eof(self) -> None:
@@ -267,28 +276,29 @@ class TcpProxyProtocol(asyncio.Protocol):
             upstream.transport.close()
 
     def finish(self) -> None:
-        state = self.listener.route_state
-        duration = self.loop.time() - self.started
+        listener = self.listener
+        state = listener.route_state
+        now = self.loop.time()
         stats = state.stats
         if stats is not None:
             stats.count(self.status or 499)
-            stats.duration.observe(duration)
+            stats.duration.observe(now - self.started)
             if self.reason:
                 stats.error(self.reason)
-        if access_log.isEnabledFor(logging.INFO):
+        access = listener.access
+        if access is not None:
             ep = self.endpoint
-            access_log.info(
-                "listener=%s route=%s status=%d endpoint=%s bytes_in=%d bytes_out=%d "
-                "duration_ms=%.2f retries=%d reason=%s",
-                self.listener.spec.name,
+            access.tcp(
+                monotonic(),
+                self.began,
                 state.label,
-                self.status,
-                ep.key if ep is not None else "-",
+                self.client,
+                self.status or 499,  # as counted: the client left before a connection was made
+                ep.key if ep is not None else "",
                 self.bytes_in,
                 self.bytes_out,
-                duration * 1000.0,
                 self.retries,
-                self.reason or "-",
+                self.reason,
             )
 
     def shutdown(self) -> None:

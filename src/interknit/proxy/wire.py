@@ -63,6 +63,11 @@ def error_response(
     return cached
 
 
+def body_size(response: bytes) -> int:
+    """The body's length in a whole response the proxy made (``error_response``)."""
+    return len(response) - response.index(b"\r\n\r\n") - 4
+
+
 def connection_tokens(value: bytes) -> set[bytes]:
     """The header names a Connection header lists (lower-cased)."""
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
