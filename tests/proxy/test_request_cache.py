@@ -92,6 +92,44 @@ SCENARIOS: dict[str, list[list[bytes]]] = {
     "blank lines around": [[b"\r\n" + GET] * 4, [GET + b"\r\n"] * 4, [GET + b"\r\n\r\n"] * 4],
     "a byte after the head": [[GET + b"G"] * 3],
     "connect": [[b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"] * 2],
+    # The same fields under other request lines: only the line is read (with_request_line),
+    # or the parser reads all when the line is not plain.
+    "other targets, the same fields": [
+        [
+            b"GET /%s?q=%d HTTP/1.1\r\nHost: a\r\nCookie: s=1\r\nAccept: */*\r\n\r\n" % (part, i)
+            for i, part in enumerate([b"a", b"b", b"c/d%20e;f=g~h@i:j!k$l&'()*+,", b"", b"a"])
+        ]
+    ],
+    "targets only the parser reads": [
+        [
+            b"GET %s HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n" % target
+            for target in [b"/a", b"/b", b"/c#d", b"/e%zz", b'/f"\xc3\xa9', b"http://a/g", b"*"]
+        ]
+    ],
+    "other lines with the same fields": [
+        [
+            b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"HEAD /c HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /d HTTP/1.0\r\nHost: a\r\n\r\n",
+        ],
+        [
+            b"GET /a HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+            b"GET /b HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+            b"GET  /c HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+            b"GET /d  HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+            b"GET /e http/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+        ],
+        [
+            b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /b HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /c HTTP/1.1\r\nHost: a\r\n\r\nGET /d HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /e HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        ],
+    ],
+    "the same fields, but the first after blank lines": [
+        [b"\r\nGET /a HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n"] * 2
+    ],
     "http/2 preface": [[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] * 2],
 }
 
@@ -137,7 +175,19 @@ async def test_the_cache_is_used_and_keeps_the_listeners_limit(
     monkeypatch.setattr(http_module.HttpProxyProtocol, "request_from_cache", spy)
     replies, received = await run(proxy, "hits", [[GET] * 4])
     assert replies[0].count(b"HTTP/1.1 200 OK") == 4
-    assert hits == [b"/a?b=c", b"/a?b=c"]  # kept from its second parse, used from the third
+    # The connection's last fields answer from its second request on.
+    assert hits == [b"/a?b=c"] * 3
+    # Across connections the listener's cache keeps a head from its second parse and answers
+    # it from the third.
+    hits.clear()
+    await run(proxy, "across", [[GET], [GET], [GET]])
+    assert hits == [b"/a?b=c"]
+    # Only the request line is read for the same fields under another target.
+    hits.clear()
+    heads = [GET.replace(b"/a?b=c", b"/%d" % i) for i in range(4)]
+    replies, received = await run(proxy, "lines", [heads])
+    assert hits == [b"/1", b"/2", b"/3"]
+    assert re.findall(rb"GET (/\d) HTTP/1.1\r\n", received[0]) == [b"/0", b"/1", b"/2", b"/3"]
     assert len(set(re.findall(rb"x-request-id: ([^\r]+)", received[0]))) == 1  # normalized
     # Each listener has its own cache: a head cached by a listener with a large limit is still
     # too large for a small one.

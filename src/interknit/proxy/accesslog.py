@@ -52,55 +52,76 @@ PIPE_BUF = select.PIPE_BUF
 _NAMES_MAX = 4096
 
 # A byte that may not stand in a value as it is: not printable ASCII, or a space, '"' or '\'.
-_UNSAFE = re.compile(rb"[^\x21\x23-\x5b\x5d-\x7e]")
+# The bytes that may stand in a value as they are: printable ASCII but ' ', '"' and '\'.
+_SAFE = bytes(b for b in range(0x21, 0x7F) if b not in (0x22, 0x5C))
 _UNSAFE_STR = re.compile(r"[^\x21\x23-\x5b\x5d-\x7e]")
-_search = _UNSAFE.search
-# The methods llhttp knows, decoded once.
-_METHODS = {
-    m.encode(): m
-    for m in (  # noqa: SIM905
-        "GET HEAD POST PUT DELETE OPTIONS PATCH TRACE CONNECT PROPFIND PROPPATCH MKCOL COPY "
-        "MOVE LOCK UNLOCK SEARCH REPORT PURGE"
-    ).split()
-}
-_JSON_METHODS = {m: f'"{text}"' for m, text in _METHODS.items()}
+# The methods llhttp knows, as they stand in a text line and in a JSON one.
+_METHODS = (  # noqa: SIM905
+    "GET HEAD POST PUT DELETE OPTIONS PATCH TRACE CONNECT PROPFIND PROPPATCH MKCOL COPY "
+    "MOVE LOCK UNLOCK SEARCH REPORT PURGE"
+).split()
+_TEXT_METHODS = {m.encode(): m.encode() for m in _METHODS}
+_JSON_METHODS = {m.encode(): f'"{m}"'.encode() for m in _METHODS}
+
+_TEXT_HTTP = (
+    b"ts=%s %s route=%s client=%s method=%s target=%s status=%d endpoint=%s bytes_in=%d "
+    b"bytes_out=%d duration_ms=%.3f retries=%d reason=%s request_id=%s\n"
+)
+_TEXT_TCP = (
+    b"ts=%s %s route=%s client=%s status=%d endpoint=%s bytes_in=%d bytes_out=%d "
+    b"duration_ms=%.3f retries=%d reason=%s\n"
+)
+_JSON_HTTP = (
+    b'{"ts":"%s",%s,"route":%s,"client":%s,"method":%s,"target":%s,"status":%d,'
+    b'"endpoint":%s,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,"retries":%d,'
+    b'"reason":%s,"request_id":%s}\n'
+)
+_JSON_TCP = (
+    b'{"ts":"%s",%s,"route":%s,"client":%s,"status":%d,"endpoint":%s,"bytes_in":%d,'
+    b'"bytes_out":%d,"duration_ms":%.3f,"retries":%d,"reason":%s}\n'
+)
 
 
-def _quoted(value: bytes) -> str:
-    """A client's bytes as a JSON string: UTF-8 where they are, ``\\xNN`` where not."""
-    return json.dumps(value.decode("utf-8", "backslashreplace"))
+def _plain(value: bytes) -> bool:
+    """Whether ``value`` may stand as it is (an empty one may not: it stands for none)."""
+    return bool(value) and not value.translate(None, _SAFE)
 
 
-def _text_quoted(text: str) -> str:
+def _json_string(text: str) -> bytes:
+    return json.dumps(text).encode()
+
+
+def _text_string(text: str) -> bytes:
     """A JSON string without a space (``\\u0020``), so that a text line splits on spaces."""
-    return json.dumps(text).replace(" ", "\\u0020")
+    return json.dumps(text).replace(" ", "\\u0020").encode()
 
 
-def _text_bytes(value: bytes) -> str:
+def _text_bytes(value: bytes) -> bytes:
+    """A client's bytes in a text line: as they are, ``-`` for none, else a JSON string
+    (UTF-8 where they are, ``\\xNN`` where not)."""
     if not value:
-        return "-"
-    if _UNSAFE.search(value) is None:
-        return value.decode("ascii")
-    return _text_quoted(value.decode("utf-8", "backslashreplace"))
+        return b"-"
+    if _plain(value):
+        return value
+    return _text_string(value.decode("utf-8", "backslashreplace"))
 
 
-def _json_bytes(value: bytes) -> str:
+def _json_bytes(value: bytes) -> bytes:
     if not value:
-        return "null"
-    if _UNSAFE.search(value) is None:
-        return f'"{value.decode("ascii")}"'
-    # A space is fine inside a JSON string; json.dumps escapes the rest.
-    return _quoted(value)
+        return b"null"
+    if _plain(value):
+        return b'"%s"' % value
+    return _json_string(value.decode("utf-8", "backslashreplace"))
 
 
-def _text_name(value: str) -> str:
+def _text_name(value: str) -> bytes:
     if not value:
-        return "-"
-    return value if _UNSAFE_STR.search(value) is None else _text_quoted(value)
+        return b"-"
+    return value.encode() if _UNSAFE_STR.search(value) is None else _text_string(value)
 
 
-def _json_name(value: str) -> str:
-    return json.dumps(value) if value else "null"
+def _json_name(value: str) -> bytes:
+    return _json_string(value) if value else b"null"
 
 
 def _wall_offset() -> float:
@@ -120,14 +141,14 @@ class LineBuffer:
     def __init__(self, max_bytes: int = FLUSH_BYTES, max_age: float = FLUSH_AFTER) -> None:
         self.max_bytes = max_bytes
         self.max_age = max_age
-        self.lines: list[str] = []
+        self.lines: list[bytes] = []
         self.size = 0
         self.since = 0.0  # when the oldest line waiting arrived
         # Told when a batch begins (with its time) and when it is full and must go now.
         self.on_first: Callable[[float], None] = _nothing
         self.on_full: Callable[[], None] = _nothing
 
-    def add(self, line: str, now: float) -> None:
+    def add(self, line: bytes, now: float) -> None:
         lines = self.lines
         lines.append(line)
         self.size += len(line)
@@ -154,17 +175,17 @@ class LineBuffer:
         self.lines = []
         self.size = 0
         if piece <= 0:
-            return ["".join(lines).encode()]
+            return [b"".join(lines)]
         chunks: list[bytes] = []
         start = 0
         size = 0
         for index, line in enumerate(lines):
             if size and size + len(line) > piece:
-                chunks.append("".join(lines[start:index]).encode())
+                chunks.append(b"".join(lines[start:index]))
                 start = index
                 size = 0
             size += len(line)
-        chunks.append("".join(lines[start:]).encode())
+        chunks.append(b"".join(lines[start:]))
         return chunks
 
 
@@ -192,16 +213,16 @@ class _Lines(LineBuffer):
         max_age: float = FLUSH_AFTER,
     ) -> None:
         super().__init__(max_bytes, max_age)
-        self.head = ""  # the listener's pair, the same on every line
+        self.head = b""  # the listener's pair, the same on every line
         # Names from the config or the registry (routes, endpoints, reasons), escaped once.
-        self._names: dict[str, str] = {}
+        self._names: dict[str, bytes] = {}
         self._clock = offset
         self._offset = 0.0
         self._until = -1.0  # the offset is read again for a line that began after this
         self._milli = -1
         self._second = -1
         self._stamp = ""
-        self._ts = ""
+        self._ts = b""
 
     def wall(self, started: float) -> float:
         """Wall-clock seconds at monotonic ``started``; the offset is read once a second."""
@@ -210,7 +231,7 @@ class _Lines(LineBuffer):
             self._until = started + 1.0
         return started + self._offset
 
-    def stamp(self, wall: float) -> str:
+    def stamp(self, wall: float) -> bytes:
         """``wall`` (seconds since the epoch) as ISO 8601 UTC to the millisecond; the last one
         is kept, so lines of the same millisecond pay one comparison."""
         milli = int(wall * 1000.0)
@@ -220,10 +241,10 @@ class _Lines(LineBuffer):
                 self._second = second
                 self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._milli = milli
-            self._ts = f"{self._stamp}.{milli % 1000:03d}Z"
+            self._ts = f"{self._stamp}.{milli % 1000:03d}Z".encode()
         return self._ts
 
-    def name(self, value: str) -> str:
+    def name(self, value: str) -> bytes:
         found = self._names.get(value)
         if found is None:
             if len(self._names) >= _NAMES_MAX:
@@ -232,7 +253,7 @@ class _Lines(LineBuffer):
         return found
 
     @staticmethod
-    def escape(value: str) -> str:
+    def escape(value: str) -> bytes:
         raise NotImplementedError
 
 
@@ -252,14 +273,14 @@ class TextLines(_Lines):
         max_age: float = FLUSH_AFTER,
     ) -> None:
         super().__init__(listener, offset=offset, max_bytes=max_bytes, max_age=max_age)
-        self.head = f"listener={_text_name(listener)}"
+        self.head = b"listener=" + _text_name(listener)
 
     def http(
         self,
         now: float,
         started: float,
         route: str,
-        client: str,
+        client: bytes,
         method: bytes,
         target: bytes,
         status: int,
@@ -275,22 +296,31 @@ class TextLines(_Lines):
         wall = started + self._offset if started < self._until else self.wall(started)
         ts = self._ts if int(wall * 1000.0) == self._milli else self.stamp(wall)
         names = self._names
-        # The client's bytes: one search over both for the usual case, where neither needs
-        # quoting.
-        if _search(target + request_id) is None:
-            target_text = target.decode("ascii") or "-"
-            id_text = request_id.decode("ascii") or "-"
+        # The client's bytes: one look at both for the usual case, where each stands as it is.
+        if target and request_id and not (target + request_id).translate(None, _SAFE):
+            target_text = target
+            id_text = request_id
         else:
             target_text = _text_bytes(target)
             id_text = _text_bytes(request_id)
         self.add(
-            f"ts={ts} {self.head} route={names.get(route) or self.name(route)} "
-            f"client={client or '-'} method={_METHODS.get(method) or _text_bytes(method)} "
-            f"target={target_text} status={status} "
-            f"endpoint={names.get(endpoint) or self.name(endpoint)} bytes_in={bytes_in} "
-            f"bytes_out={bytes_out} duration_ms={(now - started) * 1000.0:.3f} "
-            f"retries={retries} reason={names.get(reason) or self.name(reason)} "
-            f"request_id={id_text}\n",
+            _TEXT_HTTP
+            % (
+                ts,
+                self.head,
+                names.get(route) or self.name(route),
+                client or b"-",
+                _TEXT_METHODS.get(method) or _text_bytes(method),
+                target_text,
+                status,
+                names.get(endpoint) or self.name(endpoint),
+                bytes_in,
+                bytes_out,
+                (now - started) * 1000.0,
+                retries,
+                names.get(reason) or self.name(reason),
+                id_text,
+            ),
             now,
         )
 
@@ -299,7 +329,7 @@ class TextLines(_Lines):
         now: float,
         started: float,
         route: str,
-        client: str,
+        client: bytes,
         status: int,
         endpoint: str,
         bytes_in: int,
@@ -309,11 +339,20 @@ class TextLines(_Lines):
     ) -> None:
         """One TCP connection that began at ``started`` and ended at ``now`` (monotonic)."""
         self.add(
-            f"ts={self.stamp(self.wall(started))} {self.head} route={self.name(route)} "
-            f"client={client or '-'} status={status} endpoint={self.name(endpoint)} "
-            f"bytes_in={bytes_in} bytes_out={bytes_out} "
-            f"duration_ms={(now - started) * 1000.0:.3f} retries={retries} "
-            f"reason={self.name(reason)}\n",
+            _TEXT_TCP
+            % (
+                self.stamp(self.wall(started)),
+                self.head,
+                self.name(route),
+                client or b"-",
+                status,
+                self.name(endpoint),
+                bytes_in,
+                bytes_out,
+                (now - started) * 1000.0,
+                retries,
+                self.name(reason),
+            ),
             now,
         )
 
@@ -334,14 +373,14 @@ class JsonLines(_Lines):
         max_age: float = FLUSH_AFTER,
     ) -> None:
         super().__init__(listener, offset=offset, max_bytes=max_bytes, max_age=max_age)
-        self.head = f'"listener":{_json_name(listener)}'
+        self.head = b'"listener":' + _json_name(listener)
 
     def http(
         self,
         now: float,
         started: float,
         route: str,
-        client: str,
+        client: bytes,
         method: bytes,
         target: bytes,
         status: int,
@@ -355,21 +394,30 @@ class JsonLines(_Lines):
         wall = started + self._offset if started < self._until else self.wall(started)
         ts = self._ts if int(wall * 1000.0) == self._milli else self.stamp(wall)
         names = self._names
-        if _search(target + request_id) is None:
-            target_json = f'"{target.decode("ascii")}"' if target else "null"
-            id_json = f'"{request_id.decode("ascii")}"' if request_id else "null"
+        if target and request_id and not (target + request_id).translate(None, _SAFE):
+            target_json = b'"%s"' % target
+            id_json = b'"%s"' % request_id
         else:
             target_json = _json_bytes(target)
             id_json = _json_bytes(request_id)
         self.add(
-            f'{{"ts":"{ts}",{self.head},"route":{names.get(route) or self.name(route)},'
-            f'"client":{names.get(client) or self.name(client)},'
-            f'"method":{_JSON_METHODS.get(method) or _json_bytes(method)},'
-            f'"target":{target_json},"status":{status},'
-            f'"endpoint":{names.get(endpoint) or self.name(endpoint)},"bytes_in":{bytes_in},'
-            f'"bytes_out":{bytes_out},"duration_ms":{(now - started) * 1000.0:.3f},'
-            f'"retries":{retries},"reason":{names.get(reason) or self.name(reason)},'
-            f'"request_id":{id_json}}}\n',
+            _JSON_HTTP
+            % (
+                ts,
+                self.head,
+                names.get(route) or self.name(route),
+                _json_bytes(client),
+                _JSON_METHODS.get(method) or _json_bytes(method),
+                target_json,
+                status,
+                names.get(endpoint) or self.name(endpoint),
+                bytes_in,
+                bytes_out,
+                (now - started) * 1000.0,
+                retries,
+                names.get(reason) or self.name(reason),
+                id_json,
+            ),
             now,
         )
 
@@ -378,7 +426,7 @@ class JsonLines(_Lines):
         now: float,
         started: float,
         route: str,
-        client: str,
+        client: bytes,
         status: int,
         endpoint: str,
         bytes_in: int,
@@ -387,11 +435,20 @@ class JsonLines(_Lines):
         reason: str,
     ) -> None:
         self.add(
-            f'{{"ts":"{self.stamp(self.wall(started))}",{self.head},'
-            f'"route":{self.name(route)},"client":{self.name(client)},"status":{status},'
-            f'"endpoint":{self.name(endpoint)},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
-            f'"duration_ms":{(now - started) * 1000.0:.3f},"retries":{retries},'
-            f'"reason":{self.name(reason)}}}\n',
+            _JSON_TCP
+            % (
+                self.stamp(self.wall(started)),
+                self.head,
+                self.name(route),
+                _json_bytes(client),
+                status,
+                self.name(endpoint),
+                bytes_in,
+                bytes_out,
+                (now - started) * 1000.0,
+                retries,
+                self.name(reason),
+            ),
             now,
         )
 

@@ -673,7 +673,7 @@ class Exchange(ExchangeMachine):
                 monotonic(),
                 self.began,
                 route.label if route is not None else "",
-                proto.client_key,
+                proto.client_ip,
                 head.method,
                 head.target,
                 self.status,

@@ -13,8 +13,12 @@ head that grows past ``max_header_bytes`` at once, so that no partial line is bu
 bound, and ``max_headers`` bounds the number of header fields.
 
 A whole request head that arrives in one read, while the parser rests between kept-alive
-messages, is looked up by its bytes in the listener's head cache (``http1.headcache``), which
-holds only what ``read_head`` returned for the same bytes: such a head skips the parser.
+messages, skips the parser in two cases. When its header fields are byte for byte those of the
+connection's last head parsed whole (a client sends the same fields, cookies and all, with
+every request), only its request line is read (``request.with_request_line``, which takes
+only lines the parser would read the same way). Otherwise it is looked up by its bytes in the
+listener's head cache (``http1.headcache``), which holds only what ``read_head`` returned for
+the same bytes.
 Both sides write through the loop's ``http1.batch.WriteBatch``.
 """
 
@@ -33,7 +37,13 @@ from interknit.http1.limits import HeadGuard
 from interknit.proxy.exchange import Exchange
 from interknit.proxy.flow import PEER_FULL, PIPELINE, WAITING, FlowControl
 from interknit.proxy.machine import ADMITTING, CONNECTING, HEAD, MUST_CLOSE, RETRY_WAIT
-from interknit.proxy.request import Rejected, RequestHead, read_head
+from interknit.proxy.request import (
+    Rejected,
+    RequestHead,
+    read_head,
+    request_line,
+    with_request_line,
+)
 from interknit.proxy.upstream import UpstreamConnection
 from interknit.proxy.wire import body_size, error_response
 
@@ -57,6 +67,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         "active",
         "at_rest",
         "batch",
+        "block",
+        "block_head",
         "broken",
         "client_ip",
         "client_key",
@@ -138,6 +150,11 @@ class HttpProxyProtocol(asyncio.Protocol):
         # Between two messages after a kept-alive one (or none yet): a request head in one
         # read may come from the head cache (data_received).
         self.at_rest = True
+        # The header fields (from the CRLF that ends the request line to the end of the head)
+        # of the last head parsed whole in one read, and that head: a next head with the same
+        # fields needs only its request line read (request.with_request_line).
+        self.block = b""
+        self.block_head: RequestHead | None = None
 
         # Per-request state (the request being parsed)
         self.last_head: RequestHead | None = None
@@ -154,6 +171,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = self.transport.get_extra_info("peername")
         self.client_key = str(peer[0]) if peer else ""
+        self.client_ip = self.client_key.encode()
         if not self.listener.connection_opened(self):
             self.rejected = True
             response = error_response(503, "max-connections", close=True, retry_after=1)
@@ -163,7 +181,6 @@ class HttpProxyProtocol(asyncio.Protocol):
             self.log_refusal(503, "max-connections", response, now, now)
             return
         self.flow = FlowControl(self.transport)
-        self.client_ip = self.client_key.encode()
         self.wait_for(_WAIT_HEAD, self.loop.time() + self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -202,7 +219,17 @@ class HttpProxyProtocol(asyncio.Protocol):
         # http1.headcache). Otherwise parse, and offer the result if it is such a head.
         remember = False
         if self.at_rest:
-            head = self.heads.get(data)
+            block = self.block
+            head = None
+            if (
+                block
+                and len(block) < len(data) <= self.heads.max_bytes
+                and data.endswith(block)
+                and self.block_head is not None
+            ):
+                head = with_request_line(self.block_head, data[: len(data) - len(block)])
+            if head is None:
+                head = self.heads.get(data)
             if head is not None:
                 self.request_from_cache(head, now)
                 return
@@ -243,6 +270,7 @@ class HttpProxyProtocol(asyncio.Protocol):
                 and self.at_rest
             ):
                 self.heads.offer(data, head)
+                self.learn_fields(data, head)
         if chunked and parsing is not None and self.parsing is parsing:
             # A chunked body whose reads bring no body bytes: a trailer field or a chunk
             # extension that goes on and on, which llhttp (trailers) or nobody (extensions)
@@ -259,6 +287,15 @@ class HttpProxyProtocol(asyncio.Protocol):
             self.starting = None
             if ex.state == HEAD:
                 ex.begin(now)
+
+    def learn_fields(self, data: bytes, head: RequestHead) -> None:
+        """``data`` was exactly ``head``, parsed: keep its fields for the next head."""
+        if len(data) > self.heads.max_bytes:
+            return
+        line = request_line(head)
+        if data.startswith(line) and data[len(line) : len(line) + 2] == b"\r\n":
+            self.block = data[len(line) :]
+            self.block_head = head
 
     def request_from_cache(self, head: RequestHead, now: float) -> None:
         """What the parser callbacks do for the bytes ``head`` was made from."""
@@ -425,7 +462,7 @@ class HttpProxyProtocol(asyncio.Protocol):
                 now,
                 began,
                 "",
-                self.client_key,
+                self.client_ip,
                 b"",
                 b"",
                 status,

@@ -15,6 +15,7 @@ the method rule and the transfer-coding rule.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from interknit.balance.base import Endpoint
@@ -36,6 +37,9 @@ class Rejected(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+_new_head = object.__new__
 
 
 class RequestHead:
@@ -87,6 +91,27 @@ class RequestHead:
         # The upstream head up to the client's address (see upstream_head); None until used,
         # b"" when the head has no Host (each endpoint then needs its own).
         self.upstream: bytes | None = None
+
+    def with_target(self, target: bytes) -> RequestHead:
+        """This head with another origin-form ``target`` (what ``__init__`` would make of the
+        same fields; the path is the target's, the rest is read off the fields)."""
+        head = _new_head(RequestHead)
+        head.method = self.method
+        head.target = target
+        head.headers = self.headers
+        head.hdict = self.hdict
+        head.http10 = self.http10
+        head.keep_alive = self.keep_alive
+        head.host = self.host
+        head.path = split_target(target)[0]
+        head.route_host = self.route_host
+        head.chunked = self.chunked
+        head.content_length = self.content_length
+        head.expect_continue = self.expect_continue
+        head.upgrade = self.upgrade
+        head.request_id = self.request_id
+        head.upstream = None
+        return head
 
     @property
     def bodiless(self) -> bool:
@@ -162,6 +187,52 @@ def read_head(
         head.expect_continue = True
     if b"upgrade" in hdict and b"upgrade" in connection_tokens(hdict.get(b"connection", b"")):
         head.upgrade = hdict[b"upgrade"]
+    return head
+
+
+# A target whose bytes llhttp passes on as they are, and which routing reads as a path and a
+# query: origin-form, unreserved and sub-delimiter characters, ':', '@', '/', '?' and
+# well-formed percent-escapes. Anything else (a fragment, quotes, spaces, bytes outside
+# ASCII) goes through the parser.
+_PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def request_line(head: RequestHead) -> bytes:
+    """The request line ``head`` would have come in on, in its one canonical spelling."""
+    version = b" HTTP/1.0" if head.http10 else b" HTTP/1.1"
+    return b"".join((head.method, b" ", head.target, version))
+
+
+def with_request_line(prev: RequestHead, line: bytes) -> RequestHead | None:
+    """What ``read_head`` gives for ``line`` followed by the very header fields ``prev`` was
+    read from, when that is sure without the parser; else None.
+
+    ``prev`` must be a cacheable head whose request line was ``request_line(prev)``; ``line``
+    must be its method, one space, a plain origin-form target (``_PLAIN_TARGET``), one space
+    and its version. llhttp then calls back with the same method, version and fields and
+    this target, ends in the same state, and ``read_head`` reads the fields alike: only the
+    target and what is read off it (the path) differ. The upstream head is ``prev``'s with
+    the new request line."""
+    method = prev.method
+    n = len(method)
+    version = b" HTTP/1.0" if prev.http10 else b" HTTP/1.1"
+    if line[n : n + 1] != b" " or not line.startswith(method) or not line.endswith(version):
+        return None
+    target = line[n + 1 : -9]
+    if target == prev.target:
+        return prev
+    if _PLAIN_TARGET.fullmatch(target) is None or (
+        b"%" in target and _BAD_ESCAPE.search(target) is not None
+    ):
+        return None
+    head = prev.with_target(target)
+    start = prev.upstream
+    if start:
+        # The upstream head begins with prev's request line, which its own replaces.
+        head.upstream = b"".join(
+            (method, b" ", target, b" HTTP/1.1\r\n", start[n + len(prev.target) + 12 :])
+        )
     return head
 
 

@@ -77,7 +77,7 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.started = 0.0
         self.began = 0.0  # for the access log's duration (the loop counts milliseconds)
-        self.client = ""  # the client's address, for the access log
+        self.client = b""  # the client's address
         self.bytes_in = 0
         self.bytes_out = 0
         self.status = 0
@@ -93,7 +93,7 @@ class TcpProxyProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = transport  # type: ignore[assignment]
         peer = self.transport.get_extra_info("peername")
-        self.client = str(peer[0]) if peer else ""
+        self.client = str(peer[0]).encode() if peer else b""
         if not self.listener.connection_opened(self):
             self.rejected = True
             self.transport.abort()
@@ -220,7 +220,7 @@ class TcpProxyProtocol(asyncio.Protocol):
     def client_key(self) -> bytes | None:
         spec = self.listener.route_state.spec
         if spec.balance in HASHING_POLICIES:
-            return self.client.encode() if self.client else None
+            return self.client or None
         return None
 
     def upstream_eof(self) -> None:
