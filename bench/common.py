@@ -135,6 +135,13 @@ def interknit_process(
             yield url, proc
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system time of process ``pid`` (all its threads) so far, in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of a process (VmRSS), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -146,6 +153,13 @@ def rss_kib(pid: int) -> int:
 @contextlib.contextmanager
 def etcd_member() -> Iterator[str]:
     """A single-member etcd on free ports; yields host:port of its client URL."""
+    with etcd_process() as (endpoint, _proc):
+        yield endpoint
+
+
+@contextlib.contextmanager
+def etcd_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``etcd_member``, also yielding etcd's process (for its CPU time)."""
     etcd = shutil.which("etcd")
     if etcd is None:
         raise SystemExit("etcd is not installed (apt-get install etcd-server)")
@@ -168,9 +182,9 @@ def etcd_member() -> Iterator[str]:
             "--initial-cluster",
             f"bench=http://127.0.0.1:{peer}",
         ]
-        with process(args, log=Path(tmp) / "log"):
+        with process(args, log=Path(tmp) / "log") as proc:
             wait_http(f"http://127.0.0.1:{client}/health")
-            yield f"127.0.0.1:{client}"
+            yield f"127.0.0.1:{client}", proc
 
 
 def wait_port(
