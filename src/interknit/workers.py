@@ -87,7 +87,13 @@ async def run_worker(config_path: str, api: str, log_json: bool = False) -> None
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_access_logs)
+
+    def on_usr1() -> None:
+        assert proxy is not None
+        proxy.reopen_access_logs()
+        log.info("access logs reopened", extra={"event": "worker.logs_reopened"})
+
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     try:
         await stop.wait()
     finally:

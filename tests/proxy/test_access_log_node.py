@@ -158,20 +158,23 @@ access_log = "{log}"
 servers = ["127.0.0.1:{backend.port}"]
 """
     node = NodeProcess(tmp_path, extra_config=extra).start(args=("--workers", "2"))
-    try:
-        # Both processes accept (SO_REUSEPORT); a connection per request, so that the kernel
-        # spreads them. Until the worker listens the node takes them all.
-        sent = 0
+    assert node.proc is not None
+    sent = 0
 
-        def served_by_node() -> float:
-            return sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in node.client.get("/metrics").text.splitlines()
-                if line.startswith("interknit_proxy_requests_total{") and 'listener="web"' in line
-            )
+    def served_by_node() -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in node.client.get("/metrics").text.splitlines()
+            if line.startswith("interknit_proxy_requests_total{") and 'listener="web"' in line
+        )
 
-        while sent < 200 or served_by_node() == sent:
-            assert sent < 5000, "the worker never took a connection"
+    def until_the_worker_served_some(at_least: int) -> list[str]:
+        """Requests (a connection each, so that the kernel spreads them over both processes'
+        sockets) until the worker has served some of them; their targets."""
+        nonlocal sent
+        first, by_node = sent, served_by_node()
+        while sent - first < at_least or served_by_node() - by_node == sent - first:
+            assert sent - first < 5000, "the worker never took a connection"
             for _ in range(50):
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                     sock.sendall(
@@ -182,13 +185,24 @@ servers = ["127.0.0.1:{backend.port}"]
                         answer += chunk
                 assert answer.startswith(b"HTTP/1.1 200"), answer
                 sent += 1
+        return [f"target=/r{i}" for i in range(first, sent)]
+
+    try:
+        before = until_the_worker_served_some(200)
+        # logrotate: both processes write what waits to the renamed file, then open a new one.
+        log.rename(tmp_path / "access.log.1")
+        node.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: node.log().count("access logs reopened") == 2)
+        after = until_the_worker_served_some(50)
         assert node.terminate() == 0
     finally:
         node.stop()
-    lines = log.read_text().splitlines()
-    # Every request once, whichever process served it, each line whole.
-    assert sorted(line.split()[5] for line in lines) == sorted(f"target=/r{i}" for i in range(sent))
-    keys = [[pair.partition("=")[0] for pair in line.split(" ")] for line in lines]
+    # Every request once, whichever process served it, each line whole, in its file.
+    old = (tmp_path / "access.log.1").read_text().splitlines()
+    new = log.read_text().splitlines()
+    assert sorted(line.split()[5] for line in old) == sorted(before)
+    assert sorted(line.split()[5] for line in new) == sorted(after)
+    keys = [[pair.partition("=")[0] for pair in line.split(" ")] for line in old + new]
     assert all(k == keys[0] and len(k) == 14 for k in keys)
 
 
