@@ -159,3 +159,44 @@ def test_other_methods_versions_and_spellings_go_to_the_parser() -> None:
     assert with_request_line(prev, b"GET /x HTTP/1.1") is prev
     found: Any = with_request_line(prev, b"GET /y?q=1 HTTP/1.1")
     assert (found.target, found.path, found.route_host) == (b"/y?q=1", b"/y", b"a")
+
+
+async def test_a_rule_added_to_make_head_holds_for_a_head_read_by_its_line(
+    proxy: Any, backends: Any, monkeypatch: Any
+) -> None:
+    """The shortcut goes through the same rule functions as the parser path: a request-line
+    rule added to ``make_head`` refuses a head whose fields are the last head's too."""
+    import asyncio
+
+    from interknit.proxy import RouteSpec
+    from interknit.proxy import http as http_module
+    from interknit.proxy import request as request_module
+    from tests.proxy.conftest import read_response
+
+    original = request_module.make_head
+    used: list[bytes] = []
+
+    def strict(method: bytes, target: bytes, fields: Any) -> RequestHead:
+        if target.startswith(b"/forbidden"):
+            raise Rejected(403, "test-rule")
+        return original(method, target, fields)
+
+    def spy(prev: RequestHead, line: bytes) -> RequestHead | None:
+        used.append(line)
+        return with_request_line(prev, line)
+
+    monkeypatch.setattr(request_module, "make_head", strict)
+    monkeypatch.setattr(http_module, "with_request_line", spy)
+    b = await backends("a")
+    p = await proxy(RouteSpec(servers=(b.server,)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    fields = b"Host: a\r\nAccept: */*\r\n\r\n"
+    writer.write(b"GET /allowed HTTP/1.1\r\n" + fields)
+    status, _, _ = await read_response(reader)
+    assert status == 200
+    writer.write(b"GET /forbidden/x HTTP/1.1\r\n" + fields)
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    assert used == [b"GET /forbidden/x HTTP/1.1"]  # read by its line alone
+    assert answer.startswith(b"HTTP/1.1 403") and b"test-rule" in answer
+    assert [s["path"] for s in b.seen] == ["/allowed"]

@@ -61,7 +61,7 @@ from interknit.proxy.machine import (
 )
 from interknit.proxy.observe import EndpointStats, RouteStats
 from interknit.proxy.pools import PoolLike, Ticket
-from interknit.proxy.request import RequestHead, cookie_value, host_field, upstream_head
+from interknit.proxy.request import Fields, RequestHead, cookie_value, host_field, upstream_head
 from interknit.proxy.response import response_fields
 from interknit.proxy.retry import IDEMPOTENT_METHODS, RETRYABLE_STATUSES, RetryBudget
 from interknit.proxy.routing import CompiledRoute
@@ -148,7 +148,7 @@ def client_header_key(value: bytes | None, address: str) -> str:
 
 
 # The head of an exchange whose head is still being read (never routed or forwarded).
-NO_HEAD = RequestHead(b"", b"/", (), {}, False, False)
+NO_HEAD = RequestHead(b"", b"/", Fields((), {}, False, False))
 
 
 class Exchange(ExchangeMachine):

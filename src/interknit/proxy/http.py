@@ -227,7 +227,11 @@ class HttpProxyProtocol(asyncio.Protocol):
                 and data.endswith(block)
                 and self.block_head is not None
             ):
-                head = with_request_line(self.block_head, data[: len(data) - len(block)])
+                try:
+                    head = with_request_line(self.block_head, data[: len(data) - len(block)])
+                except Rejected as exc:  # the request line's rules refused it
+                    self.reject(exc.status, exc.reason)
+                    return
             if head is None:
                 head = self.heads.get(data)
             if head is not None:

@@ -1,10 +1,17 @@
 """A request head: the rules every head must pass, and the head sent upstream for it.
 
-``read_head`` is the one way a ``RequestHead`` is made: the parser path calls it for every
-head, and the listener's head cache (``http1.headcache``) only ever holds what it returned, so
-a rule added here holds for repeated heads too. It takes the head as the parser gave it and
-either refuses it (``Rejected``: status, reason, and the connection closes) or returns what
-the exchange needs: the route's inputs, the framing, and the headers to forward.
+The rules come in two parts, by what they read: ``read_fields`` reads the header fields (Host,
+framing, Connection, Expect, Upgrade; what it makes, ``Fields``, depends only on the fields'
+bytes and the HTTP version), and ``make_head`` reads the request line's target (absolute-form,
+the path) and makes the ``RequestHead`` from it and a ``Fields``. ``read_head`` is both, after
+the version and method rules, and is what the parser path calls for every head. Every other
+way a head is made goes through the same functions: the listener's head cache
+(``http1.headcache``) holds only what ``read_head`` returned for the same bytes, and a head
+whose fields are byte for byte those of the connection's last head (``with_request_line``)
+reuses that head's ``Fields`` and goes through ``make_head`` with its own target. A rule added
+to either part holds for both.
+
+A refused head raises ``Rejected`` (status and reason; the connection closes).
 
 Framing is re-done on both sides: the proxy never forwards Content-Length, Transfer-Encoding
 or any other hop-by-hop header as it came, so that the upstream sees one unambiguous framing
@@ -39,17 +46,59 @@ class Rejected(Exception):
         self.reason = reason
 
 
-_new_head = object.__new__
+class Fields:
+    """What a head's header fields say (``read_fields``). Never changed once made (but for
+    ``block``, filled in on first use): the heads read with the same field bytes share it."""
+
+    __slots__ = (
+        "block",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "hdict",
+        "headers",
+        "host",
+        "http10",
+        "keep_alive",
+        "request_id",
+        "route_host",
+        "upgrade",
+    )
+
+    def __init__(
+        self,
+        headers: Sequence[tuple[bytes, bytes]],
+        hdict: dict[bytes, bytes],
+        http10: bool,
+        keep_alive: bool,
+    ) -> None:
+        self.headers = headers  # forwarded as they came: end-to-end fields only
+        self.hdict = hdict  # every field by its lower-cased name (repeated ones joined)
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.host = hdict.get(b"host", b"")
+        self.route_host = host_without_port(self.host)
+        self.chunked = False
+        self.content_length: bytes | None = None
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.request_id = hdict.get(b"x-request-id") or None
+        # The upstream head after its request line, up to the client's address (see
+        # upstream_head); None until used, b"" when the head has no Host (each endpoint then
+        # needs its own).
+        self.block: bytes | None = None
 
 
 class RequestHead:
-    """One request head that passed every rule. Never changed once made: the exchanges made
-    from the same bytes share it (but for ``upstream``, which it fills in on first use)."""
+    """One request head that passed every rule: its request line, and its ``Fields`` (whose
+    values it carries too, for the hot path). Never changed once made (but for
+    ``upstream``): the exchanges made from the same bytes share it."""
 
     __slots__ = (
         "chunked",
         "content_length",
         "expect_continue",
+        "fields",
         "hdict",
         "headers",
         "host",
@@ -64,54 +113,25 @@ class RequestHead:
         "upstream",
     )
 
-    def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
-        hdict: dict[bytes, bytes],
-        http10: bool,
-        keep_alive: bool,
-    ) -> None:
+    def __init__(self, method: bytes, target: bytes, fields: Fields) -> None:
         self.method = method
-        self.target = target
-        self.headers = headers  # forwarded as they came: end-to-end fields only
-        self.hdict = hdict  # every field by its lower-cased name (repeated ones joined)
-        self.http10 = http10
-        self.keep_alive = keep_alive
-        self.host = hdict.get(b"host", b"")
-        path, authority = split_target(target)
-        self.path = path
-        self.route_host = host_without_port(authority if authority is not None else self.host)
-        self.chunked = False
-        self.content_length: bytes | None = None
-        self.expect_continue = False
-        self.upgrade: bytes | None = None
-        self.request_id = hdict.get(b"x-request-id") or None
-        # The upstream head up to the client's address (see upstream_head); None until used,
-        # b"" when the head has no Host (each endpoint then needs its own).
+        self.target = target  # origin-form (or "*")
+        self.path = split_target(target)[0]
+        self.fields = fields
+        self.headers = fields.headers
+        self.hdict = fields.hdict
+        self.http10 = fields.http10
+        self.keep_alive = fields.keep_alive
+        self.host = fields.host
+        self.route_host = fields.route_host
+        self.chunked = fields.chunked
+        self.content_length = fields.content_length
+        self.expect_continue = fields.expect_continue
+        self.upgrade = fields.upgrade
+        self.request_id = fields.request_id
+        # The upstream head up to the client's address; None until used, b"" when the head
+        # has no Host (each endpoint then needs its own).
         self.upstream: bytes | None = None
-
-    def with_target(self, target: bytes) -> RequestHead:
-        """This head with another origin-form ``target`` (what ``__init__`` would make of the
-        same fields; the path is the target's, the rest is read off the fields)."""
-        head = _new_head(RequestHead)
-        head.method = self.method
-        head.target = target
-        head.headers = self.headers
-        head.hdict = self.hdict
-        head.http10 = self.http10
-        head.keep_alive = self.keep_alive
-        head.host = self.host
-        head.path = split_target(target)[0]
-        head.route_host = self.route_host
-        head.chunked = self.chunked
-        head.content_length = self.content_length
-        head.expect_continue = self.expect_continue
-        head.upgrade = self.upgrade
-        head.request_id = self.request_id
-        head.upstream = None
-        return head
 
     @property
     def bodiless(self) -> bool:
@@ -138,7 +158,11 @@ def read_head(
         raise Rejected(505, "unsupported-version")
     if method == b"CONNECT":
         raise Rejected(405, "connect-not-supported")
-    http10 = version == "1.0"
+    return make_head(method, target, read_fields(fields, version == "1.0", keep_alive))
+
+
+def read_fields(fields: Sequence[tuple[bytes, bytes]], http10: bool, keep_alive: bool) -> Fields:
+    """The header fields' rules (Host, Connection, framing); raises ``Rejected``."""
     headers: list[tuple[bytes, bytes]] = []
     hdict: dict[bytes, bytes] = {}
     hosts = 0
@@ -167,27 +191,33 @@ def read_head(
         raise Rejected(400, "bad-host")
     if listed:
         headers = [(n, v) for n, v in headers if n.lower() not in listed]
-    if target[:1] != b"/" and b"://" in target:
-        target, headers = _origin_form(target, headers, hdict)
     connection = hdict.get(b"connection")
     if connection is not None and keep_alive:
         # "close" anywhere in Connection ends the connection after this request (RFC 9112
         # 9.6), also beside "keep-alive" on HTTP/1.0, which llhttp then takes as kept alive.
         options = connection_tokens(connection)
         keep_alive = b"close" not in options and (not http10 or b"keep-alive" in options)
-    head = RequestHead(method, target, headers, hdict, http10, keep_alive)
+    result = Fields(headers, hdict, http10, keep_alive)
     coding = hdict.get(b"transfer-encoding")
     if coding is not None:
         _check_codings(coding, http10)
-        head.chunked = True
+        result.chunked = True
     elif b"content-length" in hdict:
-        head.content_length = hdict[b"content-length"].strip()
+        result.content_length = hdict[b"content-length"].strip()
     expect = hdict.get(b"expect")
     if expect is not None and not http10 and expect.lower() == b"100-continue":
-        head.expect_continue = True
+        result.expect_continue = True
     if b"upgrade" in hdict and b"upgrade" in connection_tokens(hdict.get(b"connection", b"")):
-        head.upgrade = hdict[b"upgrade"]
-    return head
+        result.upgrade = hdict[b"upgrade"]
+    return result
+
+
+def make_head(method: bytes, target: bytes, fields: Fields) -> RequestHead:
+    """The request line's rules (an absolute-form target), and the head; raises
+    ``Rejected``."""
+    if target[:1] != b"/" and b"://" in target:
+        target, fields = _origin_form(target, fields)
+    return RequestHead(method, target, fields)
 
 
 # A target whose bytes llhttp passes on as they are, and which routing reads as a path and a
@@ -210,10 +240,10 @@ def with_request_line(prev: RequestHead, line: bytes) -> RequestHead | None:
 
     ``prev`` must be a cacheable head whose request line was ``request_line(prev)``; ``line``
     must be its method, one space, a plain origin-form target (``_PLAIN_TARGET``), one space
-    and its version. llhttp then calls back with the same method, version and fields and
-    this target, ends in the same state, and ``read_head`` reads the fields alike: only the
-    target and what is read off it (the path) differ. The upstream head is ``prev``'s with
-    the new request line."""
+    and its version. llhttp then calls back with the same method, version and fields and this
+    target, and ends in the same state; the version and method rules hold as they held for
+    ``prev``, ``read_fields`` would make the same ``Fields`` of the same fields and version, and
+    ``make_head`` reads the target."""
     method = prev.method
     n = len(method)
     version = b" HTTP/1.0" if prev.http10 else b" HTTP/1.1"
@@ -226,23 +256,14 @@ def with_request_line(prev: RequestHead, line: bytes) -> RequestHead | None:
         b"%" in target and _BAD_ESCAPE.search(target) is not None
     ):
         return None
-    head = prev.with_target(target)
-    start = prev.upstream
-    if start:
-        # The upstream head begins with prev's request line, which its own replaces.
-        head.upstream = b"".join(
-            (method, b" ", target, b" HTTP/1.1\r\n", start[n + len(prev.target) + 12 :])
-        )
-    return head
+    return make_head(method, target, prev.fields)
 
 
 # Fields whose repeated lines are one list (RFC 9110 5.3), joined for the rules that read them.
 _JOINED = frozenset({b"x-forwarded-for", b"transfer-encoding"})
 
 
-def _origin_form(
-    target: bytes, headers: list[tuple[bytes, bytes]], hdict: dict[bytes, bytes]
-) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+def _origin_form(target: bytes, fields: Fields) -> tuple[bytes, Fields]:
     """An absolute-form target (RFC 9112 3.2.2): its authority is the request's host, and
     the request goes upstream in origin-form with that authority as Host. A Host field that
     names another host is refused, as HAProxy does: routing by one and forwarding the other
@@ -262,13 +283,18 @@ def _origin_form(
         path = b"/" + path
     default = _DEFAULT_PORTS[scheme]
     own = authority.lower().removesuffix(default)
-    host = hdict.get(b"host")
+    host = fields.hdict.get(b"host")
     if host is not None and host.lower().removesuffix(default) != own:
         raise Rejected(400, "host-mismatch")
-    hdict[b"host"] = authority
-    forwarded = [(n, v) for n, v in headers if n.lower() != b"host"]
+    hdict = {**fields.hdict, b"host": authority}
+    forwarded = [(n, v) for n, v in fields.headers if n.lower() != b"host"]
     forwarded.append((b"Host", authority))
-    return path, forwarded
+    moved = Fields(forwarded, hdict, fields.http10, fields.keep_alive)
+    moved.chunked = fields.chunked
+    moved.content_length = fields.content_length
+    moved.expect_continue = fields.expect_continue
+    moved.upgrade = fields.upgrade
+    return path, moved
 
 
 def _check_codings(value: bytes, http10: bool) -> None:
@@ -301,44 +327,60 @@ def upstream_head(
     if timeout is None:
         start = head.upstream
         if start is None:
-            start = head.upstream = _upstream_start(head, None, b"")
+            fields = head.fields
+            block = fields.block
+            if block is None:
+                block = fields.block = _upstream_fields(fields, None, b"")
+            start = head.upstream = (
+                b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n", block))
+                if block
+                else b""
+            )
         if start:
             if head.request_id is not None:
                 return start + client_ip + b"\r\n\r\n"
             return b"".join((start, client_ip, b"\r\nx-request-id: ", request_id, b"\r\n\r\n"))
-    start = _upstream_start(head, timeout, endpoint)
+    start = b"".join(
+        (
+            head.method,
+            b" ",
+            head.target,
+            b" HTTP/1.1\r\n",
+            _upstream_fields(head.fields, timeout, endpoint),
+        )
+    )
     if head.request_id is not None:
         return start + client_ip + b"\r\n\r\n"
     return b"".join((start, client_ip, b"\r\nx-request-id: ", request_id, b"\r\n\r\n"))
 
 
-def _upstream_start(head: RequestHead, timeout: bytes | None, endpoint: bytes) -> bytes:
-    """The upstream head up to the client's address; b"" when it needs ``endpoint`` and has
-    none (a head without Host)."""
-    if not head.host and not endpoint:
+def _upstream_fields(fields: Fields, timeout: bytes | None, endpoint: bytes) -> bytes:
+    """The upstream head after the request line, up to the client's address; b"" when it
+    needs ``endpoint`` and has none (a head without Host)."""
+    if not fields.host and not endpoint:
         return b""
-    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-    for name, value in head.headers:
+    out: list[bytes] = []
+    for name, value in fields.headers:
         if timeout is not None and name.lower() == b"x-request-timeout":
             continue
         out += (name, b": ", value, CRLF)
     if timeout is not None:
         out += (b"x-request-timeout: ", timeout, CRLF)
-    if head.chunked:
+    if fields.chunked:
         out.append(b"transfer-encoding: chunked\r\n")
-    elif head.content_length is not None:
-        out += (b"content-length: ", head.content_length, CRLF)
-    if head.upgrade is not None:
-        out += (b"connection: upgrade\r\nupgrade: ", head.upgrade, CRLF)
+    elif fields.content_length is not None:
+        out += (b"content-length: ", fields.content_length, CRLF)
+    if fields.upgrade is not None:
+        out += (b"connection: upgrade\r\nupgrade: ", fields.upgrade, CRLF)
     out.append(b"x-forwarded-proto: http\r\n")
-    if head.host:
-        out += (b"x-forwarded-host: ", head.host, CRLF)
+    if fields.host:
+        out += (b"x-forwarded-host: ", fields.host, CRLF)
     else:
         # HTTP/1.0 clients may omit Host; the upstream speaks 1.1 and needs one.
         out += (b"host: ", endpoint, CRLF)
-    if head.request_id is not None:
-        out += (b"x-request-id: ", head.request_id, CRLF)
-    forwarded = head.hdict.get(b"x-forwarded-for")
+    if fields.request_id is not None:
+        out += (b"x-request-id: ", fields.request_id, CRLF)
+    forwarded = fields.hdict.get(b"x-forwarded-for")
     out.append(b"x-forwarded-for: ")
     if forwarded:
         out += (forwarded, b", ")
