@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,9 +11,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Backend:
     """Answers ``status`` with its name as the body; ``hang`` makes it stall; ``delay`` slows
     every answer (and ``/slow`` paths by 100 ms). ``body`` replaces the name as the answer;
-    ``host`` is the address it listens on."""
+    ``host`` is the address it listens on; with ``tls`` it speaks https."""
 
-    def __init__(self, name: str, host: str = "127.0.0.1", body: bytes | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        host: str = "127.0.0.1",
+        body: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.name = name
         self.status = 200
         self.hang = False
@@ -43,6 +50,11 @@ class Backend:
                 pass
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
+        if tls is not None:
+            # The handshake happens in the request's thread, at its first read.
+            self.server.socket = tls.wrap_socket(
+                self.server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -61,8 +61,8 @@ def refusal(data: dict[str, Any]) -> str:
         ),
         (
             {"listeners": [listener({"service": "a"}, {"service": "b"}, protocol="tcp")]},
-            "listeners[0]",
-            "exactly one route",
+            "listeners[0].routes[0].match",
+            "only the last tcp route has no match",
         ),
         (
             {"listeners": [listener({"service": "a", "timeout": 5})]},

@@ -138,3 +138,10 @@ def test_utilities_import_no_component() -> None:
 def test_http1_exists_and_imports_neither_proxy_nor_registry() -> None:
     assert "interknit.http1" in GRAPH
     assert violations(("http1",), ("proxy", "registry", *CONSUMERS, *TOP), NOTHING) == []
+
+
+def test_tls_imports_no_component() -> None:
+    """TLS files, contexts and the ClientHello reader are shared by the proxy, the health
+    checker, the registry API, the client and the CLI: a utility, like http1."""
+    assert "interknit.tls" in GRAPH
+    assert violations(("tls",), (*CONSUMERS, "registry", *TOP), NOTHING) == []

@@ -8,6 +8,7 @@ import http.client
 import json
 import logging
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -77,9 +78,34 @@ def api_url(value: str) -> str:
 class Api:
     """A small synchronous client for the node's HTTP API, for the CLI."""
 
-    def __init__(self, base: str, token: str | None) -> None:
+    def __init__(
+        self,
+        base: str,
+        token: str | None,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+    ) -> None:
         self._given = base
         self.token = token
+        self.cacert, self.cert, self.key = cacert, cert, key
+        self._ssl: ssl.SSLContext | None = None
+        self._ssl_made = False
+
+    @property
+    def ssl(self) -> ssl.SSLContext | None:
+        """The context for https:// nodes (--cacert, --cert, --key), built when first used;
+        an unusable file is a usage error naming the option."""
+        if not self._ssl_made:
+            from interknit.tls.client import api_context
+            from interknit.tls.files import TlsFileError
+
+            try:
+                self._ssl = api_context(self.cacert, self.cert, self.key)
+            except TlsFileError as exc:
+                fail(f"--{exc}", 2)
+            self._ssl_made = True
+        return self._ssl
 
     @property
     def base(self) -> str:
@@ -109,7 +135,7 @@ class Api:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=30, context=self.ssl) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             try:
@@ -146,11 +172,36 @@ pass_api = click.make_pass_decorator(Api)
 @click.option(
     "--token", envvar="INTERKNIT_TOKEN", default=None, help="Bearer token (INTERKNIT_TOKEN)."
 )
+@click.option(
+    "--cacert",
+    envvar="INTERKNIT_CACERT",
+    default=None,
+    help="CA certificates to trust for an https:// node (INTERKNIT_CACERT).",
+)
+@click.option(
+    "--cert",
+    envvar="INTERKNIT_CERT",
+    default=None,
+    help="Client certificate, for a node that asks for one (INTERKNIT_CERT).",
+)
+@click.option(
+    "--key",
+    envvar="INTERKNIT_KEY",
+    default=None,
+    help="The client certificate's key (INTERKNIT_KEY).",
+)
 @click.version_option(package_name="interknit")
 @click.pass_context
-def main(ctx: click.Context, api: str, token: str | None) -> None:
+def main(
+    ctx: click.Context,
+    api: str,
+    token: str | None,
+    cacert: str | None,
+    cert: str | None,
+    key: str | None,
+) -> None:
     """interknit: service registry, health checks, load balancing and DNS in one node."""
-    ctx.obj = Api(api, token)
+    ctx.obj = Api(api, token, cacert, cert, key)
 
 
 @main.command()
@@ -267,7 +318,9 @@ def _check_startable(config: Any) -> None:
 def worker(config_path: str, node_api: str, log_json: bool, log_level: str) -> None:
     """A proxy-only worker process (started by ``interknit up --workers N``)."""
     ignore_sigusr1()
-    import_aiohttp_without_tls()
+    if not node_api.startswith("https://"):
+        # Over https the worker follows its node through aiohttp's TLS.
+        import_aiohttp_without_tls()
     from interknit.logs import setup_logging
     from interknit.workers import run_worker
 
@@ -357,9 +410,10 @@ def import_aiohttp_without_tls() -> None:
 
     At import aiohttp builds two client TLS contexts and loads the system's CA bundle into each,
     about 2.5 MiB of a node's RSS. These processes never speak TLS through aiohttp: the API and
-    status page are plain HTTP, a worker follows its node over plain HTTP, etcd is reached with
-    gRPC. Only aiohttp's own import sees no ``ssl``; modules that already hold it keep it, and
-    anything imported afterwards gets it as usual.
+    status page are served by uvloop (over TLS too), a worker follows its node over plain HTTP
+    (one whose node serves https imports aiohttp as usual), etcd is reached with gRPC. Only
+    aiohttp's own import sees no ``ssl``; modules that already hold it keep it, and anything
+    imported afterwards gets it as usual.
     """
     if "aiohttp" in sys.modules:
         return
@@ -795,7 +849,7 @@ def run_command(
         region=region,
         meta=pairs,
     )
-    registry = RegistryApi(api.base, api.token)
+    registry = RegistryApi(api.base, api.token, ssl_context=api.ssl)
     code = asyncio.run(supervise(spec, registry))
     sys.exit(code)
 
@@ -920,7 +974,7 @@ def agent_containers(
             metrics.serve(host, port)
         except OSError as exc:
             fail(f"cannot listen on {metrics_listen} for metrics: {exc.strerror or exc}", 2)
-    registry = RegistryApi(api.base, api.token)
+    registry = RegistryApi(api.base, api.token, ssl_context=api.ssl)
     asyncio.run(watch_containers(Engine(where), registry, policy, period, metrics))
 
 

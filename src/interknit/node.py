@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from interknit.config import Config, ConfigError, load_config
 from interknit.logs import iso_time, os_error
 from interknit.names import format_hostport, parse_hostport
 from interknit.registry.api import RegistryApi
-from interknit.registry.config import ServiceSection
+from interknit.registry.config import ServiceSection, service_tls
 from interknit.registry.fastpath import FastApi
 from interknit.registry.http_metrics import HttpMetrics
 from interknit.registry.metrics import RegistryMetrics, StateCollector
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # imported when started: a node without listeners never loads
     from interknit.compat.api import ConsulApi
     from interknit.health import HealthChecker
     from interknit.proxy.component import ProxyComponent
+    from interknit.tls.server import ServerTls
     from interknit.workers import Supervisor
 
 log = logging.getLogger("interknit.node")
@@ -163,6 +165,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._api_server: asyncio.Server | None = None
         self._api_fast: FastApi | None = None
+        self.api_tls: ServerTls | None = None
         self._ready = False
         self.started_at = time.time()
         self._stopping = False
@@ -301,9 +304,21 @@ class Node:
         assert runner.server is not None
         fast = FastApi(api, runner.server, token_check, http_metrics)
         self._api_fast = fast
-        self._api_server = await asyncio.get_running_loop().create_server(fast, sock=sock)
+        tls: dict[str, Any] = {}
+        section = self.config.registry.tls
+        if section is not None:
+            from interknit.tls.server import ServerTls
+
+            self.api_tls = ServerTls(section.to_spec(("http/1.1",)))
+            tls = {
+                "ssl": self.api_tls.context,
+                "ssl_handshake_timeout": API_HANDSHAKE_TIMEOUT,
+                "ssl_shutdown_timeout": API_HANDSHAKE_TIMEOUT,
+            }
+        self._api_server = await asyncio.get_running_loop().create_server(fast, sock=sock, **tls)
         bound = sock.getsockname()
-        self.listen["api"] = f"http://{format_hostport(host, bound[1])}"
+        scheme = "https" if section is not None else "http"
+        self.listen["api"] = f"{scheme}://{format_hostport(host, bound[1])}"
         if consul is not None:
             consul.api_port = bound[1]
         if shared:
@@ -442,8 +457,15 @@ class Node:
     async def _start_health(self) -> None:
         """Active checks for every instance with an HTTP or TCP check, results to the registry."""
         from interknit.health import HealthChecker
+        from interknit.tls.client import ClientTls
 
-        checker = HealthChecker(self.registry.set_check_status, registry=self.metrics)
+        tls = {
+            name: ClientTls(replace(spec, alpn=("http/1.1",)))
+            for name, spec in service_tls(self.config.services).items()
+        }
+        checker = HealthChecker(
+            self.registry.set_check_status, registry=self.metrics, service_tls=tls
+        )
         # On etcd every node sees every instance, but only the owning node checks it.
         owns = self.registry.owns
 
@@ -504,6 +526,7 @@ class Node:
             secret=self._sticky_secret(),
             reuse_port=self.reuse_port,
             access_log_json=self.log_json,
+            service_tls=service_tls(self.config.services),
         )
         self.registry.subscribe(proxy.on_events, proxy.on_resync)
         try:
@@ -575,6 +598,7 @@ class Node:
         connections. A bad file changes nothing and is logged with the key at fault."""
         if self.config_path is None:
             return False
+        self.check_api_tls(force=True)
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
@@ -632,6 +656,7 @@ class Node:
         last = _mtime(self.config_path)
         while True:
             await asyncio.sleep(every)
+            self.check_api_tls()
             now = _mtime(self.config_path)
             if now != last:
                 # A file being written in place changes more than once: reload once it has
@@ -641,6 +666,29 @@ class Node:
                     continue
                 last = now
                 await self.reload()
+
+    def check_api_tls(self, force: bool = False) -> None:
+        """The API's certificate files changed (or ``force``, on SIGHUP): new handshakes get
+        them, open connections stay; ticket keys rotate."""
+        tls = self.api_tls
+        if tls is None:
+            return
+        tls.rotate_tickets()
+        if not force and not tls.files_changed():
+            return
+        from interknit.tls.files import TlsFileError
+
+        try:
+            tls.reload(tls.spec)
+        except TlsFileError as exc:
+            tls.stamps = tls.current_stamps()
+            log.error(
+                "tls reload refused: registry.tls.%s",
+                exc,
+                extra={"event": "node.tls_refused", "error": f"registry.tls.{exc}"},
+            )
+            return
+        log.info("registry API certificates reloaded", extra={"event": "node.tls_reload"})
 
     async def run(self, started: Callable[[Node], None] | None = None) -> None:
         """Start, run until SIGINT or SIGTERM, reload on SIGHUP, then stop gracefully."""
@@ -678,6 +726,11 @@ def _mtime(path: Path) -> float | None:
         return path.stat().st_mtime
     except OSError:
         return None
+
+
+# An API client that has not finished its handshake by then is cut (and one whose close_notify
+# does not come).
+API_HANDSHAKE_TIMEOUT = 10.0
 
 
 def bind_tcp(host: str, port: int, what: str, reuse_port: bool = False) -> socket.socket:

@@ -20,8 +20,10 @@ from prometheus_client import CollectorRegistry
 from interknit import heap
 from interknit.config import Config, ConfigError, load_config
 from interknit.proxy.component import ListenError, ProxyComponent
+from interknit.registry.config import service_tls
 from interknit.registry.follower import Follower, local_ejections
 from interknit.registry.model import Event
+from interknit.tls.client import client_context
 
 log = logging.getLogger("interknit.workers")
 
@@ -36,7 +38,12 @@ async def run_worker(config_path: str, api: str, log_json: bool = False) -> None
     """One proxy-only worker: follow the node, serve the listeners, drain on SIGTERM; reload
     on SIGHUP and reopen its access logs on SIGUSR1, as the node does."""
     config = load_config(config_path)
-    follower = Follower(api, _token(config))
+    client_tls = config.registry.client_tls
+    follower = Follower(
+        api,
+        _token(config),
+        ssl_context=None if client_tls is None else client_context(client_tls.to_spec()),
+    )
     await follower.start()
     secret_path = Path(config.node.data_dir) / "sticky.key"
     secret = secret_path.read_bytes() if secret_path.exists() else b"interknit-worker"
@@ -54,6 +61,7 @@ async def run_worker(config_path: str, api: str, log_json: bool = False) -> None
         secret=secret,
         reuse_port=True,
         access_log_json=log_json,
+        service_tls=service_tls(config.services),
     )
     follower.subscribe(proxy.on_events, proxy.on_resync)
     await proxy.start()

@@ -114,7 +114,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def start_backend(name: str = "a") -> Backend:
+async def start_backend(name: str = "a", ssl_context: Any = None) -> Backend:
     backend = Backend(name=name)
     app = web.Application(client_max_size=1 << 30)
     app[BACKEND] = backend
@@ -124,7 +124,7 @@ async def start_backend(name: str = "a") -> Backend:
     app.router.add_route("*", "/{tail:.*}", _echo)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     backend.runner = runner
     backend.port = runner.addresses[0][1]
@@ -135,8 +135,8 @@ async def start_backend(name: str = "a") -> Backend:
 async def backends() -> AsyncIterator[Callable[[str], Awaitable[Backend]]]:
     started: list[Backend] = []
 
-    async def make(name: str = "a") -> Backend:
-        b = await start_backend(name)
+    async def make(name: str = "a", ssl_context: Any = None) -> Backend:
+        b = await start_backend(name, ssl_context)
         started.append(b)
         return b
 

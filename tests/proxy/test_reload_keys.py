@@ -72,7 +72,35 @@ CHANGES: dict[str, tuple[str, Any]] = {
     "demand.client_key": ("admission", "header:x-api-key"),
     "demand.priority": ("admission", "sheddable"),
     "demand.reserve": ("admission", 0.3),
+    # TLS (docs/tls.md). Files are made when first needed (see tls_file).
+    "match.sni": ("spec", "db.example.com"),  # on a tcp listener (see sections)
+    "upstream_tls.ca": ("spec", "CA"),
+    "upstream_tls.cert": ("spec", "CLIENT_CERT"),
+    "upstream_tls.key": ("spec", "CLIENT_KEY"),
+    "upstream_tls.sni": ("spec", "backend.example.com"),
+    "upstream_tls.verify": ("spec", False),
+    "upstream_tls.min_version": ("spec", "1.3"),
+    "redirect_https": ("spec", True),
+    "https_port": ("spec", 8443),
+    "hsts.max_age": ("spec", 600),
+    "hsts.include_subdomains": ("spec", True),
+    "hsts.preload": ("spec", True),
 }
+_FILES: dict[str, str] = {}
+
+
+def tls_file(name: str) -> str:
+    """A CA file, or a client certificate or its key, made with openssl once."""
+    if not _FILES:
+        import tempfile
+        from pathlib import Path
+
+        from tests.tlscerts import TestCA
+
+        ca = TestCA(Path(tempfile.mkdtemp(prefix="ik-reload-keys-")))
+        client = ca.issue("client", ips=(), usage="clientAuth")
+        _FILES.update(CA=str(ca.cert), CLIENT_CERT=str(client.cert), CLIENT_KEY=str(client.key))
+    return _FILES[name]
 
 
 def leaf_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
@@ -101,6 +129,13 @@ def changed_route(path: str, value: Any) -> dict[str, Any]:
         route.pop("service")
     if path == "demand.rate_key":
         route["demand"].pop("client_rate")
+    if path == "redirect_https":
+        route.pop("service")  # a redirecting route sends nowhere
+    if path in ("upstream_tls.cert", "upstream_tls.key"):
+        route["upstream_tls"] = {"cert": tls_file("CLIENT_CERT"), "key": tls_file("CLIENT_KEY")}
+        return route
+    if value in ("CA", "CLIENT_CERT", "CLIENT_KEY"):
+        value = tls_file(value)
     *parents, leaf = path.split(".")
     table = route
     for parent in parents:
@@ -110,10 +145,10 @@ def changed_route(path: str, value: Any) -> dict[str, Any]:
 
 
 def sections(route: dict[str, Any]) -> list[ListenerSection]:
-    config = parse_config(
-        {"listeners": [{"name": "web", "listen": "127.0.0.1:0", "routes": [route]}]}
-    )
-    return config.listeners
+    # Routes match by SNI on tcp listeners only: that one reloads into a tcp listener.
+    protocol = "tcp" if "sni" in route.get("match", {}) else "http"
+    listener = {"name": "web", "listen": "127.0.0.1:0", "protocol": protocol, "routes": [route]}
+    return parse_config({"listeners": [listener]}).listeners
 
 
 def route_state(proxy: ProxyComponent) -> tuple[RouteState, Any, Any]:

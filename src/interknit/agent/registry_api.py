@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -59,7 +60,11 @@ class RegistryApi:
     """A small asyncio client for the writes agents make."""
 
     def __init__(
-        self, nodes: Sequence[str] | str, token: str | None = None, timeout: float = TIMEOUT
+        self,
+        nodes: Sequence[str] | str,
+        token: str | None = None,
+        timeout: float = TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if isinstance(nodes, str):
             nodes = [n for n in nodes.split(",") if n.strip()]
@@ -68,6 +73,8 @@ class RegistryApi:
             raise ValueError("no registry node given")
         self.timeout = timeout
         self._token = token
+        # For https:// nodes: their CA and a client certificate (interknit.tls.api_context).
+        self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
         self._last = 0  # index of the node that answered last
 
@@ -81,7 +88,10 @@ class RegistryApi:
             headers = {"User-Agent": "interknit-agent"}
             if self._token:
                 headers["Authorization"] = f"Bearer {self._token}"
-            self._session = aiohttp.ClientSession(headers=headers)
+            self._session = aiohttp.ClientSession(
+                headers=headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True),
+            )
         return self._session
 
     def _order(self) -> list[str]:

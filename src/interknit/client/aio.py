@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from interknit.client.nodes import MAX_RETRY_AFTER, RETRY_AFTER, NodeList
 from interknit.client.picker import Picker
 from interknit.client.sse import SseParser
 from interknit.durations import format_duration, parse_duration
+from interknit.tls.client import api_context
 
 log = logging.getLogger("interknit.client")
 
@@ -106,8 +108,15 @@ class AsyncClient:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         # Global: what the client is and how patient it is.
+        # https:// nodes: trust ``cacert`` (else the system's roots), present ``cert``/``key``
+        # to nodes that ask for a client certificate; or a ready ``ssl_context``.
+        self._ssl = ssl_context if ssl_context is not None else api_context(cacert, cert, key)
         self.nodes = NodeList(nodes, _seconds(retry_after), MAX_RETRY_AFTER)
         self.cache = Cache(_seconds(cache_ttl), _seconds(max_stale), _seconds(idle_after))
         self.timeout = _seconds(timeout)
@@ -512,7 +521,10 @@ class AsyncClient:
                 headers["Authorization"] = f"Bearer {self._token}"
             # No connection limit: each background blocking query holds one connection.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), headers=headers
+                connector=aiohttp.TCPConnector(
+                    limit=0, ssl=self._ssl if self._ssl is not None else True
+                ),
+                headers=headers,
             )
         return self._session
 

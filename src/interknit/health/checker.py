@@ -33,9 +33,9 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -46,6 +46,9 @@ from interknit.health.probes import ProbeResult, http_probe, http_request, tcp_p
 from interknit.logs import iso_time
 from interknit.registry.model import Check, CheckStatus, Instance
 from interknit.registry.state import NEVER_CHECKED_OUTPUT
+
+if TYPE_CHECKING:
+    from interknit.tls.client import ClientTls
 
 logger = logging.getLogger("interknit.health")
 
@@ -255,11 +258,14 @@ class HealthChecker:
         registry: CollectorRegistry | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         rng: random.Random | None = None,
+        service_tls: Mapping[str, ClientTls] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         # Global
         self._sink = sink
+        # Services whose instances speak TLS ([[services]] upstream_tls): HTTP checks in https.
+        self.service_tls = dict(service_tls or {})
         self._rng = rng if rng is not None else random.Random()
         self.metrics = HealthMetrics(registry if registry is not None else CollectorRegistry())
         self.max_in_flight = max_in_flight
@@ -533,7 +539,12 @@ class HealthChecker:
         try:
             if check.http is not None:
                 return await http_probe(
-                    target.address, target.port, check.http, check.timeout, request=target.request
+                    target.address,
+                    target.port,
+                    check.http,
+                    check.timeout,
+                    request=target.request,
+                    tls=self.service_tls.get(target.service),
                 )
             return await tcp_probe(target.address, target.port, check.timeout)
         except Exception as exc:  # a probe never raises; this is a bug, not a check result

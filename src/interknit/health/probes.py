@@ -14,14 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import time
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import quote
 
 import httptools
 
 from interknit.registry.model import CheckStatus
+
+if TYPE_CHECKING:
+    from interknit.tls.client import ClientTls
 
 MAX_OUTPUT = 4096  # characters of output kept, and bytes of a response body read
 USER_AGENT = b"interknit-health"
@@ -79,6 +83,10 @@ def _describe_error(exc: BaseException, timeout: float) -> str:
         return f"timed out after {timeout:g}s"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS handshake failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
     if isinstance(exc, OSError):
         return exc.strerror or str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {exc}"
@@ -155,11 +163,15 @@ async def http_probe(
     timeout: float,
     *,
     request: bytes | None = None,
+    tls: ClientTls | None = None,
 ) -> ProbeResult:
-    """GET ``path`` on ``address:port``; 2xx passing, 429 warning, anything else critical."""
+    """GET ``path`` on ``address:port``; 2xx passing, 429 warning, anything else critical.
+    Over https with ``tls`` (its CA, name and client certificate); a handshake that fails
+    (a certificate that does not verify) is critical, with OpenSSL's reason."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    url = f"http://{host_port(address, port)}{path}"
+    scheme = "http" if tls is None else "https"
+    url = f"{scheme}://{host_port(address, port)}{path}"
     if request is None:
         request = http_request(address, port, path)
     done: asyncio.Future[None] = loop.create_future()
@@ -167,7 +179,17 @@ async def http_probe(
     transport: asyncio.BaseTransport | None = None
     try:
         async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(lambda: proto, address, port)
+            if tls is None:
+                transport, _ = await loop.create_connection(lambda: proto, address, port)
+            else:
+                transport, _ = await loop.create_connection(
+                    lambda: proto,
+                    address,
+                    port,
+                    ssl=tls.context,
+                    server_hostname=tls.spec.server_hostname(address),
+                    ssl_shutdown_timeout=1.0,
+                )
             await done
     except Exception as exc:
         if proto.code is None or not isinstance(exc, TimeoutError):

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +34,7 @@ from interknit.proxy.spec import ListenerSpec, RouteSpec
 from interknit.proxy.traffic import TrafficHistory
 from interknit.registry.model import Event
 from interknit.registry.state import RegistryState
+from interknit.tls.client import ClientTlsSpec
 
 log = logging.getLogger("interknit.proxy")
 
@@ -73,10 +74,13 @@ class ProxyComponent:
         secret: bytes,
         reuse_port: bool = False,
         access_log_json: bool = False,
+        service_tls: Mapping[str, ClientTlsSpec] | None = None,
     ) -> None:
         self.sections = list(sections)
         self.reuse_port = reuse_port
         self.access_log_json = access_log_json
+        # [[services]] upstream_tls: how routes to a service reach it, unless they say.
+        self.service_tls = dict(service_tls or {})
         self.passive = PassiveHealth(set_ejected, metrics)
         self._options = pool_options(sections)
         self._settings = demand_settings(sections)
@@ -97,6 +101,7 @@ class ProxyComponent:
         self.listeners: dict[str, Listener] = {}
         self.listen: dict[str, str] = {}
         self._refresher: asyncio.Task[None] | None = None
+        self._tls_watch: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ registry feed
 
@@ -143,9 +148,53 @@ class ProxyComponent:
         )
         self.traffic.sample(time.time())
         self._sampler = asyncio.create_task(self._sample_traffic(), name="traffic-sampler")
+        if (
+            any(s.tls is not None for s in specs)
+            or any(r.upstream_tls is not None for s in specs for r in s.routes)
+            or self.service_tls
+        ):
+            self._tls_watch = asyncio.create_task(self._watch_tls(), name="tls-watch")
+
+    async def _watch_tls(self, every: float = 1.0) -> None:
+        """Certificates and keys that change on disk reload without dropping a connection
+        (as a SIGHUP would); ticket keys rotate."""
+        while True:
+            await asyncio.sleep(every)
+            for section in self.sections:
+                listener = self.listeners.get(section.name)
+                if listener is None:
+                    continue
+                listener.rotate_tickets()
+                self._log_tls(section, listener.check_tls_files())
+
+    def _log_tls(self, section: ListenerSection, changed: str | None) -> None:
+        if changed is None:
+            return
+        names = [s.name for s in self.sections]
+        index = names.index(section.name) if section.name in names else 0
+        if ":" in changed:
+            log.error(
+                "tls reload refused: listeners[%d].%s",
+                index,
+                changed,
+                extra={"event": "proxy.tls_refused", "listener": section.name},
+            )
+        else:
+            log.info(
+                "tls reloaded: %s of listener %s",
+                changed,
+                section.name,
+                extra={"event": "proxy.tls_reload", "listener": section.name},
+            )
 
     async def _open(self, section: ListenerSection, spec: ListenerSpec, index: int) -> None:
-        listener = build_listener(spec, self.pools, admission=self.admissions, metrics=self.metrics)
+        listener = build_listener(
+            spec,
+            self.pools,
+            admission=self.admissions,
+            metrics=self.metrics,
+            service_tls=self.service_tls,
+        )
         try:
             await listener.start()
         except OSError as exc:
@@ -177,17 +226,14 @@ class ProxyComponent:
         closing = []
         for name, listener in list(self.listeners.items()):
             found = new_specs.get(name)
-            old = listener.spec
-            if found is not None and (found[2].host, found[2].port, found[2].protocol) == (
-                old.host,
-                old.port,
-                old.protocol,
-            ):
+            if found is not None and listener.same_socket(found[2]):
                 index, section, spec = found
                 try:
                     listener.update(spec)
                 except OSError as exc:  # the access log, which opened a moment ago
                     raise _access_log_error(index, section, exc) from None
+                # A reload (SIGHUP) re-reads every certificate, changed on disk or not.
+                self._log_tls(section, listener.check_tls_files(force=True))
                 continue
             closing.append(self.listeners.pop(name))
             self.listen.pop(f"proxy.{name}", None)
@@ -215,7 +261,7 @@ class ProxyComponent:
         return max((s.drain_timeout for s in sections), default=10.0)
 
     async def stop(self) -> None:
-        for task in (self._refresher, self._sampler):
+        for task in (self._refresher, self._sampler, self._tls_watch):
             if task is not None:
                 task.cancel()
         drain = self._drain(self.sections)

@@ -17,6 +17,7 @@ from interknit.demand.config import DemandSection
 from interknit.names import parse_hostport
 from interknit.proxy.spec import ListenerSpec, MatchSpec, RouteSpec
 from interknit.sections import HostPort, Label, Seconds, Section, Server
+from interknit.tls.config import ClientTlsSection, ServerTlsSection
 
 
 class MatchSection(Section):
@@ -27,6 +28,8 @@ class MatchSection(Section):
     method: str | None = None
     # name -> exact value, or true: the header only has to be present.
     headers: dict[str, str | Literal[True]] = Field(default_factory=dict)
+    # tcp listeners: the server name of the client's TLS ClientHello ("*.example.com" too).
+    sni: Annotated[str, Field(min_length=1, max_length=255)] | None = None
 
     @model_validator(mode="after")
     def _regex(self) -> MatchSection:
@@ -60,6 +63,22 @@ class OutlierSection(Section):
     interval: Seconds = 10.0
 
 
+class HstsSection(Section):
+    """Strict-Transport-Security on responses over TLS (RFC 6797)."""
+
+    max_age: Annotated[int, Field(ge=0, le=10 * 365 * 86400)] = 365 * 86400
+    include_subdomains: bool = False
+    preload: bool = False
+
+    def value(self) -> str:
+        out = f"max-age={self.max_age}"
+        if self.include_subdomains:
+            out += "; includeSubDomains"
+        if self.preload:
+            out += "; preload"
+        return out
+
+
 class RouteSection(Section):
     name: str = ""
     match: MatchSection | None = None
@@ -77,10 +96,17 @@ class RouteSection(Section):
     panic_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     outlier: OutlierSection = Field(default_factory=OutlierSection)
     demand: DemandSection | None = None
+    upstream_tls: ClientTlsSection | None = None
+    redirect_https: bool = False
+    https_port: Annotated[int, Field(ge=1, le=65535)] = 443
+    hsts: HstsSection | None = None
 
     @model_validator(mode="after")
     def _target(self) -> RouteSection:
-        if (self.service is None) == (not self.servers):
+        if self.redirect_https:
+            if self.service is not None or self.servers:
+                raise ValueError("redirect_https: a redirecting route names no service or servers")
+        elif (self.service is None) == (not self.servers):
             raise ValueError("a route names either service or servers, not both and not neither")
         self.to_spec().validate()  # the proxy's own checks, named from the route down
         return self
@@ -99,6 +125,7 @@ class RouteSection(Section):
                 path_regex=m.path_regex,
                 method=m.method,
                 headers=headers,
+                sni=m.sni,
             )
         return RouteSpec(
             match=match,
@@ -116,6 +143,10 @@ class RouteSection(Section):
             connect_timeout=self.connect_timeout,
             response_timeout=self.response_timeout,
             idle_timeout=self.idle_timeout,
+            upstream_tls=None if self.upstream_tls is None else self.upstream_tls.to_spec(),
+            redirect_https=self.redirect_https,
+            https_port=self.https_port,
+            hsts=None if self.hsts is None else self.hsts.value(),
         )
 
 
@@ -140,12 +171,11 @@ class ListenerSection(Section):
     drain_timeout: Seconds = 10.0
     # "-": stdout; "off"; or a file, appended to (reopened on SIGUSR1).
     access_log: Annotated[str, AfterValidator(_access_log)] = "-"
+    tls: ServerTlsSection | None = None
     routes: list[RouteSection] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _tcp_routes(self) -> ListenerSection:
-        if self.protocol == "tcp" and (len(self.routes) != 1 or self.routes[0].match):
-            raise ValueError("a tcp listener has exactly one route, without match")
         self.to_spec().validate()  # the proxy's own checks, with the route's index
         return self
 
@@ -166,4 +196,8 @@ class ListenerSection(Section):
             upstream_idle_timeout=self.upstream_idle_timeout,
             access_log=self.access_log,
             routes=tuple(r.to_spec() for r in self.routes),
+            # An HTTP listener offers http/1.1 by ALPN; a TCP one offers nothing unless told.
+            tls=None
+            if self.tls is None
+            else self.tls.to_spec(("http/1.1",) if self.protocol == "http" else ()),
         )

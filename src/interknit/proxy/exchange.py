@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -61,12 +62,12 @@ from interknit.proxy.machine import (
 )
 from interknit.proxy.observe import EndpointStats, RouteStats
 from interknit.proxy.pools import PoolLike, Ticket
-from interknit.proxy.request import Fields, RequestHead, cookie_value, host_field, upstream_head
+from interknit.proxy.request import Fields, RequestHead, cookie_value, host_field
 from interknit.proxy.response import response_fields
 from interknit.proxy.retry import IDEMPOTENT_METHODS, RETRYABLE_STATUSES, RetryBudget
 from interknit.proxy.routing import CompiledRoute
 from interknit.proxy.spec import RouteSpec
-from interknit.proxy.upstream import UpstreamConnection
+from interknit.proxy.upstream import UpstreamConnection, UpstreamPool
 from interknit.proxy.wire import (
     CONTINUE_100,
     CRLF,
@@ -76,11 +77,13 @@ from interknit.proxy.wire import (
     body_size,
     chunk,
     error_response,
+    redirect_response,
 )
 
 if TYPE_CHECKING:
     from interknit.proxy.http import HttpProxyProtocol
     from interknit.proxy.pools import Admission
+    from interknit.tls.client import ClientTls
 
 log = logging.getLogger("interknit.proxy")
 
@@ -100,17 +103,23 @@ class RouteState:
     """What a route keeps across requests on one listener: budget, metrics, admission."""
 
     __slots__ = (
+        "added_head",
         "admission",
         "budget",
         "cookie",
         "hashed",
+        "https_port",
         "label",
         "plain",
         "pool",
+        "redirect",
         "route",
         "spec",
+        "special",
         "stats",
         "timeouts",
+        "tls",
+        "upstreams",
     )
 
     def __init__(
@@ -120,6 +129,10 @@ class RouteState:
         stats: RouteStats | None,
         admission: Admission | None,
         header_timeout: float,
+        *,
+        https: bool = False,
+        upstream_tls: ClientTls | None = None,
+        upstreams: UpstreamPool | None = None,
     ) -> None:
         self.route = route
         self.spec: RouteSpec = route.spec
@@ -136,6 +149,18 @@ class RouteState:
         self.timeouts = Timeouts(
             header_timeout, spec.connect_timeout, spec.response_timeout, spec.idle_timeout
         )
+        # TLS to the endpoints, or None; for HTTP, the pool of connections to them.
+        self.tls = upstream_tls
+        self.upstreams = upstreams
+        # Answer with a 308 to https (on https_port) instead of sending anywhere.
+        self.redirect = spec.redirect_https
+        self.https_port = b"" if spec.https_port == 443 else b":%d" % spec.https_port
+        # Header lines added to every response the upstream gives (HSTS over TLS), or None.
+        self.added_head: bytes | None = None
+        if https and spec.hsts:
+            self.added_head = b"strict-transport-security: " + spec.hsts.encode() + CRLF
+        # Either of the two: one test on the path of every request, not two.
+        self.special = self.redirect or self.added_head is not None
 
 
 def client_header_key(value: bytes | None, address: str) -> str:
@@ -168,6 +193,7 @@ class Exchange(ExchangeMachine):
         "conn",
         "connecting",
         "endpoint",
+        "extra_head",
         "forward_timeout",
         "head",
         "keep_alive",
@@ -187,7 +213,6 @@ class Exchange(ExchangeMachine):
         "reused",
         "route",
         "sent_head",
-        "set_cookie",
         "stale",
         "status",
         "ticket",
@@ -237,7 +262,8 @@ class Exchange(ExchangeMachine):
         self.conn: UpstreamConnection | None = None
         self.reused = False
         self.connecting: asyncio.Task[UpstreamConnection] | None = None
-        self.set_cookie: bytes | None = None
+        # Header lines added to the response: the route's (HSTS), a sticky cookie's.
+        self.extra_head: bytes | None = None
         # The response
         self.status = 0
         self.bytes_out = 0
@@ -264,6 +290,11 @@ class Exchange(ExchangeMachine):
                 return
             route = states[found.index]
         self.route = route
+        if route.special:
+            if route.redirect:
+                self.redirect_https(route, now)
+                return
+            self.extra_head = route.added_head
         pool = route.pool
         if pool is None:
             # Asked once per route (a pool source keeps a route's pool while the route is
@@ -352,7 +383,8 @@ class Exchange(ExchangeMachine):
 
     def connect(self, endpoint: Endpoint, now: float) -> None:
         """The attempt's connection: a kept-alive one at once, else a new one (a task)."""
-        upstreams = self.proto.listener.upstreams
+        # The route's pool: plaintext, or TLS with the route's settings.
+        upstreams: UpstreamPool = self.route.upstreams  # type: ignore[union-attr,assignment]
         conn = upstreams.take(endpoint.address, endpoint.port)
         if conn is not None:
             self.send(conn, now)
@@ -375,10 +407,16 @@ class Exchange(ExchangeMachine):
             return
         exc = task.exception()
         if exc is not None:
-            if not isinstance(exc, OSError):
+            reason = "connect-failed"
+            if isinstance(exc, ssl.SSLError):
+                # A certificate that does not verify, a protocol the upstream refuses: say so,
+                # an operator cannot guess it from "connect-failed".
+                reason = "tls-failed"
+                log.warning("TLS to %s failed: %s", self.endpoint, exc)
+            elif not isinstance(exc, OSError):
                 log.warning("connect to %s failed: %r", self.endpoint, exc)
             self.attempt_failed = True
-            self.failed(502, "connect-failed", RETRY_MAYBE, now)
+            self.failed(502, reason, RETRY_MAYBE, now)
             return
         self.send(task.result(), now)
 
@@ -400,7 +438,7 @@ class Exchange(ExchangeMachine):
                 ids = proto.listener.request_ids
                 self.request_id = head.request_id or (ids.pop() if ids else ids.next())
             endpoint = self.endpoint
-            data = self.sent_head = upstream_head(
+            data = self.sent_head = proto.upstream_head(
                 head,
                 proto.client_ip,
                 self.request_id,
@@ -459,7 +497,11 @@ class Exchange(ExchangeMachine):
         endpoint, set_cookie = pool.pick_sticky(
             None if raw is None else raw.decode("latin-1"), hash_key, now, self.tried
         )
-        self.set_cookie = None if set_cookie is None else set_cookie.encode("latin-1")
+        if set_cookie is not None:
+            line = b"set-cookie: " + set_cookie.encode("latin-1") + CRLF
+            self.extra_head = (route.added_head or b"") + line
+        else:
+            self.extra_head = route.added_head
         return endpoint
 
     def hash_key(self, spec: RouteSpec) -> bytes | None:
@@ -617,6 +659,21 @@ class Exchange(ExchangeMachine):
     def answer(self, status: int, reason: str, now: float, retry_after: int | None = None) -> None:
         """Answer from the proxy itself (unless the upstream's answer has begun), and end."""
         self.respond_error(status, reason, retry_after)
+        self.finish(now)
+
+    def redirect_https(self, route: RouteState, now: float) -> None:
+        """308 to the same URL over https: a route that exists to move clients to TLS."""
+        head = self.head
+        host = head.route_host
+        if not host:
+            self.answer(400, "bad-host", now)
+            return
+        target = head.target if head.target.startswith(b"/") else b"/"
+        location = b"https://" + host + route.https_port + target
+        self.status = 308
+        proto = self.proto
+        close = self.must_close or not self.keep_alive or proto.listener.stopping
+        proto.write(redirect_response(location, close))
         self.finish(now)
 
     def respond_error(self, status: int, reason: str, retry_after: int | None = None) -> None:
@@ -794,8 +851,8 @@ class Exchange(ExchangeMachine):
         self.status = status
         forwarded, content_length, chunked, upgrade = response_fields(headers)
         out = [STATUS_LINES.get(status) or status_line(status), forwarded]
-        if self.set_cookie is not None:
-            out += (b"set-cookie: ", self.set_cookie, CRLF)
+        if self.extra_head is not None:
+            out.append(self.extra_head)
         if status == 101:
             out += (b"connection: upgrade\r\nupgrade: ", upgrade or head.upgrade or b"", CRLF)
             out.append(CRLF)
@@ -837,7 +894,7 @@ class Exchange(ExchangeMachine):
         self.bytes_out += len(body)
         listener = proto.listener
         if (
-            self.set_cookie is None
+            self.extra_head is None
             and self.keep_alive
             and not self.must_close
             and not head.http10
@@ -846,8 +903,8 @@ class Exchange(ExchangeMachine):
             data = simple.whole + body
         else:
             out = [simple.prefix]
-            if self.set_cookie is not None:
-                out += (b"set-cookie: ", self.set_cookie, CRLF)
+            if self.extra_head is not None:
+                out.append(self.extra_head)
             out += (b"content-length: ", simple.length_bytes, CRLF)
             if self.must_close or not self.keep_alive or listener.stopping:
                 out.append(b"connection: close\r\n")
@@ -859,7 +916,7 @@ class Exchange(ExchangeMachine):
             proto.batch.write_next_turn(proto.transport, data)
         self.conn = None
         now = conn.last_activity  # this loop turn's time, read as the response came
-        listener.upstreams.release(conn, now)
+        conn.pool.release(conn, now)
         self.end_attempt(now)
         self.finish(now)
         return True
@@ -896,7 +953,7 @@ class Exchange(ExchangeMachine):
         now = proto.loop.time() if conn is None else conn.last_activity
         if conn is not None:
             if keep_alive and self.request_done and not self.broken:
-                proto.listener.upstreams.release(conn, now)
+                conn.pool.release(conn, now)
             else:
                 conn.close()
         self.end_attempt(now)

@@ -42,6 +42,8 @@ from interknit.proxy.request import (
     RequestHead,
     read_head,
     request_line,
+    upstream_head,
+    upstream_head_https,
     with_request_line,
 )
 from interknit.proxy.upstream import UpstreamConnection
@@ -88,6 +90,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         "listener",
         "loop",
         "max_headers",
+        "opened_at",
         "parser",
         "parsing",
         "pending_error",
@@ -99,6 +102,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         "transport",
         "tunnel",
         "upgrading",
+        "upstream_head",
         "url",
         "wait",
         "wait_until",
@@ -112,6 +116,11 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.batch = listener.upstreams.batch
         self.heads = listener.heads
         self.max_headers = listener.spec.max_headers
+        # The head sent upstream: X-Forwarded-Proto https or http, chosen once.
+        self.upstream_head = upstream_head_https if listener.tls is not None else upstream_head
+        # Made at the accept: over TLS, connection_made comes after the handshake, and the
+        # handshake counts against header_timeout (the listener bounds it by the same).
+        self.opened_at = listener.loop.time()
 
         # Per-connection state
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -181,7 +190,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             self.log_refusal(503, "max-connections", response, now, now)
             return
         self.flow = FlowControl(self.transport)
-        self.wait_for(_WAIT_HEAD, self.loop.time() + self.header_timeout)
+        self.wait_for(_WAIT_HEAD, self.opened_at + self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.rejected:

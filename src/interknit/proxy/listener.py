@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -28,8 +31,16 @@ from interknit.proxy.spec import ListenerSpec, RouteSpec
 from interknit.proxy.tcp import TcpProxyProtocol
 from interknit.proxy.upstream import UpstreamPool
 from interknit.proxy.wire import RequestIds
+from interknit.tls.client import ClientTls, ClientTlsSpec
+from interknit.tls.files import TlsFileError
+from interknit.tls.server import ServerTls, sni_matches
+
+log = logging.getLogger("interknit.proxy")
 
 _NO_ROUTE = "-"
+# After a TLS connection is closed, how long its close_notify may wait for the client's before
+# the socket goes anyway (uvloop's default, 30 s, would hold a slot for a silent client).
+TLS_SHUTDOWN_TIMEOUT = 5.0
 
 
 class Listener:
@@ -43,8 +54,10 @@ class Listener:
         admission: AdmissionSource | None = None,
         metrics: ProxyMetrics | CollectorRegistry | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        service_tls: Mapping[str, ClientTlsSpec] | None = None,
     ) -> None:
         spec.validate()
+        self.service_tls = dict(service_tls or {})
         self.spec = spec
         self.pools = pools
         self.admission = admission
@@ -57,6 +70,10 @@ class Listener:
         self.stopping = False
         self._drained: asyncio.Event | None = None
         self._budgets: dict[RouteSpec, RetryBudget] = {}
+        # TLS this listener terminates (its certificates reload in place), and the client
+        # contexts of its routes' upstreams, one per distinct setting.
+        self.tls: ServerTls | None = None if spec.tls is None else ServerTls(spec.tls)
+        self.upstream_tls: dict[ClientTlsSpec, ClientTls] = {}
         self.routing: tuple[Router, tuple[RouteState, ...]] = self._compile(spec)
         # Opened by start(); None when the spec says "off".
         self.access: AccessLog | None = None
@@ -88,6 +105,15 @@ class Listener:
     async def start(self) -> None:
         """Open the access log (OSError if it cannot be), then accept."""
         self.access = self._access_log(self.spec)
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            # The handshake counts against header_timeout: the protocol's wait for the first
+            # head runs from the accept (see HttpProxyProtocol), and this bounds the handshake.
+            tls = {
+                "ssl": self.tls.context,
+                "ssl_handshake_timeout": self.spec.header_timeout,
+                "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT,
+            }
         self.server = await self.loop.create_server(
             self.protocol_factory,
             self.spec.host,
@@ -95,17 +121,19 @@ class Listener:
             reuse_address=True,
             reuse_port=self.spec.reuse_port or None,
             backlog=1024,
+            **tls,
         )
 
     def update(self, spec: ListenerSpec) -> None:
-        """Swap routes and limits; the address and protocol must stay the same."""
+        """Swap routes, limits and certificates; the address, the protocol and whether it
+        terminates TLS stay the same (TlsFileError: a certificate is unusable, nothing
+        changed)."""
         spec.validate()
-        if (spec.host, spec.port, spec.protocol) != (
-            self.spec.host,
-            self.spec.port,
-            self.spec.protocol,
-        ):
-            raise ValueError("update() cannot change a listener's address or protocol")
+        if not self.same_socket(spec):
+            raise ValueError("update() cannot change a listener's address, protocol or TLS")
+        routing = self._compile(spec)  # new upstream certificates checked first
+        if self.tls is not None and spec.tls is not None and spec.tls != self.spec.tls:
+            self.tls.reload(spec.tls)
         old = self.spec
         if (spec.access_log, spec.access_log_json, spec.name) != (
             old.access_log,
@@ -118,7 +146,43 @@ class Listener:
                 self.access.close()
             self.access = access
         self.spec = spec
-        self.routing = self._compile(spec)
+        self.routing = routing
+
+    def same_socket(self, spec: ListenerSpec) -> bool:
+        """Whether ``spec`` can be applied to this listener's server socket in place."""
+        old = self.spec
+        return (spec.host, spec.port, spec.protocol, spec.tls is None) == (
+            old.host,
+            old.port,
+            old.protocol,
+            old.tls is None,
+        )
+
+    def check_tls_files(self, force: bool = False) -> str | None:
+        """Reload certificates and keys whose files changed (the node calls this every
+        second), or all of them (``force``: SIGHUP). Returns what happened, for the log: None
+        when nothing changed, the key at fault and why (``tls.cert: ...``) when refused."""
+        changed: list[str] = []
+        tls = self.tls
+        if tls is not None and (force or tls.files_changed()):
+            try:
+                tls.reload(tls.spec)
+            except TlsFileError as exc:
+                tls.stamps = tls.current_stamps()  # said once per change, not every second
+                return f"tls.{exc}"
+            changed.append("certificates")
+        for client in self.upstream_tls.values():
+            try:
+                if client.refresh(force):
+                    changed.append("upstream_tls")
+            except TlsFileError as exc:
+                client.stamps = client.current_stamps()
+                return f"upstream_tls.{exc}"
+        return ", ".join(changed) or None
+
+    def rotate_tickets(self) -> None:
+        if self.tls is not None:
+            self.tls.rotate_tickets()
 
     def reopen_access_log(self) -> None:
         """Open the access log's file anew (SIGUSR1, after logrotate renamed it)."""
@@ -180,6 +244,7 @@ class Listener:
         return self.stats.route(_NO_ROUTE)
 
     def _compile(self, spec: ListenerSpec) -> tuple[Router, tuple[RouteState, ...]]:
+        self._compile_tls(spec)
         router = Router(spec.routes)
         budgets: dict[RouteSpec, RetryBudget] = {}
         states = []
@@ -188,15 +253,47 @@ class Listener:
             if budget is None:
                 budget = RetryBudget(route.spec.retry_budget, route.spec.retry_min)
             budgets[route.spec] = budget
-            states.append(self._state(route, budget))
+            states.append(self._state(spec, route, budget))
         self._budgets = budgets
         return router, tuple(states)
 
-    def _state(self, route: CompiledRoute, budget: RetryBudget) -> RouteState:
+    def _compile_tls(self, spec: ListenerSpec) -> None:
+        # Contexts are kept across updates for settings that stay: their connections too.
+        clients: dict[ClientTlsSpec, ClientTls] = {}
+        for route in spec.routes:
+            found = self._upstream_spec(route)
+            if found is not None and found not in clients:
+                clients[found] = self.upstream_tls.get(found) or ClientTls(self._client(found))
+        self.upstream_tls = clients
+
+    def _client(self, spec: ClientTlsSpec) -> ClientTlsSpec:
+        return spec
+
+    def _upstream_spec(self, route: RouteSpec) -> ClientTlsSpec | None:
+        """The route's upstream_tls, or its service's ([[services]] upstream_tls)."""
+        if route.upstream_tls is not None or route.service is None:
+            return route.upstream_tls
+        return self.service_tls.get(route.service)
+
+    def _state(self, spec: ListenerSpec, route: CompiledRoute, budget: RetryBudget) -> RouteState:
         admission = None if self.admission is None else self.admission.admission(route.spec)
+        upstream = self._upstream_spec(route.spec)
         return RouteState(
-            route, budget, self.stats.route(route.label), admission, self.spec.header_timeout
+            route,
+            budget,
+            self.stats.route(route.label),
+            admission,
+            spec.header_timeout,
+            https=spec.tls is not None,
+            upstream_tls=None if upstream is None else self.upstream_tls[upstream],
+            upstreams=self._upstreams_for(
+                None if upstream is None else self.upstream_tls[upstream]
+            ),
         )
+
+    def _upstreams_for(self, tls: ClientTls | None) -> UpstreamPool | None:
+        """The connection pool of routes with these upstream TLS settings (HTTP only)."""
+        return None
 
 
 class HttpListener(Listener):
@@ -211,11 +308,17 @@ class HttpListener(Listener):
         metrics: ProxyMetrics | CollectorRegistry | None = None,
         upstreams: UpstreamPool | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        service_tls: Mapping[str, ClientTlsSpec] | None = None,
     ) -> None:
-        super().__init__(spec, pools, admission=admission, metrics=metrics, loop=loop)
+        loop = loop or asyncio.get_running_loop()
         self._own_upstreams = upstreams is None
         self.upstreams = upstreams or UpstreamPool(
-            self.loop, spec.upstream_max_idle, spec.upstream_idle_timeout
+            loop, spec.upstream_max_idle, spec.upstream_idle_timeout
+        )
+        # Pools of connections made over TLS, one per setting (the routes' upstream_tls).
+        self.tls_upstreams: dict[ClientTls, UpstreamPool] = {}
+        super().__init__(
+            spec, pools, admission=admission, metrics=metrics, loop=loop, service_tls=service_tls
         )
         self.request_ids = RequestIds()
         # Request heads by their bytes; emptied when the spec changes (limits may have).
@@ -230,20 +333,64 @@ class HttpListener(Listener):
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpProxyProtocol(self)
 
+    def _client(self, spec: ClientTlsSpec) -> ClientTlsSpec:
+        # Upstreams that also speak h2 pick HTTP/1.1 by ALPN rather than by assumption.
+        return replace(spec, alpn=("http/1.1",)) if not spec.alpn else spec
+
+    def _upstreams_for(self, tls: ClientTls | None) -> UpstreamPool | None:
+        if tls is None:
+            return self.upstreams
+        found = self.tls_upstreams.get(tls)
+        if found is None:
+            found = self.tls_upstreams[tls] = UpstreamPool(
+                self.loop,
+                self.upstreams.max_idle,
+                self.upstreams.idle_timeout,
+                tls=tls,
+                batch=self.upstreams.batch,
+            )
+        return found
+
+    def _compile(self, spec: ListenerSpec) -> tuple[Router, tuple[RouteState, ...]]:
+        routing = super()._compile(spec)
+        # Pools of TLS settings no route uses any more: their idle connections go.
+        for tls in [t for t in self.tls_upstreams if t not in self.upstream_tls.values()]:
+            self.tls_upstreams.pop(tls).close()
+        return routing
+
     def _flush(self) -> None:
         self.upstreams.batch.flush()
 
     def _closed(self) -> None:
         if self._own_upstreams:
             self.upstreams.close()
+        for pool in self.tls_upstreams.values():
+            pool.close()
 
 
 class TcpListener(Listener):
-    """A TCP relay on one address: every connection goes to one endpoint of one pool."""
+    """A TCP relay on one address: every connection goes to one endpoint of one route's pool,
+    the route chosen by the TLS server name when routes match by ``sni``."""
 
     @property
     def route_state(self) -> RouteState:
-        return self.routing[1][0]
+        """The route taken without a server name (the last, when it has no match)."""
+        return self.routing[1][-1]
+
+    @property
+    def routes_by_sni(self) -> bool:
+        return any(state.spec.match is not None for state in self.routing[1])
+
+    def choose(self, sni: str | None) -> RouteState | None:
+        """The first route whose ``sni`` matches (exactly, or ``*.`` one label deep), else the
+        route without match; None: no route takes it."""
+        for state in self.routing[1]:
+            match = state.spec.match
+            if match is None:
+                return state
+            if sni is not None and match.sni is not None and sni_matches(match.sni, sni):
+                return state
+        return None
 
     def protocol_factory(self) -> asyncio.Protocol:
         return TcpProxyProtocol(self)
@@ -256,8 +403,19 @@ def build_listener(
     admission: AdmissionSource | None = None,
     metrics: ProxyMetrics | CollectorRegistry | None = None,
     upstreams: UpstreamPool | None = None,
+    service_tls: Mapping[str, ClientTlsSpec] | None = None,
 ) -> HttpListener | TcpListener:
-    """The listener for ``spec`` (call inside the running loop; then ``await start()``)."""
+    """The listener for ``spec`` (call inside the running loop; then ``await start()``).
+    ``service_tls``: how to reach each service's endpoints when a route does not say."""
     if spec.protocol == "tcp":
-        return TcpListener(spec, pools, admission=admission, metrics=metrics)
-    return HttpListener(spec, pools, admission=admission, metrics=metrics, upstreams=upstreams)
+        return TcpListener(
+            spec, pools, admission=admission, metrics=metrics, service_tls=service_tls
+        )
+    return HttpListener(
+        spec,
+        pools,
+        admission=admission,
+        metrics=metrics,
+        upstreams=upstreams,
+        service_tls=service_tls,
+    )

@@ -316,13 +316,16 @@ def upstream_head(
     client_ip: bytes,
     request_id: bytes,
     *,
+    https: bool = False,
     timeout: bytes | None = None,
     endpoint: bytes = b"",
 ) -> bytes:
     """The head sent upstream for ``head``, from ``client_ip`` with ``request_id``.
 
-    ``timeout``: the ``X-Request-Timeout`` to send instead of the client's (demand control's
-    time left). ``endpoint``: ``host:port`` of the endpoint, the Host of a head that has none.
+    ``https``: the client came over TLS (``X-Forwarded-Proto: https``; fields and heads are
+    kept per listener, so their cached parts are always for the same scheme). ``timeout``:
+    the ``X-Request-Timeout`` to send instead of the client's (demand control's time left).
+    ``endpoint``: ``host:port`` of the endpoint, the Host of a head that has none.
     """
     if timeout is None:
         start = head.upstream
@@ -330,7 +333,7 @@ def upstream_head(
             fields = head.fields
             block = fields.block
             if block is None:
-                block = fields.block = _upstream_fields(fields, None, b"")
+                block = fields.block = _upstream_fields(fields, None, b"", https)
             start = head.upstream = (
                 b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n", block))
                 if block
@@ -346,7 +349,7 @@ def upstream_head(
             b" ",
             head.target,
             b" HTTP/1.1\r\n",
-            _upstream_fields(head.fields, timeout, endpoint),
+            _upstream_fields(head.fields, timeout, endpoint, https),
         )
     )
     if head.request_id is not None:
@@ -354,7 +357,23 @@ def upstream_head(
     return b"".join((start, client_ip, b"\r\nx-request-id: ", request_id, b"\r\n\r\n"))
 
 
-def _upstream_fields(fields: Fields, timeout: bytes | None, endpoint: bytes) -> bytes:
+def upstream_head_https(
+    head: RequestHead,
+    client_ip: bytes,
+    request_id: bytes,
+    *,
+    timeout: bytes | None = None,
+    endpoint: bytes = b"",
+) -> bytes:
+    """``upstream_head`` for a client that came over TLS."""
+    return upstream_head(
+        head, client_ip, request_id, https=True, timeout=timeout, endpoint=endpoint
+    )
+
+
+def _upstream_fields(
+    fields: Fields, timeout: bytes | None, endpoint: bytes, https: bool = False
+) -> bytes:
     """The upstream head after the request line, up to the client's address; b"" when it
     needs ``endpoint`` and has none (a head without Host)."""
     if not fields.host and not endpoint:
@@ -372,7 +391,7 @@ def _upstream_fields(fields: Fields, timeout: bytes | None, endpoint: bytes) -> 
         out += (b"content-length: ", fields.content_length, CRLF)
     if fields.upgrade is not None:
         out += (b"connection: upgrade\r\nupgrade: ", fields.upgrade, CRLF)
-    out.append(b"x-forwarded-proto: http\r\n")
+    out.append(b"x-forwarded-proto: https\r\n" if https else b"x-forwarded-proto: http\r\n")
     if fields.host:
         out += (b"x-forwarded-host: ", fields.host, CRLF)
     else:

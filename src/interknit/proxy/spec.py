@@ -12,6 +12,8 @@ from typing import Literal
 
 from interknit.balance.pool import POLICIES
 from interknit.names import parse_hostport
+from interknit.tls.client import ClientTlsSpec
+from interknit.tls.server import ServerTlsSpec, valid_sni_pattern
 
 Protocol = Literal["http", "tcp"]
 
@@ -23,6 +25,8 @@ class MatchSpec:
     ``host`` matches the Host header without its port, case-insensitively; a leading ``*.``
     matches any subdomain. ``headers`` holds ``(name, value)`` pairs: ``value`` ``None`` asks
     only that the header is present, otherwise its value must equal ``value`` exactly.
+    ``sni`` (TCP listeners only) matches the server name of the client's TLS ClientHello, the
+    same way ``host`` does (HAProxy's ``req.ssl_sni``).
     """
 
     host: str | None = None
@@ -31,8 +35,23 @@ class MatchSpec:
     path_regex: str | None = None
     method: str | None = None
     headers: tuple[tuple[str, str | None], ...] = ()
+    sni: str | None = None
+
+    @property
+    def http_keys(self) -> bool:
+        """Whether it tests anything of an HTTP request."""
+        return bool(
+            self.host
+            or self.path_exact
+            or self.path_prefix
+            or self.path_regex
+            or self.method
+            or self.headers
+        )
 
     def validate(self) -> None:
+        if self.sni is not None and not valid_sni_pattern(self.sni):
+            raise ValueError(f"sni: {self.sni!r} is not a host name or '*.domain'")
         for name in ("path_exact", "path_prefix"):
             value = getattr(self, name)
             if value is not None and not value.startswith("/"):
@@ -78,6 +97,14 @@ class RouteSpec:
     # Wait before the n-th retry: retry_backoff * 2**(n-1) (0: retry at once, on the next
     # turn of the loop).
     retry_backoff: float = 0.0
+    # TLS to the endpoints (None: plaintext).
+    upstream_tls: ClientTlsSpec | None = None
+    # Answer every request with a 308 to the same URL over https (on this port), instead of
+    # sending it anywhere; such a route names no service and no servers.
+    redirect_https: bool = False
+    https_port: int = 443
+    # Strict-Transport-Security added to responses over TLS (its value), or None.
+    hsts: str | None = None
 
     # The hash, computed once: the proxy finds a route's pool, budget and admission by its
     # spec on every request, and hashing twenty fields costs more than the lookup.
@@ -93,6 +120,8 @@ class RouteSpec:
     @property
     def label(self) -> str:
         """The route's name in metrics and the access log."""
+        if self.redirect_https and not self.name:
+            return "redirect-https"
         return self.name or self.service or ",".join(self.servers) or "default"
 
     def validate(self) -> None:
@@ -101,7 +130,12 @@ class RouteSpec:
                 self.match.validate()
             except ValueError as exc:
                 raise ValueError(f"match.{exc}") from None
-        if (self.service is None) == (not self.servers):
+        if self.redirect_https:
+            if self.service is not None or self.servers:
+                raise ValueError("redirect_https: a redirecting route names no service or servers")
+            if not 0 < self.https_port < 65536:
+                raise ValueError("https_port: must be between 1 and 65535")
+        elif (self.service is None) == (not self.servers):
             raise ValueError("a route names either 'service' or 'servers'")
         for server in self.servers:
             try:
@@ -161,6 +195,8 @@ class ListenerSpec:
     access_log: str = "off"
     # JSON lines instead of key=value text (the node's --log-json).
     access_log_json: bool = False
+    # Terminate TLS (None: plaintext, or for TCP, bytes passed on untouched).
+    tls: ServerTlsSpec | None = None
 
     def validate(self) -> None:
         if self.protocol not in ("http", "tcp"):
@@ -181,10 +217,27 @@ class ListenerSpec:
             raise ValueError("max_headers: must be between 1 and 10000")
         if not self.access_log or "\0" in self.access_log or len(self.access_log) > 4096:
             raise ValueError("access_log: must be 'off', '-' (stdout) or a file's path")
-        if self.protocol == "tcp" and (len(self.routes) != 1 or self.routes[0].match is not None):
-            raise ValueError("routes: a tcp listener has exactly one route without 'match'")
+        if self.protocol == "tcp":
+            self._validate_tcp_routes()
         for index, route in enumerate(self.routes):
             try:
                 route.validate()
+                if self.protocol == "http" and route.match is not None and route.match.sni:
+                    raise ValueError("match.sni: only tcp listeners match by SNI (use host)")
+                if route.redirect_https and self.tls is not None:
+                    raise ValueError("redirect_https: this listener speaks https already")
             except ValueError as exc:
                 raise ValueError(f"routes[{index}].{exc}") from None
+
+    def _validate_tcp_routes(self) -> None:
+        """TCP routes match by SNI only; one without match (the default) may come last."""
+        if not self.routes:
+            raise ValueError("routes: a tcp listener needs a route")
+        for index, route in enumerate(self.routes):
+            match = route.match
+            if match is not None and (match.http_keys or match.sni is None):
+                raise ValueError(f"routes[{index}].match: a tcp route matches only by sni")
+            if match is None and index != len(self.routes) - 1:
+                raise ValueError(f"routes[{index}].match: only the last tcp route has no match")
+            if route.redirect_https or route.hsts:
+                raise ValueError(f"routes[{index}]: redirect_https and hsts are for http")

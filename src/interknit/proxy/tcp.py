@@ -9,24 +9,37 @@ A connection that moves no byte either way for its route's ``idle_timeout`` is c
 HAProxy's ``timeout client`` and ``timeout server`` do in ``mode tcp``: a client that went away
 without a FIN (or an upstream that hangs) must not hold a connection slot for ever. One timer
 per connection, re-armed only when it fires early: each chunk just notes the time.
+
+Routes may match the server name a TLS client asks for (``match = { sni = ... }``). Without
+terminating, the relay holds the client's first bytes until they make a whole ClientHello
+(``tls.clienthello``, within ``header_timeout``), picks the route by its name, and forwards
+those very bytes; the upstream terminates. A listener with ``tls`` terminates itself and picks
+by the name the handshake saw. Either way, a route may reach its endpoints over TLS
+(``upstream_tls``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from time import monotonic
 from typing import TYPE_CHECKING
 
 from interknit.balance.base import Endpoint
 from interknit.balance.pool import HASHING_POLICIES
+from interknit.tls.clienthello import NotClientHello, read_client_hello
+from interknit.tls.server import sni_of
 
 if TYPE_CHECKING:
+    from interknit.proxy.exchange import RouteState
     from interknit.proxy.listener import TcpListener
 
 log = logging.getLogger(__name__)
 
 BUFFER_HIGH = 64 * 1024
+# How long a closed TLS connection waits for its peer's close_notify (uvloop's default: 30 s).
+TLS_SHUTDOWN_TIMEOUT = 5.0
 
 
 class TcpUpstream(asyncio.Protocol):
@@ -75,8 +88,6 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.rejected = False
         self.endpoint: Endpoint | None = None
         self.task: asyncio.Task[None] | None = None
-        self.started = 0.0
-        self.began = 0.0  # for the access log's duration (the loop counts milliseconds)
         self.client = b""  # the client's address
         self.bytes_in = 0
         self.bytes_out = 0
@@ -86,6 +97,12 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.last_activity = 0.0  # when a byte last moved either way
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_timer_at = 0.0
+        # The route, once known: at once, or when the ClientHello has told the name.
+        self.route: RouteState | None = None
+        self.sni: str | None = None
+        # Made at the accept: over TLS, connection_made comes after the handshake.
+        self.started = listener.loop.time()
+        self.began = monotonic()  # for the access log's duration (the loop counts ms)
 
     # Protocol interface
 
@@ -94,7 +111,8 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = self.transport.get_extra_info("peername")
         self.client = str(peer[0]).encode() if peer else b""
-        if not self.listener.connection_opened(self):
+        listener = self.listener
+        if not listener.connection_opened(self):
             self.rejected = True
             self.transport.abort()
             access = self.listener.access
@@ -103,10 +121,24 @@ class TcpProxyProtocol(asyncio.Protocol):
                 label = self.listener.route_state.label
                 access.tcp(now, now, label, self.client, 503, "", 0, 0, 0, "max-connections")
             return
-        self.started = self.last_activity = self.loop.time()
-        self.began = monotonic()
-        self.arm_idle_timer(self.started + self.listener.route_state.spec.idle_timeout)
-        self.task = self.loop.create_task(self.connect())
+        self.last_activity = self.loop.time()
+        if listener.tls is not None:
+            self.sni = sni_of(self.transport.get_extra_info("ssl_object"))
+        elif listener.routes_by_sni:
+            # Wait for the ClientHello; the timer bounds the wait by header_timeout.
+            self.arm_idle_timer(self.started + listener.spec.header_timeout)
+            return
+        self.route_to(listener.choose(self.sni))
+
+    def route_to(self, route: RouteState | None) -> None:
+        if route is None:
+            self.fail(404, "no-route")
+            return
+        self.route = route
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.arm_idle_timer(self.last_activity + route.spec.idle_timeout)
+        self.task = self.loop.create_task(self.connect(route))
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -119,6 +151,27 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.buffered += len(data)
         if self.buffered > BUFFER_HIGH:
             self.pause_client_reading()
+        if self.route is None and not self.closed:
+            self.read_hello()
+
+    def read_hello(self) -> None:
+        """Route by the ClientHello's server name once it is whole (HAProxy's req.ssl_sni)."""
+        listener = self.listener
+        try:
+            hello = read_client_hello(b"".join(self.buffer))
+        except NotClientHello:
+            # Not TLS: a route without match may still take it (a plaintext protocol on the
+            # same port), as HAProxy's default_backend does.
+            route = listener.choose(None)
+            if route is None:
+                self.fail(400, "not-tls")
+                return
+            self.route_to(route)
+            return
+        if hello is None:
+            return
+        self.sni = hello.sni
+        self.route_to(listener.choose(hello.sni))
 
     def eof_received(self) -> bool | None:
         self.client_eof = True
@@ -157,9 +210,8 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     # Upstream side
 
-    async def connect(self) -> None:
+    async def connect(self, state: RouteState) -> None:
         listener = self.listener
-        state = listener.route_state
         spec = state.spec
         pool = listener.pools.pool(spec)
         if pool is None:
@@ -177,17 +229,30 @@ class TcpProxyProtocol(asyncio.Protocol):
                     )
                     return
                 self.endpoint = endpoint
+                tls = state.tls
                 try:
-                    _, upstream = await asyncio.wait_for(
-                        self.loop.create_connection(
+                    if tls is None:
+                        connecting = self.loop.create_connection(
                             lambda: TcpUpstream(self), endpoint.address, endpoint.port
-                        ),
-                        spec.connect_timeout,
-                    )
+                        )
+                    else:
+                        connecting = self.loop.create_connection(
+                            lambda: TcpUpstream(self),
+                            endpoint.address,
+                            endpoint.port,
+                            ssl=tls.context,
+                            server_hostname=tls.spec.server_hostname(endpoint.address),
+                            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+                        )
+                    _, upstream = await asyncio.wait_for(connecting, spec.connect_timeout)
                 except (OSError, TimeoutError) as exc:
-                    self.reason = (
-                        "connect-timeout" if isinstance(exc, TimeoutError) else "connect-failed"
-                    )
+                    if isinstance(exc, TimeoutError):
+                        self.reason = "connect-timeout"
+                    elif isinstance(exc, ssl.SSLError):
+                        self.reason = "tls-failed"
+                        log.warning("TLS to %s failed: %s", endpoint, exc)
+                    else:
+                        self.reason = "connect-failed"
                     pool.report(endpoint, False, self.loop.time())
                     tried.append(endpoint)
                     if self.retries < spec.attempts and budget.try_acquire():
@@ -218,7 +283,8 @@ class TcpProxyProtocol(asyncio.Protocol):
             budget.request_finished()
 
     def client_key(self) -> bytes | None:
-        spec = self.listener.route_state.spec
+        assert self.route is not None
+        spec = self.route.spec
         if spec.balance in HASHING_POLICIES:
             return self.client or None
         return None
@@ -254,9 +320,13 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.idle_timer = None
         if self.closed:
             return
+        route = self.route
+        if route is None:
+            self.fail(408, "hello-timeout")
+            return
         # Bytes moved since it was armed: not yet idle for long enough. (The deadline is not
         # compared with the clock, which may read a hair before the time the handle was set for.)
-        deadline = self.last_activity + self.listener.route_state.spec.idle_timeout
+        deadline = self.last_activity + route.spec.idle_timeout
         if deadline > self.idle_timer_at:
             self.arm_idle_timer(deadline)
             return
@@ -277,9 +347,9 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     def finish(self) -> None:
         listener = self.listener
-        state = listener.route_state
+        state = self.route
         now = self.loop.time()
-        stats = state.stats
+        stats = state.stats if state is not None else listener.no_route_stats()
         if stats is not None:
             stats.count(self.status or 499)
             stats.duration.observe(now - self.started)
@@ -291,7 +361,7 @@ class TcpProxyProtocol(asyncio.Protocol):
             access.tcp(
                 monotonic(),
                 self.began,
-                state.label,
+                state.label if state is not None else "-",
                 self.client,
                 self.status or 499,  # as counted: the client left before a connection was made
                 ep.key if ep is not None else "",

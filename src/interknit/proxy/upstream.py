@@ -13,16 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
 from interknit.http1.batch import WriteBatch
 from interknit.proxy.wire import SIMPLE_HEAD_MAX, SIMPLE_HEADS, SimpleHead
 
+if TYPE_CHECKING:
+    from interknit.tls.client import ClientTls
+
+PoolKey = tuple[str, int]
+
 # Endpoints are few and connections cheap to hold; more idle ones than this only pin memory.
 DEFAULT_MAX_IDLE = 32
 DEFAULT_IDLE_TIMEOUT = 60.0
+# An upstream TLS connection closed by the proxy waits this long at most for the upstream's
+# close_notify (uvloop's default is 30 s).
+TLS_SHUTDOWN_TIMEOUT = 5.0
 
 
 class ResponseSink(Protocol):
@@ -75,7 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         "tunnel",
     )
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
         # Global state
         self.pool = pool
         self.loop = pool.loop
@@ -275,20 +283,29 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per endpoint address, newest first."""
+    """Idle keep-alive connections per endpoint address, newest first.
+
+    A pool speaks plaintext, or TLS with one ``ClientTls``: routes that reach endpoints over
+    TLS have a pool per TLS setting (two routes may reach one endpoint with different
+    certificates), sharing the listener's write batch. An exchange takes its route's pool, so
+    the plaintext path has no TLS test on it."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         max_idle: int = DEFAULT_MAX_IDLE,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        *,
+        tls: ClientTls | None = None,
+        batch: WriteBatch | None = None,
     ) -> None:
         self.loop = loop
+        self.tls = tls
         # Every write of the proxy's HTTP connections on this loop, client side included.
-        self.batch = WriteBatch(loop)
+        self.batch = batch or WriteBatch(loop)
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self._idle: dict[tuple[str, int], deque[UpstreamConnection]] = {}
+        self._idle: dict[PoolKey, deque[UpstreamConnection]] = {}
 
     def take(self, address: str, port: int) -> UpstreamConnection | None:
         """An idle kept-alive connection to ``address:port``, if there is one."""
@@ -303,10 +320,22 @@ class UpstreamPool:
         return None
 
     async def connect(self, address: str, port: int) -> UpstreamConnection:
-        """A new connection (raises OSError on failure)."""
+        """A new connection (raises OSError on failure; over TLS, ssl.SSLError when the
+        handshake fails: a certificate that does not verify, say)."""
         key = (address, port)
+        tls = self.tls
+        if tls is None:
+            _, conn = await self.loop.create_connection(
+                lambda: UpstreamConnection(self, key), address, port
+            )
+            return conn
         _, conn = await self.loop.create_connection(
-            lambda: UpstreamConnection(self, key), address, port
+            lambda: UpstreamConnection(self, key),
+            address,
+            port,
+            ssl=tls.context,
+            server_hostname=tls.spec.server_hostname(address),
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
         )
         return conn
 

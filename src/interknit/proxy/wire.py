@@ -68,6 +68,20 @@ def body_size(response: bytes) -> int:
     return len(response) - response.index(b"\r\n\r\n") - 4
 
 
+def redirect_response(location: bytes, close: bool) -> bytes:
+    """A bodiless ``308 Permanent Redirect`` to ``location`` (method and body kept)."""
+    return b"".join(
+        (
+            status_line(308),
+            b"location: ",
+            location,
+            b"\r\ncontent-length: 0\r\n",
+            b"connection: close\r\n" if close else b"",
+            CRLF,
+        )
+    )
+
+
 def connection_tokens(value: bytes) -> set[bytes]:
     """The header names a Connection header lists (lower-cased)."""
     return {token.strip().lower() for token in value.split(b",") if token.strip()}

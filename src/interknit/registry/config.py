@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 
 from interknit.registry.schema import CheckBody
 from interknit.sections import HostPort, Label, ReadableFile, Seconds, Section, Server
+from interknit.tls.client import ClientTlsSpec
+from interknit.tls.config import ClientTlsSection, ServerTlsSection
 
 
 class TokensSection(Section):
@@ -40,6 +42,11 @@ class RegistrySection(Section):
     node_ttl: Seconds = 10.0  # a node's lease: its instances go this long after it dies
     tokens: TokensSection = Field(default_factory=TokensSection)
     history: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
+    # The API over https: its certificate, and client certificates it asks for (mTLS).
+    tls: ServerTlsSection | None = None
+    # How this node's own processes (--workers) reach the API when it speaks https: the CA
+    # that signs its certificate, and a client certificate when the API requires one.
+    client_tls: ClientTlsSection | None = None
 
 
 class ServiceSection(Section):
@@ -51,3 +58,11 @@ class ServiceSection(Section):
     zone: Label | None = None
     region: Label | None = None
     ttl: Seconds | None = None  # DNS TTL for this service
+    # How its instances are reached over TLS: by the proxy's routes to it (unless a route
+    # says otherwise) and by its HTTP health checks, which then speak https.
+    upstream_tls: ClientTlsSection | None = None
+
+
+def service_tls(services: list[ServiceSection]) -> dict[str, ClientTlsSpec]:
+    """``[[services]] upstream_tls``, by service name."""
+    return {s.name: s.upstream_tls.to_spec() for s in services if s.upstream_tls is not None}

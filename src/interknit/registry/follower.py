@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,8 +66,16 @@ def parse_sse(lines: Sequence[str]) -> tuple[str, str]:
 
 
 class Follower:
-    def __init__(self, api: str, token: str | None = None, retry: float = 0.5) -> None:
+    def __init__(
+        self,
+        api: str,
+        token: str | None = None,
+        retry: float = 0.5,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.api = api.rstrip("/")
+        # For an https:// API: its CA and this process's client certificate (mTLS).
+        self._ssl = ssl_context
         self.state = MirrorState()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._retry = retry
@@ -74,6 +83,7 @@ class Follower:
         self._resync_listeners: list[ResyncListener] = []
         self._task: asyncio.Task[None] | None = None
         self._connected = False
+        self._said_unreachable = False
         self._synced = asyncio.Event()
         self.last_contact = 0.0
 
@@ -101,7 +111,10 @@ class Follower:
     async def _run(self) -> None:
         since: int | None = None
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-        async with aiohttp.ClientSession(timeout=timeout, headers=self._headers) as session:
+        connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
+        async with aiohttp.ClientSession(
+            timeout=timeout, headers=self._headers, connector=connector
+        ) as session:
             while True:
                 url = f"{self.api}/v1/watch" + ("" if since is None else f"?since={since}")
                 try:
@@ -114,6 +127,16 @@ class Follower:
                         log.warning(
                             "lost the registry's watch stream; serving the last copy",
                             extra={"event": "follower.stale", "error": str(exc)},
+                        )
+                    elif not self._said_unreachable:
+                        # Said once: a worker that never reaches its node (a certificate it
+                        # does not trust, say) must not be silent about it.
+                        self._said_unreachable = True
+                        log.warning(
+                            "cannot reach the registry's watch stream at %s: %s",
+                            self.api,
+                            exc,
+                            extra={"event": "follower.unreachable", "error": str(exc)},
                         )
                 self._connected = False
                 await asyncio.sleep(self._retry)
