@@ -455,3 +455,26 @@ def test_random_histories_keep_the_promises(
         w.answer_write("ok")
     assert w.exits == 1
     assert w.registry_shows is None or not w.m.claimed
+
+
+def test_an_unconfirmed_removal_is_retried_and_made_again_before_sigterm() -> None:
+    """Found by the random histories: a child that crashed was deregistered, the registry did
+    not confirm it, and a stop then signalled the restarted child while the registry could
+    still show the old registration."""
+    w = World(Supervisor(Settings(ttl=6.0, restart=True, notify=True), 0.0))
+    w.apply(w.m.start(0.0))
+    w.apply(w.m.on_notify(True, 0.0))
+    w.alive = False
+    w.apply(w.m.on_child_exit(1, 0.0))  # register, then deregister, queued
+    w.now = 1.0
+    w.apply(w.m.tick(1.0))  # respawned
+    w.answer_write("ok")  # the register
+    w.answer_write("failed")  # the deregister: not confirmed
+    assert w.m.lingering and w.m.next_deadline() is not None
+    w.now = 1.25
+    w.apply(w.m.tick(1.25))
+    assert w.writes == ["deregister"]  # retried
+    w.answer_write("failed")
+    w.stops += 1
+    w.apply(w.m.on_stop(w.now))  # asserts nothing is shown when SIGTERM goes out
+    assert w.signalled and w.writes[-1] == "deregister"

@@ -31,7 +31,8 @@ Theory of operation. The child moves through six phases:
   supervisor exits with the child's status (128+N for a signal N).
 
 A registry that cannot be reached never stops the child: writes are retried with a backoff
-(``register``) or at their next turn (``renew``), and said in the log by the shell.
+(``register``, and a ``deregister`` the registry did not confirm, which is also sent again
+before a stop's SIGTERM) or at their next turn (``renew``), and said in the log by the shell.
 """
 
 from __future__ import annotations
@@ -193,6 +194,11 @@ class Supervisor:
         # last register or renewal succeeded.
         self.claimed = False
         self.registered = False
+        # A removal the registry did not confirm: it may still show the instance, so the
+        # deregister is retried (``deregister_at``), and sent again before a stop's SIGTERM.
+        self.lingering = False
+        self.deregister_at: float | None = None
+        self.deregister_failures = 0
         # Per child.
         self.ever_ready = False
         self.notified = False  # READY=1 seen
@@ -267,13 +273,23 @@ class Supervisor:
 
     def on_stop(self, now: float) -> list[Action]:
         """SIGTERM or SIGINT."""
+        if self.lingering and not self.claimed and self.phase in _ALIVE:
+            # An earlier removal was not confirmed: remove it before the child is signalled.
+            self.deregister_at = None
+            return [Action("deregister"), *self._fire("stop", now)]
         return self._fire("stop", now)
 
     def on_child_exit(self, status: int, now: float) -> list[Action]:
         """The child ended; ``status`` as ``os.waitstatus_to_exitcode`` gives it."""
         self.status = exit_code(status)
         restart = self.settings.restart and self.phase in ("starting", "ready") and self.status != 0
-        return self._fire("crash" if restart else "exit", now)
+        out = self._fire("crash" if restart else "exit", now)
+        if self.phase == "exited" and self.lingering and not self.claimed:
+            # Leaving: one more try at a removal the registry did not confirm.
+            self.lingering = False
+            self.deregister_at = None
+            out.insert(len(out) - 1, Action("deregister"))
+        return out
 
     def on_write(self, kind: WriteKind, result: WriteResult, now: float) -> list[Action]:
         """The registry answered a write (``failed``: no node answered, or it refused)."""
@@ -305,6 +321,18 @@ class Supervisor:
                     self.register_at = now
             else:
                 self.renew_at = now + self.settings.ttl / 6
+        elif kind == "deregister":
+            if self.claimed:
+                return self.tick(now)  # registered again since
+            if result == "failed":
+                self.lingering = True
+                self.deregister_failures += 1
+                delay = min(0.25 * 2 ** (self.deregister_failures - 1), MAX_RETRY)
+                self.deregister_at = now + min(delay, self.settings.ttl / 3)
+            else:
+                self.lingering = False
+                self.deregister_at = None
+                self.deregister_failures = 0
         elif kind == "set_draining" and self.phase == "draining" and self.drain_at is None:
             # Whatever the answer, proxies that knew the instance get the drain time.
             self.drain_at = now + self.settings.drain
@@ -324,6 +352,14 @@ class Supervisor:
             out += self._fire("respawn", now)
         if self.phase == "exited":
             return out
+        if (
+            self.lingering
+            and not self.claimed
+            and self.deregister_at is not None
+            and self.deregister_at <= now
+        ):
+            self.deregister_at = None
+            out.append(Action("deregister"))
         if (
             self.phase == "ready"
             and self.claimed
@@ -357,6 +393,8 @@ class Supervisor:
                 times.append(self.register_at)
             if self.claimed:
                 times.append(self.renew_at)
+            elif self.lingering:
+                times.append(self.deregister_at)
             if self.phase in _CHECKED and not self.checking:
                 times.append(self.check_at)
         live = [t for t in times if t is not None]
@@ -379,6 +417,8 @@ class Supervisor:
         out: list[Action] = []
         for kind in kinds:
             if kind == "register":
+                self.lingering = False
+                self.deregister_at = None
                 self.claimed = True
                 self.registered = False
                 self.register_at = None
