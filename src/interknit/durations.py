@@ -10,8 +10,10 @@ import functools
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+")
+# [0-9], not \d: \d takes every script's digits (ARABIC-INDIC FIVE and "s"), which no operator
+# means by a duration.
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_WHOLE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h))+")
 # Longer than any sane timeout; keeps arithmetic on deadlines finite.
 MAX_SECONDS = 7 * 24 * 3600.0
 

@@ -89,3 +89,33 @@ def os_error(exc: OSError) -> str:
     text = exc.strerror or (os.strerror(exc.errno) if exc.errno else "") or str(exc)
     text = text or type(exc).__name__
     return text[:1].lower() + text[1:]
+
+
+class LogThrottle:
+    """How often a line about hostile or broken input may be written: ``burst`` at once, then
+    one every ``every`` seconds. A line that is let through after others were held back says
+    how many were (``allow`` returns that count). One client sending garbage must not be able
+    to fill the disk with a line per request, nor hide everyone else's lines in its own.
+
+    No clock of its own: ``now`` is passed in (monotonic seconds)."""
+
+    __slots__ = ("burst", "every", "held", "tokens", "updated")
+
+    def __init__(self, every: float = 1.0, burst: int = 10) -> None:
+        self.every = every
+        self.burst = burst
+        self.tokens = float(burst)
+        self.updated: float | None = None
+        self.held = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: leave this line out. Else the number of lines left out before it."""
+        if self.updated is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) / self.every)
+        self.updated = now
+        if self.tokens < 1.0:
+            self.held += 1
+            return None
+        self.tokens -= 1.0
+        held, self.held = self.held, 0
+        return held

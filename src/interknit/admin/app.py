@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -14,10 +15,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from interknit.logs import LogThrottle
 from interknit.registry.api import WATCHES_KEY, RegistryApi, dumps, error_response
 from interknit.registry.http_metrics import HttpMetrics
 from interknit.registry.state import RegistryError
 from interknit.registry.tokens import Tokens
+
+log = logging.getLogger("interknit.registry")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Panels: name -> a function returning JSON-able data for the status page.
@@ -43,6 +47,7 @@ def build_app(
     if http_metrics is None:
         http_metrics = HttpMetrics(metrics_registry)
     counted = http_metrics
+    failures = LogThrottle()
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -73,6 +78,17 @@ def build_app(
             elif exc.status == 404:
                 message = f"no such endpoint: {request.path}"
             return error_response(exc.status, message)
+        except Exception:
+            # A bug, not the client's fault; still the API's JSON error, never aiohttp's page.
+            status = 500
+            if failures.allow(time.monotonic()) is not None:
+                log.exception(
+                    "API request %s %s failed",
+                    request.method,
+                    request.path,
+                    extra={"event": "registry.internal_error", "endpoint": endpoint},
+                )
+            return error_response(500, "internal error")
         finally:
             waited = endpoint == "/v1/watch" or (
                 bool(request.query_string) and "index" in request.query

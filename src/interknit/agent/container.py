@@ -23,7 +23,7 @@ MAX_LABEL_VALUE = 4096
 MAX_PORTS = 1024
 MAX_NETWORKS = 64
 _ID = re.compile(r"[0-9a-f]{12,128}")
-_PORT_KEY = re.compile(r"(\d{1,5})(?:/(tcp|udp|sctp))?")
+_PORT_KEY = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
 
 
 class ContainerError(ValueError):
@@ -112,7 +112,7 @@ def _host_port(value: Any, where: str) -> int | None:
     if value in (None, ""):
         return None
     text = str(value) if isinstance(value, int) else _str(value, where, 8)
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ContainerError(f"{where}: {text!r} is not a port")
     return int(text)
 

@@ -55,8 +55,8 @@ _KNOWN = {
     "ignore": "ignore",
 }
 _REGISTRATOR = {v: k for k, v in _KNOWN.items()}
-_PER_PORT_LABEL = re.compile(r"interknit\.(\d{1,5})\.(.+)")
-_PER_PORT_ENV = re.compile(r"SERVICE_(\d{1,5})_(.+)")
+_PER_PORT_LABEL = re.compile(r"interknit\.([0-9]{1,5})\.(.+)")
+_PER_PORT_ENV = re.compile(r"SERVICE_([0-9]{1,5})_(.+)")
 _META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _PATH = re.compile(r"/[\x21-\x7e]{0,1023}")
 MAX_META = 64
@@ -277,7 +277,7 @@ def _one(
     weight = 1
     if "weight" in found:
         value, where = found["weight"]
-        if not value.strip().isdigit() or not 1 <= int(value) <= 1000:
+        if not (value.strip().isascii() and value.strip().isdigit()) or not 1 <= int(value) <= 1000:
             raise Problem(f"{where}={value[:16]!r}: must be a whole number from 1 to 1000")
         weight = int(value)
     zone = service_name(*found["zone"]) if "zone" in found else None

@@ -154,7 +154,7 @@ def _pattern(value: str) -> re.Pattern[str]:
 
 def _typed(value: str, kind: str, selector: str) -> object:
     if kind == INT:
-        if not re.fullmatch(r"-?\d{1,18}", value):
+        if not re.fullmatch(r"-?[0-9]{1,18}", value):
             _fail(f"{value[:40]!r} is not a number, and {selector} is one")
         return int(value)
     if kind == BOOL:

@@ -19,7 +19,7 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
 MAX_TEXT = 64
 # Go's int64 nanoseconds reach about 292 years; nothing Consul takes needs a week.
 MAX_SECONDS = 7 * 24 * 3600.0

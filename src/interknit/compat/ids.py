@@ -89,7 +89,7 @@ class ConsulIds:
             consul_id = check_id[len(_SERVICE_CHECK) :]
             found = self.find(state, consul_id, scan=True)
             base, sep, number = consul_id.rpartition(":")
-            if not found and sep and number.isdigit():
+            if not found and sep and number.isascii() and number.isdigit():
                 found = self.find(state, base, scan=True)
             return found
         return [i for i in state.all_instances() if test(identity(i))]

@@ -97,6 +97,6 @@ def identity(inst: Instance) -> Identity:
         name=name,
         check_id=kept.get(META_CHECK_ID, f"service:{consul_id}"),
         check_name=kept.get(META_CHECK_NAME, f"Service '{name}' check"),
-        warning_weight=int(warning) if warning.isdigit() else 1,
+        warning_weight=int(warning) if warning.isascii() and warning.isdigit() else 1,
         meta=meta,
     )

@@ -82,7 +82,11 @@ def parse_query(
         if len(value) > MAX_VALUE and param != "filter":
             fail(param, f"is longer than {MAX_VALUE} characters")
         if param == "index":
-            if not value.isdigit() or len(value) > 20 or int(value) > MAX_INDEX:
+            if (
+                not (value.isascii() and value.isdigit())
+                or len(value) > 20
+                or int(value) > MAX_INDEX
+            ):
                 fail("index", "must be an unsigned integer, as X-Consul-Index gave it")
             index = int(value)
         elif param == "wait":

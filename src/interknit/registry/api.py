@@ -89,13 +89,17 @@ def _flag(request: web.Request, name: str) -> bool:
     raise RegistryError(f"{name}: must be 1 or 0", [{"field": name}])
 
 
-def _int_param(request: web.Request, name: str) -> int | None:
-    value = request.query.get(name)
-    if value is None:
-        return None
-    if not value.isdigit() or len(value) > 19:
+def revision_number(name: str, value: str) -> int:
+    """A revision as a client writes it: ASCII digits only (``str.isdigit`` also takes
+    superscripts and other scripts' digits, which ``int`` then refuses or reads)."""
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
         raise RegistryError(f"{name}: must be a non-negative integer", [{"field": name}])
     return int(value)
+
+
+def _int_param(request: web.Request, name: str) -> int | None:
+    value = request.query.get(name)
+    return None if value is None else revision_number(name, value)
 
 
 def _wait_param(request: web.Request) -> float:
@@ -250,8 +254,9 @@ class RegistryApi:
             check_name("service", service)
         since = _int_param(request, "since")
         last_id = request.headers.get("Last-Event-ID")
-        if since is None and last_id is not None and last_id.isdigit():
-            since = int(last_id)
+        if since is None and last_id:
+            # What an EventSource sends back is an id this stream gave it: a revision.
+            since = revision_number("Last-Event-ID", last_id.strip())
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",

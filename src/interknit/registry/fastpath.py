@@ -13,6 +13,13 @@ serves it from then on.
 Handing over needs the exact byte where a request starts. The requests this protocol answers
 are framed by ``Content-Length`` alone and their heads end at the first CRLF CRLF (a head with
 a bare LF is handed over instead), so the start of the next request is always known.
+
+Limits hold before the parser sees a byte (``refusals.py``): the head guard
+(``http1.limits``) refuses a head that grows past ``MAX_HEAD`` at once (httptools keeps a
+partial line until it is whole: an endless header line would otherwise be held whole), and
+more than ``MAX_HEADERS`` fields are refused as they are counted. A refusal is answered in
+turn, after the requests before it, and closes the connection. The connection aiohttp gets
+passes through ``handler.ApiHandler``, which holds aiohttp to the same limits.
 """
 
 from __future__ import annotations
@@ -26,11 +33,22 @@ from collections import deque
 from collections.abc import Callable
 
 import httptools
+from aiohttp import web
 
 from interknit.http1.batch import WriteBatch
+from interknit.http1.limits import HeadGuard
 from interknit.http1.status import status_line
 from interknit.registry.api import RegistryApi, deregistered_body, error_body
+from interknit.registry.handler import ApiHandler
 from interknit.registry.http_metrics import HttpMetrics
+from interknit.registry.refusals import (
+    MAX_HEAD,
+    MAX_HEADERS,
+    TOO_MANY_HEADERS,
+    Refusal,
+    Refusals,
+    head_refusal,
+)
 from interknit.registry.registry import Registry
 from interknit.registry.schema import MAX_BODY, check_name, register_spec
 from interknit.registry.state import RegistryError
@@ -38,9 +56,6 @@ from interknit.registry.tokens import Tokens
 
 log = logging.getLogger("interknit.registry")
 
-ProtocolFactory = Callable[[], asyncio.Protocol]
-
-MAX_HEAD = 16 * 1024
 MAX_QUEUED = 16  # parsed requests waiting for their turn before reading pauses
 KEEPALIVE_TIMEOUT = 75.0  # as aiohttp's default: an idle kept-alive connection is closed
 HEAD_TIMEOUT = 30.0  # a request head that takes longer is a slow client: closed
@@ -50,6 +65,11 @@ _PREFIX = b"/v1/services/"
 _LOOKUP = "/v1/services/{service}"
 _INSTANCE = "/v1/services/{service}/instances/{id}"
 _HEARTBEAT = "/v1/services/{service}/instances/{id}/heartbeat"
+_REFUSED = "refused"  # the endpoint a refused request is counted under
+
+
+class _TooManyHeaders(Exception):
+    pass
 
 
 class _Request:
@@ -86,6 +106,11 @@ class _Request:
         self.keep_alive = True
 
 
+def _refused_request(now: float) -> _Request:
+    """What a refused request is counted as: no endpoint was found for it."""
+    return _Request(_REFUSED, "-", FastApi.lookup, (), b"", "", now)
+
+
 class _Date:
     """The Date header, formatted once a second."""
 
@@ -111,7 +136,7 @@ class FastApi:
     def __init__(
         self,
         api: RegistryApi,
-        handoff: ProtocolFactory,
+        aiohttp_server: web.Server,
         tokens: Tokens,
         metrics: HttpMetrics,
     ) -> None:
@@ -120,9 +145,12 @@ class FastApi:
         # Writes take the fast path on the embedded store, whose writes can be answered from
         # a callback; on etcd they go through aiohttp.
         self.writes = isinstance(api.registry, Registry)
-        self.handoff = handoff
+        self.aiohttp_server = aiohttp_server
         self.tokens = tokens
         self.metrics = metrics
+        self.refusals = Refusals(lambda reason: metrics.refused.labels(reason).inc())
+        # Connections handed to aiohttp, for the slow-head sweep.
+        self.handed: set[ApiHandler] = set()
         self.date = _Date()
         # Answers of one loop turn go out together at its end, as the proxy's do: a client
         # woken once for many answers spends far less per answer (measured: about a quarter).
@@ -141,6 +169,18 @@ class FastApi:
             self._sweeper = loop.create_task(self._sweep())
         return ApiProtocol(self)
 
+    def handoff(self) -> ApiHandler:
+        """The protocol a connection is handed to: aiohttp's, behind the API's limits."""
+        handler = ApiHandler(
+            self.aiohttp_server,
+            refusals=self.refusals,
+            on_lost=self.handed.discard,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            access_log=None,
+        )
+        self.handed.add(handler)
+        return handler
+
     async def _sweep(self) -> None:
         # One pass every few seconds instead of a timer per connection re-armed per request.
         while True:
@@ -148,6 +188,8 @@ class FastApi:
             now = asyncio.get_running_loop().time()
             for conn in list(self.connections):
                 conn.sweep(now)
+            for handler in list(self.handed):
+                handler.sweep(now, HEAD_TIMEOUT)
 
     async def stop(self, timeout: float) -> None:
         """Close idle connections now and the others once their request is answered."""
@@ -226,16 +268,19 @@ class ApiProtocol(asyncio.Protocol):
         self.busy = False  # a request's answer waits for its commit
         self.head_end = 0  # where the head of the request being parsed ends in ``raw``
         self.handoff_at: int | None = None
+        self.refused: Refusal | None = None  # answered once the requests before it are
         self.closing = False
         self.paused = False
         self.last_activity = self.loop.time()
+        self.guard = HeadGuard(MAX_HEAD)
+        self.at_rest = True  # between requests: the next byte (but CR or LF) starts one
 
         # Per-request state (the request being parsed)
         self.parsing: _Request | None = None
         self.in_head = False
         self.head_started = 0.0
         self.url = b""
-        self.head_bytes = 0
+        self.fields = 0
         self.authorization: str | None = None
         self.length_seen = False
         self.framing_ok = True  # no Transfer-Encoding, Expect or Upgrade
@@ -254,20 +299,51 @@ class ApiProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
-        self.raw += data
+        if self.refused is not None:
+            return
         if self.handoff_at is not None:
-            return  # waits, unparsed, for the answers before it
+            # Waits, unparsed, for the answers before it; one read of it is enough to hold.
+            self.raw += data
+            self._pause()
+            return
+        if self.at_rest or self.in_head:
+            status = self.guard.check(data)
+            if status:
+                self._refuse(head_refusal(status))
+                return
+        self.raw += data
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            # Malformed, an upgrade, or a callback's failure: aiohttp reads that request again
-            # from its first byte and answers it as it answers any other.
+        except httptools.HttpParserUpgrade:
+            # An upgrade's head is whole (_route handed it over at its end).
+            pass
+        except httptools.HttpParserError as exc:
             if self.handoff_at is None:
+                if isinstance(exc.__context__, _TooManyHeaders):
+                    self._refuse(TOO_MANY_HEADERS)
+                    return
+                # Malformed: aiohttp's side reads that request again from its first byte
+                # and answers it as it answers any other.
                 self.handoff_at = self._message_start()
         if self.handoff_at is not None and not self.queue and not self.busy:
             self._hand_over()
         elif self.queue and not self.busy:
             self._next()
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """The request being read broke a limit: nothing more is read; it is answered after
+        the requests before it, and the connection closes."""
+        self.refused = refusal
+        self._pause()
+        if self.in_head or not self.at_rest:
+            del self.raw[self._message_start() :]
+        if not self.queue and not self.busy:
+            self._settled()
 
     def eof_received(self) -> bool | None:
         self.server.batch.flush()  # answers queued this turn go out before any close
@@ -279,10 +355,11 @@ class ApiProtocol(asyncio.Protocol):
     # Parser callbacks
 
     def on_message_begin(self) -> None:
+        self.at_rest = False
         self.in_head = True
         self.head_started = self.loop.time()
         self.url = b""
-        self.head_bytes = 0
+        self.fields = 0
         self.authorization = None
         self.length_seen = False
         self.framing_ok = True
@@ -291,10 +368,11 @@ class ApiProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
+        self.fields += 1
+        if self.fields > MAX_HEADERS and self.handoff_at is None:
+            raise _TooManyHeaders  # (once handed over, aiohttp's side counts)
         lname = name.lower()
         if lname == b"authorization":
             if self.authorization is None:  # the first, as aiohttp's headers.get
@@ -309,6 +387,8 @@ class ApiProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        # A pipelined head that begins later in this read is counted from the next read on.
+        self.guard.reset()
         if self.handoff_at is not None:
             return
         req = self._route()
@@ -322,6 +402,8 @@ class ApiProtocol(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self.at_rest = True
+        self.guard.reset()
         req = self.parsing
         if req is None or self.handoff_at is not None:
             return
@@ -352,7 +434,6 @@ class ApiProtocol(asyncio.Protocol):
         url = self.url
         if (
             not self.framing_ok
-            or self.head_bytes > MAX_HEAD
             or not url.startswith(_PREFIX)
             or b"?" in url
             or b"%" in url
@@ -443,7 +524,21 @@ class ApiProtocol(asyncio.Protocol):
             self._settled()
 
     def _settled(self) -> None:
-        """Nothing is waiting to be answered: drop answered bytes, hand over, or close."""
+        """Nothing is waiting to be answered: drop answered bytes, answer a refusal, hand over,
+        or close."""
+        refused = self.refused
+        if refused is not None:
+            if not self.closing:
+                peer = self.transport.get_extra_info("peername")
+                self.server.refusals.refused(refused, str(peer[0]) if peer else "-")
+                self.respond(
+                    _refused_request(self.loop.time()),
+                    refused.status,
+                    error_body(refused.message),
+                    close=True,
+                )
+                self.close()
+            return
         if self.handoff_at is not None:
             self._hand_over()
             return
@@ -473,10 +568,10 @@ class ApiProtocol(asyncio.Protocol):
             self.respond(req, 500, error_body("internal error"))
         self._next()
 
-    def respond(self, req: _Request, status: int, body: bytes) -> None:
+    def respond(self, req: _Request, status: int, body: bytes, close: bool = False) -> None:
         server = self.server
         registry = server.registry
-        close = not req.keep_alive or self.closing or server.stopping
+        close = close or not req.keep_alive or self.closing or server.stopping
         head = status_line(status)
         extra = b"X-Interknit-Revision: %d\r\n" % registry.state.revision if status == 200 else b""
         if registry.stale and status == 200:
@@ -488,7 +583,8 @@ class ApiProtocol(asyncio.Protocol):
             b"%sContent-Type: application/json\r\nContent-Length: %d\r\n%s%s"
             b"\r\n%s" % (head, len(body), server.date.get(), extra, body),
         )
-        server.metrics.observe(req.endpoint, req.method, status, self.loop.time() - req.started)
+        if req.endpoint is not _REFUSED:  # refusals have a counter of their own
+            server.metrics.observe(req.endpoint, req.method, status, self.loop.time() - req.started)
         if close:
             self.closing = True
             self.queue.clear()
@@ -511,7 +607,7 @@ class ApiProtocol(asyncio.Protocol):
             protocol.data_received(rest)
 
     def idle(self) -> bool:
-        return not self.busy and not self.queue and not self.in_head
+        return not self.busy and not self.queue and not self.in_head and self.refused is None
 
     def sweep(self, now: float) -> None:
         # A head trickling in byte by byte is timed from its start, not from its last byte.

@@ -30,7 +30,14 @@ class HttpMetrics:
             ["endpoint"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
-        registry.register(Collector([self.requests, self.latency]))
+        self.refused = Family(
+            "counter",
+            "interknit_http_refused",
+            "API requests refused before any handler saw them, by reason (headers-too-large, "
+            "uri-too-long, too-many-headers, malformed, internal).",
+            ["reason"],
+        )
+        registry.register(Collector([self.requests, self.latency, self.refused]))
         # Each (endpoint, method, status)'s two children, found with one lookup per request.
         self._children: dict[tuple[str, str, int], tuple[Value, Histogram]] = {}
 

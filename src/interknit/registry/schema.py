@@ -277,7 +277,8 @@ def _plain_spec(raw: bytes) -> InstanceSpec | None:
         return None
     try:
         data = _decode_json(raw.decode("ascii"))  # not json.loads: it sniffs the encoding
-    except ValueError:
+    except (ValueError, RecursionError):
+        # Nested deeper than Python recurses: pydantic refuses it with its own words.
         return None
     if type(data) is not dict or not _REGISTER_KEYS.issuperset(data):
         return None

@@ -1,0 +1,175 @@
+"""Where the requests on a handed-over API connection begin and end, read beside aiohttp's parser.
+
+The fast path hands a connection to aiohttp at the first byte of a request it does not answer
+itself (``fastpath.py``); from then on aiohttp's parser reads it. Two things aiohttp does not
+do are done here, on the bytes before aiohttp sees them:
+
+* Bounds on a head as it arrives: aiohttp bounds each line, not the head, and its parser (as
+  httptools) keeps a partial line until it is whole. ``HeadGuard`` counts a head's bytes
+  before any parser buffers them, and the field count is checked as each field ends.
+* Requests in order. aiohttp's parser reads everything it is given at once; when a read holds
+  a whole request and then a malformed one, it raises for the read and the whole request is
+  lost (its client gets one 400 for two requests, and the first is never run). So aiohttp is
+  given each request's bytes in a read of their own, ending where the request ends.
+
+``Framing.feed`` reads the bytes with a parser of its own (httptools: the fast path's, so both
+paths refuse alike) in pieces that end where a request can end: at the end of each line of a
+head or a chunked body, and at the end of a ``Content-Length`` body. It returns the pieces to
+give aiohttp, each ending at a request's end (or at the end of the read), and a ``Refusal``
+when the bytes break a rule. A head is held back until it is whole, so that aiohttp never sees
+part of a head that is then refused (it is between requests when the refusal comes).
+
+A head that cannot be parsed is refused here (400), as the fast path would; bytes that break
+inside a body are left to aiohttp, which already has the request.
+"""
+
+from __future__ import annotations
+
+import httptools
+
+from interknit.http1.limits import HeadGuard
+from interknit.registry.refusals import (
+    MAX_HEAD,
+    MAX_HEADERS,
+    TOO_MANY_HEADERS,
+    Refusal,
+    head_refusal,
+    malformed,
+)
+
+
+class _TooManyHeaders(Exception):
+    pass
+
+
+class Framing:
+    """One handed-over connection's requests, as their bytes arrive."""
+
+    __slots__ = (
+        "at_rest",
+        "broken",
+        "completed",
+        "ended",
+        "fields",
+        "guard",
+        "held",
+        "in_head",
+        "length",
+        "max_headers",
+        "parser",
+        "remaining",
+    )
+
+    def __init__(self, max_head: int = MAX_HEAD, max_headers: int = MAX_HEADERS) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.guard = HeadGuard(max_head)
+        self.max_headers = max_headers
+        self.at_rest = True  # between requests: the next byte (but CR or LF) starts one
+        self.in_head = False
+        self.fields = 0
+        self.length: int | None = None  # the Content-Length of the request being read
+        self.remaining: int | None = None  # what is left of a Content-Length body
+        self.completed = 0
+        self.held = b""  # the start of a head not yet whole, already parsed, not yet given out
+        self.broken = False  # a body broke: everything goes to aiohttp as it comes
+        self.ended = False  # a request that closes the connection was read: nothing follows
+
+    @property
+    def head_open(self) -> bool:
+        """A head has begun and not ended (the slow-client timeout runs while it is so)."""
+        return self.in_head or bool(self.held.strip(b"\r\n"))
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.at_rest = False
+        self.in_head = True
+        self.fields = 0
+        self.length = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields += 1
+        if self.fields > self.max_headers:
+            raise _TooManyHeaders
+        if name.lower() == b"content-length":
+            # llhttp has checked it is digits, and refused two that differ.
+            self.length = int(value)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.guard.reset()  # a body is not a head's
+        self.remaining = self.length
+
+    def on_message_complete(self) -> None:
+        if not self.parser.should_keep_alive():
+            self.ended = True
+        self.at_rest = True
+        self.remaining = None
+        self.completed += 1
+        self.guard.reset()  # what follows (empty lines, then a head) is the next head's
+
+    # Reading
+
+    def feed(self, data: bytes) -> tuple[list[bytes], Refusal | None]:
+        """The pieces of ``data`` (with any head held back before it) to give aiohttp, in order,
+        and the refusal that ends the connection, if the bytes broke a rule."""
+        if self.broken:
+            return [data], None
+        if self.ended:
+            return [], None  # aiohttp closes the connection after its answer
+        held = self.held
+        buf = held + data if held else data
+        out: list[bytes] = []
+        start = 0  # the first byte of ``buf`` not given out
+        pos = len(held)  # the first byte of ``buf`` the parser has not read
+        size = len(buf)
+        while pos < size:
+            heading = self.at_rest or self.in_head
+            remaining = self.remaining
+            if heading or not remaining:
+                newline = buf.find(b"\n", pos)
+                end = size if newline < 0 else newline + 1
+            else:
+                end = min(size, pos + remaining)
+            piece = buf[pos:end] if pos or end < size else buf
+            if heading:
+                status = self.guard.check(piece)
+                if status:
+                    return out, head_refusal(status)
+            done = self.completed
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as exc:
+                # llhttp stops after the head of a request that asks for another protocol
+                # (the request is complete); the API speaks none, and aiohttp answers it as
+                # any other request. Reading goes on after it.
+                end = pos + int(exc.args[0])
+            except httptools.HttpParserError as exc:
+                if isinstance(exc.__context__, _TooManyHeaders):
+                    return out, TOO_MANY_HEADERS
+                if heading:
+                    return out, malformed(str(exc) or type(exc).__name__)
+                # Inside a body: aiohttp has the request and answers for it.
+                self.broken = True
+                out.append(buf[start:])
+                self.held = b""
+                return out, None
+            if remaining is not None and not heading:
+                self.remaining = remaining - (end - pos)
+            pos = end
+            if self.completed != done:
+                out.append(buf[start:pos])
+                start = pos
+                if self.ended:
+                    self.held = b""
+                    return out, None
+        if start < size:
+            if self.at_rest or self.in_head:
+                # A head not yet whole (or the empty lines before one): held back.
+                self.held = buf[start:]
+            else:
+                out.append(buf[start:])
+                self.held = b""
+        else:
+            self.held = b""
+        return out, None
