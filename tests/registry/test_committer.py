@@ -9,6 +9,7 @@ generous deadline.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from interknit.registry.api import RegistryApi
 from interknit.registry.model import Check, InstanceSpec
 from interknit.registry.registry import Registry, Unavailable
 from interknit.registry.store import Batch, SqliteStore, StoreError
@@ -51,15 +53,18 @@ async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def registered(registry: Registry, *ids: str) -> Callable[[], bool]:
-    """The writes were applied in memory (and queued for the disk)."""
-    return lambda: all(registry.state.get("api", i) is not None for i in ids)
+    """The writes were applied in memory (and queued for the disk): on the writer's state,
+    which readers do not see until the commit is on the disk."""
+    return lambda: all(registry._writer.get("api", i) is not None for i in ids)
 
 
 async def timers_asleep_until_the_lease(registry: Registry) -> None:
     """The lease timers task is waiting for the soonest deadline (and nothing woke it)."""
     wake = registry._timer_wake
     assert wake is not None
-    await until(lambda: registry._timer_due == registry.state.next_deadline() and not wake.is_set())
+    await until(
+        lambda: registry._timer_due == registry._writer.next_deadline() and not wake.is_set()
+    )
 
 
 async def started(path: Path) -> tuple[Registry, Disk]:
@@ -119,18 +124,24 @@ async def test_a_failed_commit_fails_its_writes_and_those_behind_it_and_changes_
     doomed = asyncio.create_task(registry.register("api", "lost", SPEC))
     await until(lambda: disk.arrived == arrived + 1)
     behind = asyncio.create_task(registry.deregister("api", "kept"))
-    await until(lambda: registry.state.get("api", "kept") is None)
+    await until(lambda: registry._writer.get("api", "kept") is None)
     disk.gate.set()
     for task in (doomed, behind):
         with pytest.raises(Unavailable, match="disk full"):
             await task
-    await until(lambda: bool(resyncs))
-    # Memory went back to what the disk holds; consumers were told to rebuild.
-    assert resyncs == [revision]
+    # Readers never saw the failed writes: nothing to undo for them, nothing to rebuild.
+    assert resyncs == []
     assert registry.state.get("api", "lost") is None
     assert registry.state.get("api", "kept") is not None
+    assert registry.state.revision == revision
     disk.fail = False
-    _, rev = await registry.register("api", "later", SPEC)
+    # Writes are refused until the writer's state is reloaded from the disk.
+    for _ in range(200):
+        try:
+            _, rev = await registry.register("api", "later", SPEC)
+            break
+        except Unavailable:
+            await asyncio.sleep(0.01)
     assert rev == revision + 1
     await registry.close()
     reopened, _ = await started(tmp_path)
@@ -188,7 +199,7 @@ async def test_a_batch_too_big_for_one_statement_or_with_deletes_commits_whole(
     many = [asyncio.create_task(registry.register("api", name, SPEC)) for name in names]
     many.append(asyncio.create_task(registry.deregister("api", "gone")))
     await until(registered(registry, *names))
-    await until(lambda: registry.state.get("api", "gone") is None)
+    await until(lambda: registry._writer.get("api", "gone") is None)
     disk.gate.set()
     await asyncio.gather(first, *many)
     assert [len(b.upserts) for b in disk.commits[-2:]] == [1, 300]
@@ -261,4 +272,76 @@ async def test_a_commit_answers_its_writes_before_it_tells_the_listeners(tmp_pat
     assert queued
     await asyncio.wait_for(done.wait(), 5)
     assert order == ["answer", "answers sent", "listener 1"]
+    await registry.close()
+
+
+async def test_a_write_is_read_nowhere_before_its_commit_is_on_the_disk(tmp_path: Path) -> None:
+    """Readers (the API, DNS, the proxy, watchers) see the registry's ``state``: a write waiting
+    for its commit is in none of it, and when the commit lands all learn it in one callback,
+    before its answer goes out."""
+    registry, disk = await started(tmp_path)
+    api = RegistryApi(registry)
+    await registry.register("api", "kept", SPEC)
+    revision = registry.state.revision
+    told: list[list[str]] = []
+    registry.subscribe(lambda events: told.append([e.instance.id for e in events]))
+    disk.gate.clear()
+    write = asyncio.create_task(registry.register("api", "new", SPEC))
+    gone = asyncio.create_task(registry.deregister("api", "kept"))
+    await until(lambda: registry._writer.get("api", "kept") is None)  # both applied, held
+    assert not write.done()
+    assert registry.state.get("api", "new") is None
+    assert registry.state.get("api", "kept") is not None
+    assert registry.state.revision == revision
+    assert registry.state.events_since(revision) == ([], revision)
+    assert not registry.changed_since("api", revision)
+    listed = json.loads(api.lookup_body("api", False, None))
+    assert [i["id"] for i in listed["instances"]] == ["kept"]
+    assert told == []
+    # What a reader sees when the answer is given: the write (read your writes).
+    seen_at_answer: list[bool] = []
+    third = asyncio.Event()
+
+    def answered(error: BaseException | None) -> None:
+        seen_at_answer.append(registry.state.get("api", "third") is not None)
+        third.set()
+
+    registry.register_nowait("api", "third", SPEC, answered)
+    disk.gate.set()
+    (inst, _), _ = await asyncio.gather(write, gone)
+    await asyncio.wait_for(third.wait(), 5)
+    assert registry.state.get("api", "new") == inst
+    assert registry.state.get("api", "kept") is None
+    assert [i for batch in told for i in batch] == ["new", "kept", "third"]
+    assert seen_at_answer == [True]
+    await registry.close()
+
+
+async def test_a_failed_commit_shows_its_writes_to_no_reader(tmp_path: Path) -> None:
+    """A commit that fails: its writes were never listed, counted or streamed, and the
+    registry's revision never moved."""
+    registry, disk = await started(tmp_path)
+    api = RegistryApi(registry)
+    await registry.register("api", "kept", SPEC)
+    before = api.lookup_body("api", False, None)
+    revision = registry.state.revision
+    told: list[object] = []
+    registry.subscribe(told.append, lambda: told.append("resync"))
+    disk.gate.clear()
+    disk.fail = True
+    doomed = [
+        asyncio.create_task(registry.register("api", "lost", SPEC)),
+        asyncio.create_task(registry.register("other", "lost", SPEC)),
+        asyncio.create_task(registry.set_operator("api", "kept", "draining")),
+    ]
+    await until(lambda: registry._writer.has_service("other"))  # applied by the writer
+    for _ in range(3):  # every read while the commit is held, and after it failed
+        assert api.lookup_body("api", False, None) == before
+        assert not registry.state.has_service("other")
+        assert registry.state.services()["api"].instances == 1
+        assert registry.state.revision == revision
+        disk.gate.set()
+        await asyncio.wait(doomed)
+    assert all(isinstance(t.exception(), Unavailable) for t in doomed)
+    assert told == []
     await registry.close()

@@ -59,9 +59,8 @@ class AgentWrites:
         service, instance_id, spec = reg.service, reg.instance_id, reg.spec
         initial = reg.initial
         if isinstance(registry, Registry):
-            state = registry.state
 
-            def op(now: float) -> tuple[Any, list[Event]]:
+            def op(state: RegistryState, now: float) -> tuple[Any, list[Event]]:
                 before = state.get(service, instance_id)
                 events = state.register(service, instance_id, spec, now)
                 # A new TTL check (not an unchanged one re-registered) starts as Consul's do.
@@ -177,7 +176,7 @@ class AgentWrites:
             )
         registry = self.registry
         if isinstance(registry, Registry):
-            await registry.submit(_ttl_op(registry.state, inst.key, status, output))
+            await registry.submit(_ttl_op(inst.key, status, output))
             return
         await registry.register(inst.service, inst.id, inst.spec)
         await registry.set_check_status(inst.service, inst.id, status, output)
@@ -198,11 +197,11 @@ def _one(found: list[Instance], what: str, name: str) -> Instance:
     return found[0]
 
 
-def _ttl_op(state: RegistryState, key: tuple[str, str], status: CheckStatus, output: str) -> Op:
+def _ttl_op(key: tuple[str, str], status: CheckStatus, output: str) -> Op:
     """Renew a TTL and set its check's status, as one write."""
     service, instance_id = key
 
-    def op(now: float) -> tuple[Any, list[Event]]:
+    def op(state: RegistryState, now: float) -> tuple[Any, list[Event]]:
         current = state.get(service, instance_id)
         if current is None:
             raise NotFound(f"instance {instance_id!r} of {service!r} is gone", {"id": instance_id})

@@ -5,6 +5,13 @@ Every write is a small function over ``RegistryState``, applied on the event loo
 Its events queue for the store's thread (``committer.py``), which commits everything queued
 since its last commit in one transaction; only then are the writes answered and the watchers
 woken. Reads go to the in-memory state and never wait for the disk.
+
+Two states. Writes are made on the *writer's* state (``_writer``), which runs ahead of the
+disk by the commits in flight: a write must see the writes queued before it. Readers see
+``state``, which holds only what is on the disk: it takes each commit's events when the commit
+is done, in the same callback that answers its writes and tells DNS, the proxy and the
+watchers. So an instance is never listed before it is durable, nor before the rest of the node
+knows it, and a commit that fails changes nothing any reader has seen.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from interknit.registry.store import Store, StoreError
 
 log = logging.getLogger("interknit.registry")
 
-# A write: given the time, change the state and return (result, events).
-Op = Callable[[float], tuple[Any, list[Event]]]
+# A write: given the writer's state and the time, change the state and return (result, events).
+Op = Callable[[RegistryState, float], tuple[Any, list[Event]]]
 
 
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
@@ -107,7 +114,10 @@ class Registry:
         clock: Callable[[], float] = time.time,
         metrics: RegistryMetrics | None = None,
     ) -> None:
+        # What readers see: what is on the disk.
         self.state = RegistryState(history_size)
+        # What writes are made on: ``state`` plus the commits in flight (no history needed).
+        self._writer = RegistryState(1)
         self._store = store
         self._clock = clock
         self._metrics = metrics
@@ -136,7 +146,9 @@ class Registry:
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         snapshot = await loop.run_in_executor(self._executor, self._store.load)
-        self.state.restore(snapshot.instances, snapshot.revision, self._clock())
+        now = self._clock()
+        self.state.restore(snapshot.instances, snapshot.revision, now)
+        self._writer.restore(snapshot.instances, snapshot.revision, now)
         self._committer = Committer(self._store, loop, self._committed)
         self._committer.start()
         self._timer_wake = asyncio.Event()
@@ -217,33 +229,36 @@ class Registry:
         result: tuple[Instance, int] = await self.submit(self._heartbeat_op(service, instance_id))
         return result
 
-    def _register_op(self, service: str, instance_id: str, spec: InstanceSpec) -> Op:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            events = self.state.register(service, instance_id, spec, now)
-            return self._current(service, instance_id), events
+    @staticmethod
+    def _register_op(service: str, instance_id: str, spec: InstanceSpec) -> Op:
+        def op(state: RegistryState, now: float) -> tuple[Any, list[Event]]:
+            events = state.register(service, instance_id, spec, now)
+            return _current(state, service, instance_id), events
 
         return op
 
-    def _deregister_op(self, service: str, instance_id: str) -> Op:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            events = self.state.deregister(service, instance_id)
-            return self.state.revision, events
+    @staticmethod
+    def _deregister_op(service: str, instance_id: str) -> Op:
+        def op(state: RegistryState, now: float) -> tuple[Any, list[Event]]:
+            events = state.deregister(service, instance_id)
+            return state.revision, events
 
         return op
 
-    def _heartbeat_op(self, service: str, instance_id: str) -> Op:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            events = self.state.heartbeat(service, instance_id, now)
-            return self._current(service, instance_id), events
+    @staticmethod
+    def _heartbeat_op(service: str, instance_id: str) -> Op:
+        def op(state: RegistryState, now: float) -> tuple[Any, list[Event]]:
+            events = state.heartbeat(service, instance_id, now)
+            return _current(state, service, instance_id), events
 
         return op
 
     async def set_operator(
         self, service: str, instance_id: str, status: str
     ) -> tuple[Instance, int]:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            events = self.state.set_operator(service, instance_id, status)
-            return self._current(service, instance_id), events
+        def op(state: RegistryState, now: float) -> tuple[Any, list[Event]]:
+            events = state.set_operator(service, instance_id, status)
+            return _current(state, service, instance_id), events
 
         result: tuple[Instance, int] = await self.submit(op)
         return result
@@ -251,21 +266,16 @@ class Registry:
     async def set_check_status(
         self, service: str, instance_id: str, status: CheckStatus, output: str
     ) -> None:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            return None, self.state.set_check_status(service, instance_id, status, output, now)
+        def op(state: RegistryState, now: float) -> tuple[Any, list[Event]]:
+            return None, state.set_check_status(service, instance_id, status, output, now)
 
         await self.submit(op)
 
     async def set_ejected(self, service: str, instance_id: str, until: float | None) -> None:
-        def op(now: float) -> tuple[Any, list[Event]]:
-            return None, self.state.set_ejected(service, instance_id, until)
+        def op(state: RegistryState, now: float) -> tuple[Any, list[Event]]:
+            return None, state.set_ejected(service, instance_id, until)
 
         await self.submit(op)
-
-    def _current(self, service: str, instance_id: str) -> tuple[Instance, int]:
-        inst = self.state.get(service, instance_id)
-        assert inst is not None
-        return inst, self.state.revision
 
     async def submit(self, op: Op) -> Any:
         """``write`` for a coroutine: apply ``op`` and wait until it is on the disk. One op is
@@ -287,7 +297,7 @@ class Registry:
         if self._reloading:
             raise Unavailable("the registry is reloading its store after a failed commit")
         # A RegistryError raised here has changed nothing: the state checks before it writes.
-        result, events = op(self._clock())
+        result, events = op(self._writer, self._clock())
         if not events and not self._unanswered:
             return result, False
         self._unanswered += 1
@@ -298,9 +308,11 @@ class Registry:
         """A batch came back from the committer (on the event loop)."""
         self._unanswered -= len(pending.waiters)
         if error is None:
-            # Answer first, then tell the watchers, DNS and the proxy: nothing else runs on the
-            # loop in between, so no one can see the answer before the rest know, and the
-            # answers do not wait for the listeners (about 40 us a commit of sixteen).
+            # What readers see moves to what is on the disk now. Then answer, then tell the
+            # watchers, DNS and the proxy: nothing else runs on the loop in between, so no one
+            # can see the answer before the rest know, and the answers do not wait for the
+            # listeners (about 40 us a commit of sixteen).
+            self.state.take_committed(pending.events)
             self._tell(pending.waiters, None)
             if pending.events:
                 if self._metrics is not None:
@@ -338,24 +350,28 @@ class Registry:
                 log.exception("after-commit hook failed")
 
     async def _reload(self) -> None:
-        """Undo in memory what the store refused, so memory never runs ahead of the disk."""
+        """Undo in the writer's state what the store refused. Readers never saw it; they are
+        told to rebuild only if the disk turns out to hold something else than they saw."""
         try:
             snapshot = await self._loop.run_in_executor(self._executor, self._store.load)
         except StoreError:
             log.exception("store reload failed; writes stay refused")
             return
-        self.state.restore(snapshot.instances, snapshot.revision, self._clock())
+        now = self._clock()
+        self._writer.restore(snapshot.instances, snapshot.revision, now)
         self._reloading = False
         assert self._committer is not None
         self._committer.resume()
-        self._fanout.resynced()
+        if snapshot.revision != self.state.revision:
+            self.state.restore(snapshot.instances, snapshot.revision, now)
+            self._fanout.resynced()
 
     def _publish(self, events: list[Event]) -> None:
         self._fanout.publish(events)
         # Wake the timers only for a deadline sooner than the one they sleep until: most
         # writes push a lease further out, and a wakeup per commit is wasted work.
         if self._timer_wake is not None:
-            deadline = self.state.next_deadline()
+            deadline = self._writer.next_deadline()
             if deadline is not None and deadline < self._timer_due:
                 self._timer_wake.set()
 
@@ -364,7 +380,7 @@ class Registry:
     async def _timers(self) -> None:
         assert self._timer_wake is not None
         while True:
-            deadline = self.state.next_deadline()
+            deadline = self._writer.next_deadline()
             # One reading of the clock: with two, the wake-up time came out a little after the
             # deadline, so every commit saw that same deadline as sooner and woke the timers.
             now = self._clock()
@@ -377,10 +393,10 @@ class Registry:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._timer_wake.wait()
-            due = self.state.next_deadline()
+            due = self._writer.next_deadline()
             if due is not None and due <= self._clock():
                 try:
-                    await self.submit(lambda now: (None, self.state.tick(now)))
+                    await self.submit(lambda state, now: (None, state.tick(now)))
                 except RegistryError:
                     await asyncio.sleep(1.0)
 
@@ -412,3 +428,9 @@ class Registry:
         return await self._fanout.wait(
             service, lambda: self.changed_since(service, revision), timeout
         )
+
+
+def _current(state: RegistryState, service: str, instance_id: str) -> tuple[Instance, int]:
+    inst = state.get(service, instance_id)
+    assert inst is not None
+    return inst, state.revision

@@ -319,6 +319,29 @@ class RegistryState:
                 events.append(self._delete(inst, "expire"))
         return events
 
+    # ------------------------------------------------------------------ committed copies
+
+    def take_committed(self, events: Iterable[Event]) -> None:
+        """Take events another state made, as they are: the embedded registry keeps the state
+        its readers see one commit behind the state its writes are made on, and moves it
+        forward by the events of each commit once it is on the disk. Only what readers use
+        is kept here: instances, revisions, history (leases and timers are the writer's)."""
+        for event in events:
+            if event.revision != self.revision + 1:
+                raise ValueError(
+                    f"event at revision {event.revision} applied at revision {self.revision}"
+                )
+            inst = event.instance
+            self.revision = event.revision
+            if event.type == "put":
+                self._services.setdefault(inst.service, {})[inst.id] = inst
+            else:
+                group = self._services.get(inst.service, {})
+                group.pop(inst.id, None)
+                if not group:
+                    self._services.pop(inst.service, None)
+            self._record(event)
+
     # ------------------------------------------------------------------ restore
 
     def restore(self, instances: Iterable[Instance], revision: int, now: float) -> None:
