@@ -494,6 +494,8 @@ def run_lag_in_process(
                 "node": {"data_dir": data_dir},
                 "registry": {"listen": f"127.0.0.1:{api}"},
                 "dns": {"listen": f"127.0.0.1:{free_port()}", "enabled": dns},
+                # Above the default cap (1,000 a second): the instances here are all due.
+                "health": {"max_checks_per_second": max(1000, 2 * instances)},
             }
         )
         node = Node(config)

@@ -7,6 +7,7 @@ values from them; nothing below the node reads TOML.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -16,6 +17,9 @@ from pydantic import Field, ValidationError
 
 from interknit.compat.settings import CompatSection
 from interknit.dns.config import DnsSection
+from interknit.durations import format_duration
+from interknit.health.config import HealthSection
+from interknit.names import parse_hostport
 from interknit.proxy.config import ListenerSection
 from interknit.registry.config import RegistrySection, ServiceSection
 from interknit.registry.schema import field_path
@@ -42,6 +46,40 @@ class Config(Section):
     listeners: list[ListenerSection] = Field(default_factory=list)
     compat: CompatSection = Field(default_factory=CompatSection)
     vip: VipSection = Field(default_factory=VipSection)
+    health: HealthSection = Field(default_factory=HealthSection)
+
+
+def loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
+
+
+def _across_sections(config: Config) -> None:
+    """Rules that tie one section to another, each naming the key to change."""
+    registry = config.registry
+    host, _ = parse_hostport(registry.listen, port_zero=True)
+    if not loopback(host) and not registry.tokens.write and not registry.allow_anonymous_writes:
+        raise ConfigError(
+            f"registry.listen: {registry.listen} is not a loopback address, and with no "
+            "registry.tokens.write anyone who can reach it may register, deregister and drain "
+            "instances (and have this node check any host); set registry.tokens.write, or "
+            "registry.allow_anonymous_writes = true to allow it"
+        )
+    floor = config.health.min_interval
+    for n, service in enumerate(config.services):
+        if service.check is None:
+            continue
+        check = service.check.to_check()
+        if check.active and check.interval < floor:
+            raise ConfigError(
+                f"services[{n}].check.interval: must be at least "
+                f"{format_duration(floor)} (health.min_interval)"
+            )
 
 
 # A validator's message may start with the path below the model it checked
@@ -70,9 +108,11 @@ def _describe(exc: ValidationError) -> str:
 
 def parse_config(data: dict[str, Any]) -> Config:
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    _across_sections(config)
+    return config
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -279,7 +279,11 @@ class Node:
             await self._start_registry()
         self.panels["cluster"] = self._cluster
         tokens = self.config.registry.tokens
-        api = RegistryApi(self.registry, self.registry_metrics)
+        api = RegistryApi(
+            self.registry,
+            self.registry_metrics,
+            min_check_interval=self.config.health.min_interval,
+        )
         token_check = Tokens(tokens.read, tokens.write)
         http_metrics = HttpMetrics(self.metrics)
         app = build_app(
@@ -395,6 +399,7 @@ class Node:
             node_address=address,
             api_port=port,
             metrics=self.registry_metrics,
+            min_check_interval=self.config.health.min_interval,
         )
         consul.add_routes(app)
         self.listen["consul"] = "Consul HTTP API subset and /v1/prometheus/targets on the API"
@@ -463,8 +468,13 @@ class Node:
             name: ClientTls(replace(spec, alpn=("http/1.1",)))
             for name, spec in service_tls(self.config.services).items()
         }
+        section = self.config.health
         checker = HealthChecker(
-            self.registry.set_check_status, registry=self.metrics, service_tls=tls
+            self.registry.set_check_status,
+            registry=self.metrics,
+            service_tls=tls,
+            min_interval=section.min_interval,
+            max_per_second=section.max_checks_per_second,
         )
         # On etcd every node sees every instance, but only the owning node checks it.
         owns = self.registry.owns

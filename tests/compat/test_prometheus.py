@@ -105,6 +105,7 @@ name = "node-1"
 data_dir = "{node.data_dir}"
 [registry]
 listen = "{host}:{node.api_port}"
+allow_anonymous_writes = true
 [dns]
 listen = "{host}:53"
 """

@@ -79,7 +79,7 @@ def test_traefik_consul_catalog_follows_interknit(node: NodeProcess, tmp_path: P
                 "Address": "127.0.0.1",
                 "Port": backend.port,
                 "Tags": [rule],
-                "Check": {"HTTP": f"http://127.0.0.1:{backend.port}/health", "Interval": "300ms"},
+                "Check": {"HTTP": f"http://127.0.0.1:{backend.port}/health", "Interval": "1s"},
             }
             assert node.client.put("/v1/agent/service/register", json=body).status_code == 200
         # One registered through interknit's own API, with no Traefik tags: the default rule.

@@ -470,3 +470,49 @@ def test_first_slot_is_within_one_interval() -> None:
 def test_max_in_flight_must_be_positive() -> None:
     with pytest.raises(ValueError):
         HealthChecker(Sink(), max_in_flight=0)
+
+
+# ------------------------------------------------------------------ bounds (issue 13)
+
+
+async def test_the_node_wide_cap_holds_checks_to_its_rate_and_counts_the_late(
+    checker_factory: Callable[..., HealthChecker],
+) -> None:
+    """40 instances at a 50 ms interval are 800 checks due a second; capped at 100 a second,
+    a second of it starts about 200 (a second's worth at once, then 100 a second)."""
+    backend = Backend()
+    metrics = CollectorRegistry()
+    async with serve(backend.handle) as port:
+        checker = checker_factory(Sink(backend), registry=metrics, max_per_second=100)
+        for n in range(40):
+            checker.update(instance(port, id=f"i{n}"))
+        await asyncio.sleep(1.0)
+        started = sum(checks_done(checker, f"i{n}") for n in range(40))
+    assert 100 <= started <= 220, started
+    throttled = metrics.get_sample_value("interknit_health_checks_throttled_total")
+    assert throttled is not None and throttled > 0
+
+
+async def test_no_cap_no_throttling(checker_factory: Callable[..., HealthChecker]) -> None:
+    backend = Backend()
+    metrics = CollectorRegistry()
+    async with serve(backend.handle) as port:
+        checker = checker_factory(Sink(backend), registry=metrics, max_per_second=100_000)
+        for n in range(5):
+            checker.update(instance(port, id=f"i{n}"))
+        await until(lambda: all(checks_done(checker, f"i{n}") >= 3 for n in range(5)))
+    assert metrics.get_sample_value("interknit_health_checks_throttled_total") == 0
+
+
+async def test_an_interval_under_the_floor_is_checked_at_the_floor(
+    checker_factory: Callable[..., HealthChecker],
+) -> None:
+    """A check stored before the floor existed (or through a node with a lower one) is
+    scheduled at the node's floor, not at its own interval."""
+    backend = Backend()
+    async with serve(backend.handle) as port:
+        checker = checker_factory(Sink(backend), min_interval=0.25)
+        checker.update(instance(port, interval=0.01))
+        await asyncio.sleep(1.0)
+        done = checks_done(checker)
+    assert 2 <= done <= 6, done  # about 4 at 250 ms, where 10 ms would be about 100

@@ -13,6 +13,8 @@ import httpx
 from tests.backends import Backend
 from tests.nodeproc import NodeProcess, free_port, wait_for
 
+# The operator lowers the node's floor (1 s) so that checks every 100 ms are taken.
+FAST_CHECKS = '[health]\nmin_interval = "100ms"\n'
 CHECK = {"http": "/health", "interval": "100ms", "timeout": "300ms", "rise": 2, "fall": 2}
 
 
@@ -23,7 +25,7 @@ def health(node: NodeProcess, iid: str) -> str:
 
 def test_transitions_reach_the_registry_and_steady_results_write_nothing(tmp_path: Path) -> None:
     backend = Backend("a")
-    node = NodeProcess(tmp_path).start()
+    node = NodeProcess(tmp_path, extra_config=FAST_CHECKS).start()
     events: list[tuple[str, str]] = []
     stop = threading.Event()
 
@@ -83,7 +85,7 @@ def test_transitions_reach_the_registry_and_steady_results_write_nothing(tmp_pat
 
 def test_restart_keeps_last_known_health(tmp_path: Path) -> None:
     backend = Backend("a")
-    node = NodeProcess(tmp_path).start()
+    node = NodeProcess(tmp_path, extra_config=FAST_CHECKS).start()
     try:
         node.register("web", "a", port=backend.port, check=CHECK)
         wait_for(lambda: health(node, "a") == "passing")

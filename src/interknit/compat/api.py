@@ -46,6 +46,7 @@ from interknit.compat.writes import AgentWrites
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import Instance
 from interknit.registry.registry import RegistryBackend, Unavailable
+from interknit.registry.schema import DEFAULT_MIN_CHECK_INTERVAL
 from interknit.registry.state import RegistryError, RegistryState
 
 # What agent/self says this agent is; clients that check versions see a current Consul.
@@ -72,6 +73,7 @@ class ConsulApi:
         api_port: int,
         metrics: RegistryMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        min_check_interval: float = DEFAULT_MIN_CHECK_INTERVAL,
     ) -> None:
         self.registry = registry
         self.settings = settings
@@ -92,7 +94,9 @@ class ConsulApi:
         self.ids = ConsulIds()
         self.ids.rebuild(registry.state.all_instances())
         registry.subscribe(self.ids.apply, self._resynced)
-        self.writes = AgentWrites(registry, self.ids, settings.datacenter, node_address)
+        self.writes = AgentWrites(
+            registry, self.ids, settings.datacenter, node_address, min_check_interval
+        )
         self._bodies: dict[tuple[object, ...], tuple[int, bytes]] = {}
         self._queries: dict[tuple[str, int, bool, bool], Query] = {}
         self._live_at = clock()

@@ -35,6 +35,7 @@ from interknit.compat.names import (
     instance_label,
     service_label,
 )
+from interknit.durations import format_duration
 from interknit.names import parse_hostport
 from interknit.registry.model import Check, CheckStatus, InstanceSpec, is_hostname, is_label
 from interknit.registry.schema import instance_spec
@@ -288,7 +289,9 @@ class _ParsedCheck:
     name: str
 
 
-def parse_check(data: object, field: str, address: str, port: int) -> _ParsedCheck:
+def parse_check(
+    data: object, field: str, address: str, port: int, min_interval: float = MIN_PERIOD
+) -> _ParsedCheck:
     body = fields(data, field, CHECK_FIELDS)
     for name in UNSUPPORTED_CHECK:
         if not _empty(body.get(name)):
@@ -323,6 +326,11 @@ def parse_check(data: object, field: str, address: str, port: int) -> _ParsedChe
         check = Check(ttl=ttl, deregister_after=after)
         return _ParsedCheck(field, check, status, check_id, name)
     interval = _duration(body.get("Interval"), f"{field}.Interval") or DEFAULT_INTERVAL
+    if interval < min_interval:
+        fail(
+            f"{field}.Interval",
+            f"must be at least {format_duration(min_interval)} (this node's health.min_interval)",
+        )
     timeout = _duration(body.get("Timeout"), f"{field}.Timeout") or min(DEFAULT_TIMEOUT, interval)
     rise = body.get("SuccessBeforePassing")
     fall = body.get("FailuresBeforeCritical")
@@ -399,9 +407,12 @@ def load(raw: bytes) -> object:
         fail("body", "is nested too deeply")
 
 
-def parse_registration(raw: bytes, node_address: str) -> Registration:
+def parse_registration(
+    raw: bytes, node_address: str, min_interval: float = MIN_PERIOD
+) -> Registration:
     """A Consul registration body as an interknit registration; ``node_address`` is where an
-    instance without an ``Address`` is, as Consul uses its agent's address."""
+    instance without an ``Address`` is, as Consul uses its agent's address; an active check
+    may not run more often than ``min_interval`` (the node's ``health.min_interval``)."""
     body = fields(load(raw), "", SERVICE_FIELDS)
     consul_name = _string(body.get("Name"), "Name", 128) if "Name" in body else ""
     if not consul_name:
@@ -458,7 +469,7 @@ def parse_registration(raw: bytes, node_address: str) -> Registration:
         if len(body["Checks"]) > MAX_CHECKS:
             fail("Checks", f"has more than {MAX_CHECKS} checks")
         raw_checks += [(f"Checks[{i}]", c) for i, c in enumerate(body["Checks"]) if c is not None]
-    parsed = [parse_check(data, field, address, port) for field, data in raw_checks]
+    parsed = [parse_check(data, field, address, port, min_interval) for field, data in raw_checks]
     chosen = next((c for c in parsed if c.check.ttl is not None), parsed[0] if parsed else None)
 
     kept = dict(meta)

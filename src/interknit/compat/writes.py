@@ -39,9 +39,15 @@ _VERBS: dict[str, CheckStatus] = {"pass": "passing", "warn": "warning", "fail": 
 
 class AgentWrites:
     def __init__(
-        self, registry: RegistryBackend, ids: ConsulIds, datacenter: str, node_address: str
+        self,
+        registry: RegistryBackend,
+        ids: ConsulIds,
+        datacenter: str,
+        node_address: str,
+        min_check_interval: float,
     ) -> None:
         self.registry = registry
+        self.min_check_interval = min_check_interval
         self.ids = ids
         self.datacenter = datacenter
         self.node_address = node_address
@@ -100,7 +106,9 @@ class AgentWrites:
 
     async def register(self, request: web.Request) -> web.Response:
         self._write_query(request)
-        reg = parse_registration(await read_body(request), self.node_address)
+        reg = parse_registration(
+            await read_body(request), self.node_address, self.min_check_interval
+        )
         self._check_free(reg)
         if reg.dropped_checks:
             log.warning(

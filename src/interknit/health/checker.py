@@ -22,6 +22,12 @@ Robustness. Nothing about one instance may stop its checks or anyone else's: an 
 outside ``MIN_INTERVAL``..``MAX_INTERVAL`` (the API refuses such checks, but a ``Check`` can be
 built by hand or read from an older store) is scheduled as the nearest bound, and a failure
 while handling a result is logged and the instance checked again at its next slot.
+
+Bounds. The node checks whatever API clients register, so two bounds hold whatever they ask
+(``[health]``, ``config.py``): no instance is checked more often than ``min_interval`` (the
+API refuses shorter intervals; one stored before, or by another node, is scheduled at the
+floor), and no more than ``max_per_second`` checks start a second in all (``budget.py``):
+a check past the cap starts late, is counted, and the first of them in a minute is logged.
 """
 
 from __future__ import annotations
@@ -41,9 +47,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from interknit.health.budget import CheckBudget
 from interknit.health.machine import CheckMachine
 from interknit.health.probes import ProbeResult, http_probe, http_request, tcp_probe
-from interknit.logs import iso_time
+from interknit.logs import LogThrottle, iso_time
 from interknit.registry.model import Check, CheckStatus, Instance
 from interknit.registry.state import NEVER_CHECKED_OUTPUT
 
@@ -209,6 +216,11 @@ class HealthMetrics:
             buckets=_LAG_BUCKETS,
             registry=registry,
         )
+        self.throttled = Counter(
+            "interknit_health_checks_throttled",
+            "Checks that started late because the node was at [health] max_checks_per_second.",
+            registry=registry,
+        )
         registry.register(_TargetCollector(lambda: self.targets()))
 
     def bind(self, target: _Target) -> None:
@@ -259,9 +271,16 @@ class HealthChecker:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         rng: random.Random | None = None,
         service_tls: Mapping[str, ClientTls] | None = None,
+        *,
+        min_interval: float = 0.0,
+        max_per_second: float | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        self.min_interval = min_interval
+        self.budget = None if max_per_second is None else CheckBudget(max_per_second)
+        self._throttled_seq = -1  # the heap entry last counted as throttled
+        self._throttle_log = LogThrottle(every=60.0, burst=1)
         # Global
         self._sink = sink
         # Services whose instances speak TLS ([[services]] upstream_tls): HTTP checks in https.
@@ -339,7 +358,7 @@ class HealthChecker:
             self.metrics.unbind(target)
         self.metrics.bind(fresh)
         self._targets[fresh.key] = fresh
-        fresh.nominal = first_slot(now, schedule_interval(check), self._rng)
+        fresh.nominal = first_slot(now, self._interval(check), self._rng)
         self._schedule(fresh)
 
     def remove(self, service: str, instance_id: str) -> None:
@@ -436,8 +455,11 @@ class HealthChecker:
 
     # ------------------------------------------------------------------ scheduler
 
+    def _interval(self, check: Check) -> float:
+        return max(schedule_interval(check), self.min_interval)
+
     def _schedule(self, target: _Target) -> None:
-        interval = schedule_interval(target.check)
+        interval = self._interval(target.check)
         due = target.nominal + self._rng.uniform(0.0, JITTER * interval)
         self._seq += 1
         heapq.heappush(self._heap, (due, self._seq, target, target.generation))
@@ -474,9 +496,16 @@ class HealthChecker:
             if not self._current(target, generation):
                 heapq.heappop(heap)
                 continue
-            if due > loop.time():
+            now = loop.time()
+            if due > now:
                 await self._sleep(due)
                 continue
+            if self.budget is not None:
+                wait = self.budget.wait(now)
+                if wait > 0.0:
+                    self._throttled(heap[0][1], now)
+                    await self._sleep(now + wait)
+                    continue
             heapq.heappop(heap)
             await self._slots.acquire()
             if not self._current(target, generation):
@@ -507,7 +536,7 @@ class HealthChecker:
             )
         if self._current(target, generation):
             target.nominal = next_slot(
-                target.nominal, schedule_interval(target.check), asyncio.get_running_loop().time()
+                target.nominal, self._interval(target.check), asyncio.get_running_loop().time()
             )
             self._schedule(target)
 
@@ -550,6 +579,21 @@ class HealthChecker:
         except Exception as exc:  # a probe never raises; this is a bug, not a check result
             logger.exception("health probe failed for %s/%s", target.service, target.id)
             return ProbeResult("critical", f"probe error: {type(exc).__name__}: {exc}", 0.0)
+
+    def _throttled(self, seq: int, now: float) -> None:
+        if seq == self._throttled_seq:
+            return  # the same check, still waiting
+        self._throttled_seq = seq
+        self.metrics.throttled.inc()
+        held = self._throttle_log.allow(now)
+        if held is not None:
+            assert self.budget is not None
+            logger.warning(
+                "health checks are held to %g a second ([health] max_checks_per_second): "
+                "checks start late",
+                self.budget.rate,
+                extra={"event": "health.throttled", "suppressed": held},
+            )
 
     def _record_lag(self, target: _Target, lag: float) -> None:
         target.last_lag = lag

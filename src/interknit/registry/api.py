@@ -16,11 +16,13 @@ from aiohttp import web
 
 from interknit.durations import parse_duration
 from interknit.registry.metrics import RegistryMetrics
-from interknit.registry.model import Instance
+from interknit.registry.model import Instance, InstanceSpec
 from interknit.registry.registry import RegistryBackend
 from interknit.registry.schema import (
+    DEFAULT_MIN_CHECK_INTERVAL,
     MAX_BODY,
     HealthBody,
+    check_interval,
     check_name,
     parse_body,
     register_spec,
@@ -118,9 +120,15 @@ def _wait_param(request: web.Request) -> float:
 
 
 class RegistryApi:
-    def __init__(self, registry: RegistryBackend, metrics: RegistryMetrics | None = None) -> None:
+    def __init__(
+        self,
+        registry: RegistryBackend,
+        metrics: RegistryMetrics | None = None,
+        min_check_interval: float = DEFAULT_MIN_CHECK_INTERVAL,
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.min_check_interval = min_check_interval
         self._cache: dict[tuple[str, bool, str | None], tuple[int, bytes]] = {}
 
     def add_routes(self, app: web.Application) -> None:
@@ -222,9 +230,15 @@ class RegistryApi:
     async def register(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])
         instance_id = check_name("id", request.match_info["id"])
-        spec = register_spec(await read_body(request))
+        spec = self.registration(await read_body(request))
         inst, revision = await self.registry.register(service, instance_id, spec)
         return json_response(self.registry, self.instance_body(inst, revision))
+
+    def registration(self, body: bytes) -> InstanceSpec:
+        """A registration body as the spec to register, by the API's rules and the node's."""
+        spec = register_spec(body)
+        check_interval(spec.check, self.min_check_interval)
+        return spec
 
     async def deregister(self, request: web.Request) -> web.Response:
         service = check_name("service", request.match_info["service"])

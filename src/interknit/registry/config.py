@@ -47,6 +47,9 @@ class RegistrySection(Section):
     # How this node's own processes (--workers) reach the API when it speaks https: the CA
     # that signs its certificate, and a client certificate when the API requires one.
     client_tls: ClientTlsSection | None = None
+    # A registry API on a non-loopback address with no write tokens refuses to start unless
+    # this says that anyone who can reach it may write (etcd and Consul only warn).
+    allow_anonymous_writes: bool = False
 
 
 class ServiceSection(Section):

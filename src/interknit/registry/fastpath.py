@@ -50,7 +50,7 @@ from interknit.registry.refusals import (
     head_refusal,
 )
 from interknit.registry.registry import Registry
-from interknit.registry.schema import MAX_BODY, check_name, register_spec
+from interknit.registry.schema import MAX_BODY, check_name
 from interknit.registry.state import RegistryError
 from interknit.registry.tokens import Tokens
 
@@ -214,7 +214,7 @@ class FastApi:
     def register(self, conn: ApiProtocol, req: _Request) -> None:
         assert isinstance(self.registry, Registry)
         service, instance_id = req.names
-        spec = register_spec(req.body)
+        spec = self.api.registration(req.body)
         answer = _Answer(conn, req)
         (inst, revision), queued = self.registry.register_nowait(service, instance_id, spec, answer)
         conn.answer_after(queued, answer, self.api.instance_body(inst, revision))

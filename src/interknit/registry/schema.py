@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from interknit.durations import parse_duration
+from interknit.durations import format_duration, parse_duration
 from interknit.names import is_hostname, is_label
 from interknit.registry.model import Check, InstanceSpec
 from interknit.registry.state import RegistryError
@@ -332,6 +332,24 @@ def _plain_spec(raw: bytes) -> InstanceSpec | None:
             return None
         check = _check(None, None, ttl, None, None, None, None, after)
     return instance_spec(address, port, zone, region, weight, tags, meta, check)
+
+
+# The shortest interval of an active check an API client may ask for, unless the node's
+# ``[health] min_interval`` says otherwise (it may lower it to ``MIN_CHECK_INTERVAL_FLOOR``).
+DEFAULT_MIN_CHECK_INTERVAL = 1.0
+MIN_CHECK_INTERVAL_FLOOR = 0.1
+
+
+def check_interval(check: Check | None, min_interval: float, field: str = "check.interval") -> None:
+    """Refuse an active check that would run more often than ``min_interval``: any API client
+    may register a check at any host and port, and the node runs it (a check every 10 ms on a
+    hundred instances was 10,000 requests a second from the node)."""
+    if check is not None and check.active and check.interval < min_interval:
+        raise RegistryError(
+            f"{field}: must be at least {format_duration(min_interval)} "
+            "(this node's health.min_interval)",
+            [{"field": field}],
+        )
 
 
 def check_name(field: str, value: str) -> str:
