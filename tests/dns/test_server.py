@@ -13,8 +13,10 @@ import dns.rcode
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from interknit.config import ConfigError, parse_config
 from interknit.dns.rrl import RrlConfig
 from interknit.dns.server import DnsServer
+from interknit.dns.setup import build_server
 from interknit.dns.zone import Zone, ZoneConfig
 from tests.conftest import require_tool
 from tests.dns.helpers import ZONE, addresses, inst, put
@@ -91,6 +93,44 @@ async def test_refused_and_garbage_keep_the_server_up(server: DnsServer) -> None
         dns.message.make_query(f"search.{ZONE}", "A"), HOST, port=server.port, timeout=2
     )
     assert ok.rcode() == dns.rcode.NOERROR
+
+
+async def test_one_client_holding_connections_leaves_tcp_to_the_others() -> None:
+    """One client opening 300 TCP connections and sending nothing once took every one of the
+    256 places for the idle timeout (10 of 10 other clients refused for 11.5 s)."""
+    metrics = CollectorRegistry()
+    srv = DnsServer(Zone(ZoneConfig()), HOST, 0, metrics)
+    srv.sync([inst("search", "s1", "10.0.0.1", 9001)], 1, initial=True)
+    await srv.start()
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(300):
+            _, writer = await asyncio.open_connection(HOST, srv.port)
+            held.append(writer)
+        query = dns.message.make_query(f"search.{ZONE}", "A")
+        for n in range(2, 12):  # ten other clients
+            answer = await dns.asyncquery.tcp(
+                query, HOST, port=srv.port, timeout=2, source=f"127.0.0.{n}"
+            )
+            assert addresses(answer) == ["10.0.0.1"]
+        refused = metrics.get_sample_value(
+            "interknit_dns_tcp_refused_total", {"reason": "per-client"}
+        )
+        assert refused == 300 - srv.max_tcp_per_client
+    finally:
+        for writer in held:
+            writer.close()
+        await srv.stop()
+
+
+def test_the_tcp_limits_come_from_the_config() -> None:
+    section = parse_config(
+        {"dns": {"tcp_max_connections": 64, "tcp_max_per_client": 4, "tcp_idle_timeout": "3s"}}
+    ).dns
+    srv = build_server(section, [], CollectorRegistry())
+    assert (srv.max_tcp_connections, srv.max_tcp_per_client, srv.tcp_idle_timeout) == (64, 4, 3.0)
+    with pytest.raises(ConfigError, match=r"dns\.tcp_max_per_client"):
+        parse_config({"dns": {"tcp_max_per_client": 0}})
 
 
 async def test_events_reach_answers_and_metrics_count(server: DnsServer) -> None:

@@ -11,6 +11,8 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.tsigkeyring
+import dns.update
 import pytest
 
 from interknit.dns.zone import Zone, ZoneConfig
@@ -279,6 +281,36 @@ def test_names_dns_cannot_spell_are_skipped() -> None:
     assert ask(zone, f"ok.{ZONE}").rcode() == dns.rcode.NOERROR
     assert zone.services == ["ok"]
     assert ask(zone, f"_ok._tcp.{ZONE}", "SRV").answer == []
+
+
+def update_message(kind: int) -> bytes:
+    """Dynamic updates (RFC 2136) as clients send them: nsupdate signs with TSIG; the others
+    are mutations of one (no zone section, a bare header, trailing bytes)."""
+    keyring = dns.tsigkeyring.from_text({"k.": "c2VjcmV0c2VjcmV0c2VjcmV0"})
+    signed = dns.update.UpdateMessage(ZONE, keyring=keyring, keyname="k.")
+    signed.add(f"new.{ZONE}", 60, "A", "192.0.2.1")
+    plain = dns.update.UpdateMessage(ZONE)
+    plain.present(f"search.{ZONE}")
+    plain.delete(f"search.{ZONE}", "A")
+    wire = plain.to_wire()
+    return [
+        signed.to_wire(),
+        wire[:4] + b"\x00\x00" + wire[6:],  # ZOCOUNT 0
+        wire[:2] + b"\x28\x00" + b"\x00" * 8,  # a header and nothing else
+        wire + b"junk",
+        wire,
+    ][kind]
+
+
+@pytest.mark.parametrize("kind", range(5), ids=["tsig", "no-zone", "header", "trailing", "plain"])
+def test_an_update_is_not_implemented(kind: int) -> None:
+    """An UPDATE's sections are not a query's: most were answered FORMERR, as broken queries."""
+    packet = update_message(kind)
+    reply = make_zone().answer(packet, "192.0.2.1", 0.0)
+    assert reply is not None
+    answer = dns.message.from_wire(reply.wire)
+    assert answer.rcode() == dns.rcode.NOTIMP
+    assert answer.opcode() == dns.opcode.UPDATE and answer.id == int.from_bytes(packet[:2])
 
 
 @pytest.mark.parametrize("opcode", ["NOTIFY", "STATUS"])

@@ -38,6 +38,10 @@ class DnsSection(Section):
     regions: dict[Cidr, Label] = Field(default_factory=dict)
     gslb: GslbSection = Field(default_factory=GslbSection)
     rrl: RrlSection = Field(default_factory=RrlSection)
+    # DNS over TCP: open connections in all, per client address, and how long one may idle.
+    tcp_max_connections: Annotated[int, Field(ge=1, le=100_000)] = 256
+    tcp_max_per_client: Annotated[int, Field(ge=1, le=100_000)] = 16
+    tcp_idle_timeout: Annotated[Seconds, Field(gt=0, le=3600)] = 10.0
     # service -> region -> addresses of the load balancers (VIPs) that front it there; the
     # service's global name then answers with these instead of its instances.
     gateways: dict[

@@ -38,8 +38,17 @@ class DnsMetrics:
             "Packets dropped without a reply (not a query, or no readable header).",
             registry=registry,
         )
+        self.tcp_refused = Counter(
+            "interknit_dns_tcp_refused",
+            "TCP connections closed at once: the client already held max_tcp_per_client, "
+            "or the server max_tcp_connections.",
+            ["reason"],
+            registry=registry,
+        )
         for action in ("drop", "slip"):
             self.rate_limited.labels(action)
+        for reason in ("per-client", "total"):
+            self.tcp_refused.labels(reason)
         registry.register(_Collector(self))
 
     def observe(self, reply: Reply, transport: str) -> None:

@@ -7,7 +7,8 @@ UDP is the hot path: ``datagram_received`` does the rate-limit check, one ``Zone
 call (a repeated question: a dict lookup and an id spliced in) or else one ``Zone.answer`` call,
 and one ``sendto``, with nothing awaited. TCP serves the answers that did not fit in UDP (and
 clients that prefer it): length-prefixed messages, several per connection, one at a time, with
-an idle timeout and a cap on open connections.
+an idle timeout, a cap on open connections and a smaller cap per client address: one client
+holding every connection (300 of them) once shut everyone else out of TCP for the idle timeout.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class DnsServer:
         clock: Callable[[], float] = time.monotonic,
         tcp_idle_timeout: float = 10.0,
         max_tcp_connections: int = 256,
+        max_tcp_per_client: int = 16,
     ) -> None:
         self.zone = zone
         self.host = host
@@ -127,6 +129,8 @@ class DnsServer:
         self.limiter = RateLimiter(rrl) if rate_limit else None
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_tcp_connections = max_tcp_connections
+        self.max_tcp_per_client = max_tcp_per_client
+        self._tcp_clients: dict[str, int] = {}  # open connections by client address
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_writers: set[asyncio.StreamWriter] = set()
@@ -207,12 +211,19 @@ class DnsServer:
             return Reply(packet, 0, wire.SERVFAIL, None, False)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if peer else ""
+        held = self._tcp_clients.get(host, 0)
+        if held >= self.max_tcp_per_client:
+            self.metrics.tcp_refused.labels("per-client").inc()
+            writer.close()
+            return
         if len(self._tcp_writers) >= self.max_tcp_connections:
+            self.metrics.tcp_refused.labels("total").inc()
             writer.close()
             return
         self._tcp_writers.add(writer)
-        peer = writer.get_extra_info("peername")
-        host = str(peer[0]) if peer else ""
+        self._tcp_clients[host] = held + 1
         try:
             while True:
                 try:
@@ -239,4 +250,9 @@ class DnsServer:
             pass
         finally:
             self._tcp_writers.discard(writer)
+            left = self._tcp_clients.get(host, 1) - 1
+            if left > 0:
+                self._tcp_clients[host] = left
+            else:
+                self._tcp_clients.pop(host, None)
             writer.close()

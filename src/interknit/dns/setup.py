@@ -63,6 +63,9 @@ def build_server(
         metrics,
         rrl=RrlConfig(rate=rrl.rate, burst=rrl.burst, slip=rrl.slip, exempt=tuple(rrl.exempt)),
         rate_limit=rrl.enabled,
+        tcp_idle_timeout=section.tcp_idle_timeout,
+        max_tcp_connections=section.tcp_max_connections,
+        max_tcp_per_client=section.tcp_max_per_client,
     )
 
 

@@ -535,6 +535,11 @@ class Zone:
         """
         if self._dirty:
             self.flush()
+        header = wire.header_of(data)
+        if header is not None and header[1] & OPCODE_MASK:
+            # Not a QUERY (an UPDATE, a NOTIFY...): refused as not implemented (RFC 1035
+            # 4.1.1) before it is read, since an UPDATE's sections are not a query's.
+            return Reply(wire.error_reply(header[0], header[1], NOTIMP), 0, NOTIMP, None, False)
         try:
             query = wire.parse_query(data)
             common = query is not None
@@ -547,8 +552,6 @@ class Zone:
             return Reply(wire.error_reply(header[0], header[1], FORMERR), 0, FORMERR, None, False)
 
         qtype = query.qtype
-        if query.flags & OPCODE_MASK:
-            return self._error(query, NOTIMP)
         if query.edns and query.edns_version > 0:
             opt = wire.opt_record(self.config.udp_payload, BADVERS >> 4)
             flags = wire.response_flags(query.flags, False, BADVERS)
