@@ -64,7 +64,7 @@ def build_app(
             return response
         except RegistryError as exc:
             status = exc.status
-            return error_response(exc.status, exc.message, exc.detail)
+            return error_response(exc.status, exc.message, exc.detail, exc.outcome)
         except web.HTTPRequestEntityTooLarge:
             status = 413
             return error_response(413, "body: larger than 64 KiB")

@@ -55,9 +55,11 @@ def json_response(registry: RegistryBackend, body: bytes, status: int = 200) -> 
     )
 
 
-def error_response(status: int, message: str, detail: Any = None) -> web.Response:
+def error_response(
+    status: int, message: str, detail: Any = None, outcome: str | None = None
+) -> web.Response:
     return web.Response(
-        body=error_body(message, detail),
+        body=error_body(message, detail, outcome),
         status=status,
         content_type="application/json",
     )
@@ -76,8 +78,15 @@ def deregistered_body(service: str, instance_id: str, revision: int) -> bytes:
     return dumps({"service": service, "id": instance_id, "revision": revision})
 
 
-def error_body(message: str, detail: Any = None) -> bytes:
-    return dumps({"error": message, "detail": detail})
+def error_body(message: str, detail: Any = None, outcome: str | None = None) -> bytes:
+    """The API's error; a write the store could not take (503) says what became of it."""
+    if outcome is None:
+        return dumps({"error": message, "detail": detail})
+    return dumps({"error": message, "detail": detail, "outcome": outcome})
+
+
+def registry_error_body(exc: RegistryError) -> bytes:
+    return error_body(exc.message, exc.detail, exc.outcome)
 
 
 def _flag(request: web.Request, name: str) -> bool:

@@ -28,9 +28,17 @@ Theory of operation.
   decided. Active checks (HTTP, TCP) should run on the owning node only: see ``owns``.
 * Staying available. When the watch is down (etcd unreachable, or the member lost its leader)
   the node keeps serving its last copy and ``stale`` is True; writes fail at once with
-  ``Unavailable`` (503). The watch resumes at the last applied revision + 1, or re-lists when
-  etcd compacted that revision or cancelled the watch for any other reason (etcd issue 8668),
-  so nothing acknowledged is lost and no restart is needed.
+  ``Unavailable`` (503, nothing changed). The watch resumes at the last applied revision + 1,
+  or re-lists when etcd compacted that revision or cancelled the watch for any other reason
+  (etcd issue 8668), so nothing acknowledged is lost and no restart is needed.
+* A write etcd did not confirm. A transaction that timed out, or whose member lost its leader
+  while it waited, may have been applied, and may still be (a member that got it can propose
+  it late): "nothing changed" cannot be promised. The node reads the instance's keys back
+  (a linearizable read): if etcd holds what the write would have left, the write is answered
+  as done; otherwise ``OutcomeUnknown`` (503, ``"outcome": "unknown"``). Writes are
+  compare-and-swap, so sending the same registration, heartbeat or health change again is
+  safe and converges; a TTL lease granted for such a write is not revoked (if the write was
+  applied, revoking it would take the instance's TTL key with it): it runs out by itself.
 """
 
 from __future__ import annotations
@@ -77,7 +85,7 @@ from interknit.registry.etcd_state import Change, Entry, EtcdState
 from interknit.registry.fanout import Fanout, Listener, ResyncListener
 from interknit.registry.metrics import RegistryMetrics
 from interknit.registry.model import CheckStatus, Event, Instance, InstanceSpec
-from interknit.registry.registry import Unavailable
+from interknit.registry.registry import OutcomeUnknown, Unavailable
 from interknit.registry.state import DEFAULT_HISTORY, Conflict, NotFound, RegistryError
 from interknit.registry.txn import Delete, Expect, Op, TxnOutcome
 
@@ -293,6 +301,8 @@ class EtcdRegistry:
         old_ttl = current.ttl.lease if current is not None and current.ttl is not None else 0
         try:
             result = await self._transact(service, instance_id, plan)
+        except OutcomeUnknown:
+            raise  # the TTL key may hold ttl_lease now: left to run out, not revoked
         except BaseException:
             if ttl_lease:
                 self._background_revoke(ttl_lease)
@@ -591,6 +601,8 @@ class EtcdRegistry:
 
         try:
             return await self._transact(service, instance_id, plan)
+        except OutcomeUnknown:
+            raise  # as in register: the TTL key may hold new_lease now
         except BaseException:
             self._background_revoke(new_lease)
             raise
@@ -646,7 +658,17 @@ class EtcdRegistry:
             try:
                 result = await self._client.txn(step.compares, step.ops, [op_get(k) for k in keys])
             except EtcdUnavailable as exc:
-                raise Unavailable(f"etcd cannot be reached: {exc}") from None
+                if not exc.sent:
+                    raise Unavailable(f"etcd cannot be reached: {exc}") from None
+                revision = await self._confirm(keys, step)
+                if revision is None:
+                    raise OutcomeUnknown(
+                        f"etcd did not confirm the write ({exc}): it may have been applied, "
+                        "or may still be; sending it again is safe",
+                        {"service": service, "id": instance_id},
+                    ) from None
+                await self._wait_applied(revision)
+                return revision, step.predicted
             except EtcdError as exc:
                 if "lease not found" in str(exc):
                     self._lease_lost.set()
@@ -666,6 +688,33 @@ class EtcdRegistry:
             f"instance {service}/{instance_id} kept changing under concurrent writes; try again",
             {"service": service, "id": instance_id},
         )
+
+    async def _confirm(self, keys: tuple[bytes, bytes, bytes], step: _Step) -> int | None:
+        """After a transaction etcd did not answer: the revision at which etcd holds what
+        ``step`` would have left (its puts' values and leases, its deletes gone), or None if it
+        does not, or cannot be asked."""
+        try:
+            now = await self._client.txn([], [op_get(k) for k in keys])
+        except (EtcdUnavailable, EtcdError):
+            return None
+        held = {k: (kvs[0] if kvs else None) for k, kvs in zip(keys, now.ranges, strict=True)}
+        newest = 0
+        for op in step.ops:
+            which = op.WhichOneof("request")
+            if which == "request_put":
+                put = op.request_put
+                kv = held.get(bytes(put.key))
+                if kv is None or kv.value != bytes(put.value):
+                    return None
+                if not put.ignore_lease and kv.lease != put.lease:
+                    return None
+                newest = max(newest, kv.mod_revision)
+            elif (
+                which == "request_delete_range"
+                and held.get(bytes(op.request_delete_range.key)) is not None
+            ):
+                return None
+        return newest or now.revision
 
     async def _grant(self, ttl: int) -> int:
         try:

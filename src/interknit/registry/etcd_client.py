@@ -40,8 +40,25 @@ _CHANNEL_OPTIONS = (
 _TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL")
 
 
+# What gRPC says when it could not connect at all: the request never left this process.
+_NOT_SENT = ("failed to connect", "connection refused", "dns resolution failed", "no route")
+
+
 class EtcdUnavailable(Exception):
-    """No endpoint answered in time; nothing is known to have been written."""
+    """No endpoint answered in time. ``sent``: a request may have reached a member, and a
+    write may then have been applied (or may still be: a member that got it may propose it
+    late); False only when no attempt could connect at all."""
+
+    def __init__(self, message: str, *, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+def _never_sent(exc: Any) -> bool:
+    if exc.code().name != "UNAVAILABLE":
+        return False
+    details = (exc.details() or "").lower()
+    return any(words in details for words in _NOT_SENT)
 
 
 class EtcdError(Exception):
@@ -225,6 +242,7 @@ class EtcdClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         errors: list[str] = []
+        sent = False
         for _ in range(len(self.targets)):
             target = self.target
             remaining = deadline - loop.time()
@@ -236,13 +254,15 @@ class EtcdClient:
                 return await attempt(target, budget)
             except TimeoutError:
                 errors.append(f"{target}: {what} timed out")
+                sent = True
             except rpc.AioRpcError as exc:
                 code = exc.code().name
                 if code not in _TRANSIENT:
                     raise EtcdError(f"etcd refused the {what}: {exc.details()}") from None
                 errors.append(f"{target}: {exc.details() or code}")
+                sent = sent or not _never_sent(exc)
             self.rotate()
-        raise EtcdUnavailable("; ".join(errors) or "no etcd endpoint answered in time")
+        raise EtcdUnavailable("; ".join(errors) or "no etcd endpoint answered in time", sent=sent)
 
     async def _call(self, stub_cls: Any, method: str, request: Any) -> Any:
         async def attempt(target: str, budget: float) -> Any:

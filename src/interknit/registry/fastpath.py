@@ -38,7 +38,12 @@ from aiohttp import web
 from interknit.http1.batch import WriteBatch
 from interknit.http1.limits import HeadGuard
 from interknit.http1.status import status_line
-from interknit.registry.api import RegistryApi, deregistered_body, error_body
+from interknit.registry.api import (
+    RegistryApi,
+    deregistered_body,
+    error_body,
+    registry_error_body,
+)
 from interknit.registry.handler import ApiHandler
 from interknit.registry.http_metrics import HttpMetrics
 from interknit.registry.refusals import (
@@ -513,7 +518,7 @@ class ApiProtocol(asyncio.Protocol):
                     check_name("service", req.names[0])
                 req.handler(server, self, req)
             except RegistryError as exc:
-                self.respond(req, exc.status, error_body(exc.message, exc.detail))
+                self.respond(req, exc.status, registry_error_body(exc))
             except Exception:
                 log.exception("registry API request failed")
                 self.respond(req, 500, error_body("internal error"))
@@ -563,7 +568,7 @@ class ApiProtocol(asyncio.Protocol):
         if error is None:
             self.respond(req, 200, answer.body)
         elif isinstance(error, RegistryError):
-            self.respond(req, error.status, error_body(error.message, error.detail))
+            self.respond(req, error.status, registry_error_body(error))
         else:
             self.respond(req, 500, error_body("internal error"))
         self._next()

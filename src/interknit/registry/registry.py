@@ -103,6 +103,15 @@ class Unavailable(RegistryError):
     """The store cannot take writes now; nothing was changed."""
 
     status = 503
+    outcome = "none"
+
+
+class OutcomeUnknown(Unavailable):
+    """The store did not confirm the write in time, and may have applied it (or may yet: on
+    etcd, a member that got the request can still propose it). A registration, heartbeat or
+    health change is safe to send again: the same write again changes nothing."""
+
+    outcome = "unknown"
 
 
 class Registry:

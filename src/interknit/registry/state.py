@@ -70,6 +70,9 @@ class RegistryError(Exception):
     """A request the state refuses; ``status`` is the HTTP status the API answers with."""
 
     status = 400
+    # For a write the store could not take (503): "none" (nothing was changed) or "unknown"
+    # (the store may have applied it); None for every other refusal.
+    outcome: str | None = None
 
     def __init__(self, message: str, detail: object = None) -> None:
         super().__init__(message)
