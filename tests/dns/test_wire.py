@@ -152,3 +152,18 @@ def test_name_to_wire_rejects_bad_names() -> None:
         wire.name_to_wire("a" * 64 + ".")
     with pytest.raises(ValueError):
         wire.name_to_wire(("a" * 63 + ".") * 5)
+
+
+@pytest.mark.parametrize("size", [0, 7, 9, 15, 41])
+def test_a_malformed_cookie_is_formerr(size: int) -> None:
+    """RFC 7873 5.2.2; the fast path skipped every option it does not act on (found by the
+    packet fuzz test: dnspython refuses such a query, the server answered it)."""
+    query = dns.message.make_query(f"search.{ZONE}", "A", use_edns=0)
+    query.use_edns(0, options=[dns.edns.GenericOption(10, b"c" * size)])
+    reply = zone().answer(query.to_wire(), "192.0.2.1", 0.0)
+    assert reply is not None and dns.message.from_wire(reply.wire).rcode() == dns.rcode.FORMERR
+    for good in (8, 16, 40):
+        query.use_edns(0, options=[dns.edns.GenericOption(10, b"c" * good)])
+        reply = zone().answer(query.to_wire(), "192.0.2.1", 0.0)
+        assert reply is not None
+        assert dns.message.from_wire(reply.wire).rcode() == dns.rcode.NOERROR

@@ -53,6 +53,7 @@ RD = 0x0100
 CD = 0x0010
 
 ECS_CODE = 8
+COOKIE_CODE = 10
 MAX_NAME = 255
 
 HEADER = struct.Struct("!HHHHHH")
@@ -146,6 +147,9 @@ def parse_query(data: bytes) -> Query | None:
         code, olen = struct.unpack_from("!HH", data, opos)
         if code == ECS_CODE:
             return None
+        if code == COOKIE_CODE and olen != 8 and not 16 <= olen <= 40:
+            # RFC 7873 5.2.2: a client cookie is 8 bytes, with a server cookie 16 to 40.
+            raise FormatError("malformed COOKIE option")
         opos += 4 + olen
     if opos != size:
         raise FormatError("EDNS option runs past the end")

@@ -49,6 +49,7 @@ from interknit.registry.http_metrics import HttpMetrics
 from interknit.registry.refusals import (
     MAX_HEAD,
     MAX_HEADERS,
+    SINGLE_FIELDS,
     TOO_MANY_HEADERS,
     Refusal,
     Refusals,
@@ -286,6 +287,7 @@ class ApiProtocol(asyncio.Protocol):
         self.head_started = 0.0
         self.url = b""
         self.fields = 0
+        self.single: set[bytes] = set()  # the single fields (refusals.SINGLE_FIELDS) seen
         self.authorization: str | None = None
         self.length_seen = False
         self.framing_ok = True  # no Transfer-Encoding, Expect or Upgrade
@@ -365,6 +367,7 @@ class ApiProtocol(asyncio.Protocol):
         self.head_started = self.loop.time()
         self.url = b""
         self.fields = 0
+        self.single = set()
         self.authorization = None
         self.length_seen = False
         self.framing_ok = True
@@ -379,6 +382,10 @@ class ApiProtocol(asyncio.Protocol):
         if self.fields > MAX_HEADERS and self.handoff_at is None:
             raise _TooManyHeaders  # (once handed over, aiohttp's side counts)
         lname = name.lower()
+        if lname in SINGLE_FIELDS:
+            if lname in self.single:
+                self.framing_ok = False  # twice: aiohttp's side refuses it
+            self.single.add(lname)
         if lname == b"authorization":
             if self.authorization is None:  # the first, as aiohttp's headers.get
                 self.authorization = value.decode("latin-1")

@@ -31,6 +31,7 @@ from interknit.http1.limits import HeadGuard
 from interknit.registry.refusals import (
     MAX_HEAD,
     MAX_HEADERS,
+    SINGLE_FIELDS,
     TOO_MANY_HEADERS,
     Refusal,
     head_refusal,
@@ -40,6 +41,10 @@ from interknit.registry.refusals import (
 
 class _TooManyHeaders(Exception):
     pass
+
+
+class _Repeated(Exception):
+    """A field that may appear once appeared twice."""
 
 
 class Framing:
@@ -58,6 +63,7 @@ class Framing:
         "max_headers",
         "parser",
         "remaining",
+        "seen",
     )
 
     def __init__(self, max_head: int = MAX_HEAD, max_headers: int = MAX_HEADERS) -> None:
@@ -67,6 +73,7 @@ class Framing:
         self.at_rest = True  # between requests: the next byte (but CR or LF) starts one
         self.in_head = False
         self.fields = 0
+        self.seen: set[bytes] = set()  # the single fields of the head being read
         self.length: int | None = None  # the Content-Length of the request being read
         self.remaining: int | None = None  # what is left of a Content-Length body
         self.completed = 0
@@ -85,14 +92,20 @@ class Framing:
         self.at_rest = False
         self.in_head = True
         self.fields = 0
+        self.seen = set()
         self.length = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.fields += 1
         if self.fields > self.max_headers:
             raise _TooManyHeaders
-        if name.lower() == b"content-length":
-            # llhttp has checked it is digits, and refused two that differ.
+        lname = name.lower()
+        if lname in SINGLE_FIELDS:
+            if lname in self.seen:
+                raise _Repeated
+            self.seen.add(lname)
+        if lname == b"content-length":
+            # llhttp has checked it is digits.
             self.length = int(value)
 
     def on_headers_complete(self) -> None:
@@ -147,6 +160,8 @@ class Framing:
             except httptools.HttpParserError as exc:
                 if isinstance(exc.__context__, _TooManyHeaders):
                     return out, TOO_MANY_HEADERS
+                if isinstance(exc.__context__, _Repeated):
+                    return out, malformed("a field that may appear once appears twice")
                 if heading:
                     return out, malformed(str(exc) or type(exc).__name__)
                 # Inside a body: aiohttp has the request and answers for it.

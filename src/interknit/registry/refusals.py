@@ -27,6 +27,22 @@ log = logging.getLogger("interknit.registry")
 
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100  # HAProxy's default, and the proxy's
+# Fields a request may carry once (RFC 9110's singletons; what aiohttp's parser refuses twice,
+# so that both paths refuse them alike whatever aiohttp's version does).
+SINGLE_FIELDS = frozenset(
+    {
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"transfer-encoding",
+        b"user-agent",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
