@@ -386,3 +386,18 @@ async def test_a_head_that_trickles_in_is_closed_on_both_paths(
         await fast.stop(1)
         await runner.cleanup()
         await registry.close()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("field", [b"Content-Type: application/json", b"Host: y", b"User-Agent: a"])
+def test_a_single_field_twice_is_refused_on_both_paths(
+    shared: NodeProcess, path: str, field: bytes
+) -> None:
+    """aiohttp refused it (RFC 9110's singleton fields); the fast path answered it (found by
+    tests/registry/test_fuzz_paths.py)."""
+    twice = field + b"\r\n" + field + b"\r\n"
+    with connect(shared) as sock:
+        sock.sendall(PATHS[path] + put("/v1/services/twice/instances/a", extra=twice))
+        answers = read_responses(sock, 2 if PATHS[path] else 1)
+    assert answers[-1][0] == 400
+    assert "appears twice" in error_of(answers[-1])
