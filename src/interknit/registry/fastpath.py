@@ -72,6 +72,8 @@ _LOOKUP = "/v1/services/{service}"
 _INSTANCE = "/v1/services/{service}/instances/{id}"
 _HEARTBEAT = "/v1/services/{service}/instances/{id}/heartbeat"
 _REFUSED = "refused"  # the endpoint a refused request is counted under
+# What a connection's protocol holds once it lets its own parser go (it reads no more).
+_SPENT = httptools.HttpRequestParser(object())
 
 
 class _TooManyHeaders(Exception):
@@ -303,6 +305,15 @@ class ApiProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         self.closing = True
         self.queue.clear()
+        self._release()
+
+    def _release(self) -> None:
+        """Break the protocol <-> parser cycle (the parser holds this protocol's callbacks), so
+        that a connection is freed when it ends, not at the collector's next full pass: the
+        node runs that pass rarely (heap.py), and 28,553 refused connections in 10 s piled up
+        to 86 MiB before it did."""
+        self.parser = _SPENT
+        self.raw = bytearray()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -615,6 +626,7 @@ class ApiProtocol(asyncio.Protocol):
         protocol.connection_made(transport)
         if self.paused:
             transport.resume_reading()
+        self._release()
         if rest:
             protocol.data_received(rest)
 

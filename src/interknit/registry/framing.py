@@ -38,6 +38,8 @@ from interknit.registry.refusals import (
     malformed,
 )
 
+_SPENT = httptools.HttpRequestParser(object())
+
 
 class _TooManyHeaders(Exception):
     pass
@@ -80,6 +82,12 @@ class Framing:
         self.held = b""  # the start of a head not yet whole, already parsed, not yet given out
         self.broken = False  # a body broke: everything goes to aiohttp as it comes
         self.ended = False  # a request that closes the connection was read: nothing follows
+
+    def close(self) -> None:
+        """Let the parser go (it holds this object's callbacks: a cycle the collector would
+        otherwise have to find)."""
+        self.parser = _SPENT
+        self.held = b""
 
     @property
     def head_open(self) -> bool:

@@ -84,6 +84,7 @@ class ApiHandler(web_protocol.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        self.framing.close()
         if self.on_lost is not None:
             self.on_lost(self)
 
