@@ -306,7 +306,13 @@ class Node:
         # The hot API requests are answered by the fast path; it hands a connection to the
         # aiohttp application at the first request it does not answer itself.
         assert runner.server is not None
-        fast = FastApi(api, runner.server, token_check, http_metrics)
+        fast = FastApi(
+            api,
+            runner.server,
+            token_check,
+            http_metrics,
+            max_connections=self.config.registry.max_connections,
+        )
         self._api_fast = fast
         tls: dict[str, Any] = {}
         section = self.config.registry.tls

@@ -336,7 +336,9 @@ def test_a_flood_of_bad_requests_is_a_few_lines(secured: NodeProcess) -> None:
 
 @contextlib.asynccontextmanager
 async def api_in_process(
-    tmp_path: Path, made: list[weakref.ref[fastpath.ApiProtocol]] | None = None
+    tmp_path: Path,
+    made: list[weakref.ref[fastpath.ApiProtocol]] | None = None,
+    max_connections: int = 10_000,
 ) -> AsyncIterator[tuple[int, FastApi]]:
     """The registry API's socket in this process (fast path and aiohttp's side), for what a
     test must look at or time from inside; ``made`` collects a weak reference to every
@@ -351,7 +353,7 @@ async def api_in_process(
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     assert runner.server is not None
-    fast = fastpath.FastApi(api, runner.server, tokens, http_metrics)
+    fast = fastpath.FastApi(api, runner.server, tokens, http_metrics, max_connections)
 
     def protocol() -> fastpath.ApiProtocol:
         made_now = fast()
@@ -448,3 +450,34 @@ def test_a_single_field_twice_is_refused_on_both_paths(
         answers = read_responses(sock, 2 if PATHS[path] else 1)
     assert answers[-1][0] == 400
     assert "appears twice" in error_of(answers[-1])
+
+
+async def test_connections_past_max_connections_are_answered_503_and_closed(
+    tmp_path: Path,
+) -> None:
+    """The API had no bound on connections: a client could open them until the node ran out
+    of file descriptors. Both paths count (a watch is a connection aiohttp holds)."""
+    async with api_in_process(tmp_path, max_connections=2) as (port, fast):
+        held = []
+        for first in PATHS.values():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(first + b"GET /v1/services HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.readuntil(b"}")
+            held.append(writer)
+        assert len(fast.connections) + len(fast.handed) == 2
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert b'"error":"connections: the API holds registry.max_connections' in answer
+        writer.close()
+        held.pop().close()
+        for _ in range(200):
+            if len(fast.connections) + len(fast.handed) < 2:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/services/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 404")
+        writer.close()
+        for other in held:
+            other.close()

@@ -50,6 +50,8 @@ class RegistrySection(Section):
     # A registry API on a non-loopback address with no write tokens refuses to start unless
     # this says that anyone who can reach it may write (etcd and Consul only warn).
     allow_anonymous_writes: bool = False
+    # Open connections to the API (both its paths, watches included); more are answered 503.
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
 
 
 class ServiceSection(Section):

@@ -50,6 +50,7 @@ from interknit.registry.refusals import (
     MAX_HEAD,
     MAX_HEADERS,
     SINGLE_FIELDS,
+    TOO_MANY_CONNECTIONS,
     TOO_MANY_HEADERS,
     Refusal,
     Refusals,
@@ -72,6 +73,8 @@ _LOOKUP = "/v1/services/{service}"
 _INSTANCE = "/v1/services/{service}/instances/{id}"
 _HEARTBEAT = "/v1/services/{service}/instances/{id}/heartbeat"
 _REFUSED = "refused"  # the endpoint a refused request is counted under
+DEFAULT_MAX_CONNECTIONS = 10_000  # as the proxy's listeners
+_CONNECTIONS_BODY = error_body(TOO_MANY_CONNECTIONS.message)
 # What a connection's protocol holds once it lets its own parser go (it reads no more).
 _SPENT = httptools.HttpRequestParser(object())
 
@@ -147,8 +150,10 @@ class FastApi:
         aiohttp_server: web.Server,
         tokens: Tokens,
         metrics: HttpMetrics,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.api = api
+        self.max_connections = max_connections
         self.registry = api.registry
         # Writes take the fast path on the embedded store, whose writes can be answered from
         # a callback; on etcd they go through aiohttp.
@@ -299,7 +304,22 @@ class ApiProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) + len(server.handed) >= server.max_connections:
+            # Refused before a byte is read: every connection holds a file descriptor and a
+            # little memory, and a client opening them without end would take the node's.
+            self.refused = TOO_MANY_CONNECTIONS
+            self.closing = True
+            peer = transport.get_extra_info("peername")
+            server.refusals.refused(TOO_MANY_CONNECTIONS, str(peer[0]) if peer else "-")
+            self.transport.write(
+                b"%sContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Retry-After: 1\r\nConnection: close\r\n\r\n%s"
+                % (status_line(503), len(_CONNECTIONS_BODY), _CONNECTIONS_BODY)
+            )
+            self.transport.close()
+            return
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)

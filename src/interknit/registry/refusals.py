@@ -59,6 +59,11 @@ URI_TOO_LONG = Refusal(414, "uri-too-long", "request line: longer than 16 KiB")
 TOO_MANY_HEADERS = Refusal(431, "too-many-headers", f"head: more than {MAX_HEADERS} header fields")
 
 
+TOO_MANY_CONNECTIONS = Refusal(
+    503, "max-connections", "connections: the API holds registry.max_connections already"
+)
+
+
 def head_refusal(status: int) -> Refusal:
     """The refusal for what ``HeadGuard.check`` answered."""
     return URI_TOO_LONG if status == 414 else HEAD_TOO_LARGE
