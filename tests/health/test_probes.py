@@ -202,3 +202,27 @@ def _client_sockets_to(port: int) -> list[str]:
             if int(remote.split(":")[1], 16) == port:
                 states.append(state)
     return states
+
+
+@pytest.mark.parametrize(
+    "start",
+    [b"HTTP/1.1 200 OK\r\nX-A: ", b"HTTP/1.1 200 ", b"HTTP/1.1 200 OK\r\nX-"],
+    ids=["header value", "reason phrase", "header name"],
+)
+async def test_an_answer_whose_head_never_ends_fails_at_once(start: bytes) -> None:
+    """Whoever registers an instance chooses where the node's checks go: a server answering
+    a head without end was read (and held) until the check's timeout."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(start)
+        while True:
+            writer.write(b"a" * 65536)
+            await writer.drain()
+
+    async with serve(endless) as port:
+        started = asyncio.get_running_loop().time()
+        result = await http_probe("127.0.0.1", port, "/health", 10.0)
+    assert result.status == "critical"
+    assert "head larger than 16384 bytes" in result.output
+    assert asyncio.get_running_loop().time() - started < 5.0

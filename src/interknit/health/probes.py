@@ -22,12 +22,16 @@ from urllib.parse import quote
 
 import httptools
 
+from interknit.http1.limits import HeadGuard
 from interknit.registry.model import CheckStatus
 
 if TYPE_CHECKING:
     from interknit.tls.client import ClientTls
 
 MAX_OUTPUT = 4096  # characters of output kept, and bytes of a response body read
+# An answer's status line and header fields: whoever registers an instance chooses where the
+# node's checks go, and a server answering a head without end would be held until the timeout.
+MAX_RESPONSE_HEAD = 16 * 1024
 USER_AGENT = b"interknit-health"
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _PATH_SAFE = "/:@!$&'()*+,;=?%~-._"
@@ -100,6 +104,7 @@ class _HttpProbeProtocol(asyncio.Protocol):
         self.done = done
         self.transport: asyncio.Transport | None = None
         self.parser: Any = httptools.HttpResponseParser(self)
+        self.guard = HeadGuard(MAX_RESPONSE_HEAD)
         self.code: int | None = None
         self.reason = bytearray()
         self.body = bytearray()
@@ -114,6 +119,9 @@ class _HttpProbeProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.done.done():
+            return
+        if self.code is None and self.guard.check(data):
+            self._finish(f"invalid HTTP response: a head larger than {MAX_RESPONSE_HEAD} bytes")
             return
         try:
             self.parser.feed_data(data)
@@ -133,7 +141,7 @@ class _HttpProbeProtocol(asyncio.Protocol):
     # Parser callbacks
 
     def on_status(self, status: bytes) -> None:
-        self.reason += status
+        self.reason += status[: max(0, MAX_OUTPUT - len(self.reason))]
 
     def on_headers_complete(self) -> None:
         self.code = self.parser.get_status_code()
