@@ -557,8 +557,9 @@ class ApiProtocol(asyncio.Protocol):
                 req.handler(server, self, req)
             except RegistryError as exc:
                 self.respond(req, exc.status, registry_error_body(exc))
-            except Exception:
-                log.exception("registry API request failed")
+            except Exception as exc:  # a bug: logged with its traceback, throttled
+                peer = self.transport.get_extra_info("peername")
+                server.refusals.failed(str(peer[0]) if peer else "-", exc)
                 self.respond(req, 500, error_body("internal error"))
         if self.paused and len(self.queue) <= MAX_QUEUED // 2 and not self.closing:
             self.paused = False
