@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from collections import Counter
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 
 from tests.nodeproc import NodeProcess
 
-EXAMPLES = int(os.environ.get("INTERKNIT_FUZZ_EXAMPLES", "400"))
+EXAMPLES = int(os.environ.get("INTERKNIT_FUZZ_EXAMPLES", "250"))
 TO_AIOHTTP = b"GET /v1/services HTTP/1.1\r\nHost: x\r\n\r\n"
 CLOSER = b"GET /v1/services HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
@@ -54,6 +55,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         yield p
     finally:
         print(f"\nregistry API fuzz: {sum(p.tried.values())} inputs: {dict(p.tried)}")
+        for node in (a, b):  # both drain at once
+            if node.proc is not None:
+                node.proc.send_signal(signal.SIGTERM)
         a.stop()
         b.stop()
 
