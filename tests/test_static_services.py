@@ -15,7 +15,9 @@ from tests.nodeproc import NodeProcess
 
 def services(*ports: int) -> str:
     listed = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
+    # The operator lowers the floor on check intervals (1 s) for checks every 200 ms.
     return (
+        '\n[health]\nmin_interval = "100ms"\n'
         f'\n[[services]]\nname = "search"\ninstances = [{listed}]\n'
         'check = { http = "/health", interval = "200ms" }\n'
     )
