@@ -481,3 +481,24 @@ async def test_connections_past_max_connections_are_answered_503_and_closed(
         writer.close()
         for other in held:
             other.close()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_client_that_closes_its_side_after_sending_gets_every_answer(
+    shared: NodeProcess, path: str
+) -> None:
+    """aiohttp closed such a connection at once, unanswered; the fast path stopped answering
+    the requests still queued behind a write."""
+    requests = (
+        put("/v1/services/half/instances/a")
+        + get("/v1/services/half")
+        + put("/v1/services/half/instances/b")
+        + get("/v1/services/half")
+    )
+    with connect(shared) as sock:
+        sock.sendall(PATHS[path] + requests)
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_responses(sock, 5 if PATHS[path] else 4)
+        assert sock.recv(1) == b""  # and then it is closed
+    assert [a[0] for a in answers] == [200] * len(answers)
+    assert {i["id"] for i in json.loads(answers[-1][2])["instances"]} == {"a", "b"}

@@ -282,6 +282,7 @@ class ApiProtocol(asyncio.Protocol):
         self.head_end = 0  # where the head of the request being parsed ends in ``raw``
         self.handoff_at: int | None = None
         self.refused: Refusal | None = None  # answered once the requests before it are
+        self.eof = False  # the client has closed its side
         self.closing = False
         self.paused = False
         self.last_activity = self.loop.time()
@@ -385,9 +386,9 @@ class ApiProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.server.batch.flush()  # answers queued this turn go out before any close
-        if self.busy or self.queue:
-            self.closing = True  # answer what was asked, then close
-            return True
+        self.eof = True
+        if self.busy or self.queue or self.handoff_at is not None:
+            return True  # answer what was asked (in order, all of it), then close
         return None
 
     # Parser callbacks
@@ -589,7 +590,7 @@ class ApiProtocol(asyncio.Protocol):
         if self.start and self.parsing is None and not self.in_head:
             del self.raw[: self.start]
             self.start = 0
-        if self.closing or (self.server.stopping and not self.in_head):
+        if self.closing or self.eof or (self.server.stopping and not self.in_head):
             self.close()
 
     def answer_after(self, queued: bool, answer: _Answer, body: bytes) -> None:
@@ -650,6 +651,8 @@ class ApiProtocol(asyncio.Protocol):
         self._release()
         if rest:
             protocol.data_received(rest)
+        if self.eof and not protocol.eof_received():
+            transport.close()  # the client had closed its side, and nothing is owed
 
     def idle(self) -> bool:
         return not self.busy and not self.queue and not self.in_head and self.refused is None

@@ -59,6 +59,7 @@ class Framing:
         "ended",
         "fields",
         "guard",
+        "heads",
         "held",
         "in_head",
         "length",
@@ -79,6 +80,7 @@ class Framing:
         self.length: int | None = None  # the Content-Length of the request being read
         self.remaining: int | None = None  # what is left of a Content-Length body
         self.completed = 0
+        self.heads = 0  # heads read whole: requests aiohttp will answer, whatever their bodies
         self.held = b""  # the start of a head not yet whole, already parsed, not yet given out
         self.broken = False  # a body broke: everything goes to aiohttp as it comes
         self.ended = False  # a request that closes the connection was read: nothing follows
@@ -117,6 +119,7 @@ class Framing:
             self.length = int(value)
 
     def on_headers_complete(self) -> None:
+        self.heads += 1
         self.in_head = False
         self.guard.reset()  # a body is not a head's
         self.remaining = self.length

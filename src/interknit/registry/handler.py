@@ -81,6 +81,34 @@ class ApiHandler(web_protocol.RequestHandler):
         self.on_lost = on_lost
         self.refusal: Refusal | None = None
         self.head_started: float | None = None  # when the head being read began (loop time)
+        self.answered = 0  # answers aiohttp has finished
+        self.eof = False  # the client has closed its side
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # (aiohttp says None)
+        """A client that closes its side after sending its requests is answered, as the fast
+        path answers it, then the connection closes (aiohttp closed it at once, unanswered)."""
+        self.eof = True
+        if self.answered >= self.owed:
+            return None  # nothing is owed: close now
+        return True
+
+    @property
+    def owed(self) -> int:
+        """The answers aiohttp owes: one per whole request given to it, one for a request whose
+        body broke (aiohttp answers that too), one for a refusal. A request cut short by the
+        client's close is owed nothing, as when aiohttp closed at once."""
+        framing = self.framing
+        return framing.completed + framing.broken + (self.refusal is not None)
+
+    def log_access(
+        self, request: BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        # aiohttp calls this once each answer is written, whatever the access log does.
+        super().log_access(request, response, time)
+        self.answered += 1
+        transport = self.transport
+        if self.eof and self.answered >= self.owed and transport is not None:
+            transport.close()  # after what it has written
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
