@@ -63,11 +63,16 @@ def _across_sections(config: Config) -> None:
     """Rules that tie one section to another, each naming the key to change."""
     registry = config.registry
     host, _ = parse_hostport(registry.listen, port_zero=True)
-    if not loopback(host) and not registry.tokens.write and not registry.allow_anonymous_writes:
+    # Writers are known by a write token, or by a client certificate the API requires.
+    known = bool(registry.tokens.write) or (
+        registry.tls is not None and registry.tls.verify_client == "required"
+    )
+    if not loopback(host) and not known and not registry.allow_anonymous_writes:
         raise ConfigError(
             f"registry.listen: {registry.listen} is not a loopback address, and with no "
             "registry.tokens.write anyone who can reach it may register, deregister and drain "
-            "instances (and have this node check any host); set registry.tokens.write, or "
+            "instances (and have this node check any host); set registry.tokens.write (or "
+            'registry.tls with verify_client = "required"), or '
             "registry.allow_anonymous_writes = true to allow it"
         )
     floor = config.health.min_interval

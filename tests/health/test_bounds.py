@@ -14,6 +14,7 @@ from interknit.config import ConfigError, parse_config
 from tests.nodeproc import NodeProcess, free_port, running_node
 from tests.registry.test_cli import run_up
 from tests.registry.test_fastpath import connect, put, read_responses
+from tests.tlscerts import TestCA
 
 
 def body(interval: str, kind: dict[str, object] | None = None) -> bytes:
@@ -117,6 +118,18 @@ def test_config_errors_name_the_key(data: dict[str, object], message: str) -> No
 )
 def test_what_the_operator_may_say(data: dict[str, object]) -> None:
     parse_config(data)
+
+
+def test_an_open_api_that_requires_client_certificates_has_no_anonymous_writers(
+    tmp_path: Path,
+) -> None:
+    ca = TestCA(tmp_path / "ca")
+    api = ca.issue("api")
+    tls: dict[str, object] = {"cert": str(api.cert), "key": str(api.key), "client_ca": str(ca.cert)}
+    listen = "0.0.0.0:7470"
+    parse_config({"registry": {"listen": listen, "tls": {**tls, "verify_client": "required"}}})
+    with pytest.raises(ConfigError, match=r"registry\.listen"):
+        parse_config({"registry": {"listen": listen, "tls": {**tls, "verify_client": "optional"}}})
 
 
 def test_an_open_api_without_write_tokens_does_not_start(tmp_path: Path) -> None:

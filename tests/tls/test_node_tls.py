@@ -253,6 +253,8 @@ def test_services_over_tls_for_routes_and_health_checks(tmp_path: Path, certs: C
     wrong = f'upstream_tls = {{ ca = "{certs.other.cert}", sni = "backend.example.com" }}'
     node = NodeProcess(
         tmp_path,
+        # The operator lowers the floor on check intervals (1 s) for checks every 200 ms.
+        '[health]\nmin_interval = "100ms"\n'
         f'[[services]]\nname = "secure"\ninstances = ["127.0.0.1:{secure.port}"]\n'
         f'check = {{ http = "/health", interval = "200ms", rise = 1, fall = 1 }}\n{tls}\n'
         f'[[services]]\nname = "wrongca"\ninstances = ["127.0.0.1:{untrusted.port}"]\n'
