@@ -341,6 +341,11 @@ async def test_sessions_resume_and_ticket_keys_rotate(
                 socket.create_connection(("127.0.0.1", port)) as raw,
                 ctx.wrap_socket(raw, server_hostname="web.example.com", session=session) as s,
             ):
+                # A request and its answer, then a clean close (close_notify): OpenSSL drops
+                # from its cache the session of a connection that ended without one.
+                s.sendall(b"GET / HTTP/1.1\r\nHost: web.example.com\r\nConnection: close\r\n\r\n")
+                while s.recv(65536):
+                    pass
                 return s.session, s.session_reused
 
         session, _ = await asyncio.to_thread(connect_to, other.port, None)

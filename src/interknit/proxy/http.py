@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("interknit.proxy")
 
+# What a closed connection holds instead of its parser: one that calls back to nobody.
+SPENT_PARSER = httptools.HttpRequestParser(object())
 # An exchange in these states has sent nothing upstream yet.
 _NOT_SENT = frozenset({ADMITTING, CONNECTING, RETRY_WAIT})
 # What a client connection's timer waits for: nothing, a request head, or a next request.
@@ -193,6 +195,10 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.wait_for(_WAIT_HEAD, self.opened_at + self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # The parser and this protocol point at each other, and the parser may hold a partial
+        # head: let it go now, or each closed connection waits for a full garbage collection
+        # (rare in a node, see heap.py) with up to max_header_bytes held.
+        self.parser = SPENT_PARSER
         if self.rejected:
             return
         self.closed = True

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 PoolKey = tuple[str, int]
 
+# What a closed connection holds instead of its parser: one that calls back to nobody.
+_SPENT_PARSER = httptools.HttpResponseParser(object())
 # Endpoints are few and connections cheap to hold; more idle ones than this only pin memory.
 DEFAULT_MAX_IDLE = 32
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -118,6 +120,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = _SPENT_PARSER  # it and this protocol point at each other (see http.py)
         self.pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is not None:
