@@ -2,7 +2,8 @@
 dead one is gone, and how many requests a rolling restart loses.
 
     .venv/bin/python bench/agent.py [--trials 20] [--rounds 3] [--clients 4]
-        [--skip-run] [--skip-containers] [--skip-rolling]
+        [--skip-run] [--skip-containers] [--skip-rolling] [--engine podman|docker]
+        [--docker-bin DIR]
 
 One interknit node with a proxy listener (a route per service, retries off, so that no
 retry hides a request sent to an instance on its way out) and its DNS server.
@@ -20,7 +21,10 @@ running: ``podman run -d -p 127.0.0.1:P:80 --label interknit.service=web ...`` (
 then the time from the container's start (its ``State.StartedAt``) to the first proxied answer
 and the first DNS answer; then ``podman kill`` and the time from its death (``FinishedAt``) to
 the registry dropping it, and to DNS answering NXDOMAIN. Goals (issue 14): start to first
-request and DNS answer under 1 s p99; die to removal under 200 ms.
+request and DNS answer under 1 s p99; die to removal under 200 ms. ``--engine docker`` does the
+same against a private Docker Engine (``bench/dockerd.py``: Debian's dockerd and containerd,
+which need not be installed, ``--docker-bin`` names their folder), which sends its events as
+they happen where Podman's API polls its event file.
 
 **rolling.** Three supervised instances behind the proxy; ``clients`` threads send requests
 back to back (keep-alive) while each instance in turn is replaced ``rounds`` times: start the
@@ -256,16 +260,37 @@ def state(engine: Any, name: str) -> dict[str, Any]:
     return dict(json.loads(engine.cmd("inspect", name))[0]["State"])
 
 
-def bench_containers(node: Node, trials: int) -> None:
+def open_engine(kind: str, workdir: Path, docker_bin: Path | None) -> Any:
+    """A private Podman (as the tests use) or Docker Engine, or ``None`` if its tools are
+    missing (said)."""
+    busybox = shutil.which("busybox")
+    if kind == "docker":
+        from dockerd import Docker
+
+        docker = shutil.which("docker")
+        bindir = docker_bin or Path(shutil.which("dockerd") or "/usr/bin/dockerd").parent
+        if docker is None or busybox is None or not (bindir / "dockerd").exists():
+            print("containers: skipped (the docker CLI, busybox-static and --docker-bin DIR)")
+            return None
+        return Docker(workdir, bindir, docker, busybox)
     from tests.agent.podman import Podman
 
-    podman_bin, busybox = shutil.which("podman"), shutil.which("busybox")
+    podman_bin = shutil.which("podman")
     if podman_bin is None or busybox is None:
         print("containers: skipped (apt-get install podman runc netavark iptables busybox-static)")
-        return
-    print(f"interknit agent containers: container start -> proxied request / DNS ({trials} trials)")
-    with tempfile.TemporaryDirectory(prefix="ik-bench-podman-") as tmp:
-        engine = Podman(Path(tmp), podman_bin, busybox)
+        return None
+    return Podman(workdir, podman_bin, busybox)
+
+
+def bench_containers(node: Node, trials: int, kind: str, docker_bin: Path | None) -> None:
+    print(
+        f"interknit agent containers on {kind}: container start -> proxied request / DNS "
+        f"({trials} trials)"
+    )
+    with tempfile.TemporaryDirectory(prefix=f"ik-bench-{kind}-") as tmp:
+        engine = open_engine(kind, Path(tmp), docker_bin)
+        if engine is None:
+            return
         agent_log = Path(tmp) / "agent.log"
         agent: subprocess.Popen[bytes] | None = None
         try:
@@ -314,7 +339,7 @@ def bench_containers(node: Node, trials: int) -> None:
                 after_event.append(gone["registry"] - events.stamped[info["Id"]])
                 to_gone.append(gone["registry"] - died)
                 to_nx.append(gone["dns"] - died)
-                engine.cmd("rm", "-f", "-t", "0", name)
+                engine.cmd("rm", "-f", name)
             summary("started -> first proxied answer", to_proxy)
             summary("started -> in DNS (SRV)", to_dns)
             summary("died -> deregistered", to_gone)
@@ -410,6 +435,15 @@ def main() -> None:
     parser.add_argument("--skip-run", action="store_true")
     parser.add_argument("--skip-containers", action="store_true")
     parser.add_argument("--skip-rolling", action="store_true")
+    parser.add_argument(
+        "--engine",
+        choices=("podman", "docker"),
+        default="podman",
+        help="the container engine of the containers part (see bench/dockerd.py for docker)",
+    )
+    parser.add_argument(
+        "--docker-bin", type=Path, help="the folder of dockerd, containerd and docker-proxy"
+    )
     args = parser.parse_args()
     print(machine())
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
@@ -420,7 +454,7 @@ def main() -> None:
         if not args.skip_run:
             bench_run(node, args.trials)
         if not args.skip_containers:
-            bench_containers(node, args.trials)
+            bench_containers(node, args.trials, args.engine, args.docker_bin)
         if not args.skip_rolling:
             bench_rolling(node, args.rounds, args.clients)
     print(f"load average after: {os.getloadavg()[0]:.2f}")

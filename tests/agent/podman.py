@@ -24,6 +24,22 @@ IMAGE = "localhost/ik-bb:1"
 PAGES = ("index.html", "web", "compat", "gone", "health", "wide")
 
 
+def image_tar(workdir: Path, busybox: str) -> Path:
+    """The test image's root as a tar for ``import``: busybox, its httpd and a few pages."""
+    root = workdir / "image"
+    (root / "bin").mkdir(parents=True)
+    (root / "www").mkdir()
+    (root / "tmp").mkdir()
+    shutil.copy(busybox, root / "bin" / "busybox")
+    for tool in ("httpd", "sh", "test", "touch", "rm", "sleep", "true"):
+        (root / "bin" / tool).symlink_to("busybox")
+    for page in PAGES:
+        (root / "www" / page).write_text(page)
+    tar = workdir / "bb.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
+    return tar
+
+
 def _used_prefixes() -> set[str]:
     out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
     out += subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
@@ -82,18 +98,7 @@ network_config_dir = "{netdir}"
 """
         )
         self.env = {**os.environ, "CONTAINERS_CONF": str(self.conf)}
-        root = workdir / "image"
-        (root / "bin").mkdir(parents=True)
-        (root / "www").mkdir()
-        (root / "tmp").mkdir()
-        shutil.copy(busybox, root / "bin" / "busybox")
-        for tool in ("httpd", "sh", "test", "touch", "rm", "sleep", "true"):
-            (root / "bin" / tool).symlink_to("busybox")
-        for page in PAGES:
-            (root / "www" / page).write_text(page)
-        tar = workdir / "bb.tar"
-        subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
-        self.cmd("import", "-q", str(tar), IMAGE)
+        self.cmd("import", "-q", str(image_tar(workdir, busybox)), IMAGE)
 
     def cmd(self, *args: str, check: bool = True) -> str:
         res = subprocess.run(
