@@ -17,29 +17,21 @@ import contextlib
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-from tests.agent.podman import IMAGE, _used_prefixes, image_tar
+from tests.agent.podman import IMAGE, EngineService, free_prefix, image_tar
 
 
-class Docker:
+class Docker(EngineService):
     def __init__(self, workdir: Path, bindir: Path, docker: str, busybox: str) -> None:
         self.dir = workdir
         self.bindir = bindir
         self.docker = docker
         self.socket = workdir / "docker.sock"
-        self.service: subprocess.Popen[bytes] | None = None
+        self.service = None
         self.service_log = workdir / "dockerd.log"
-        rng = random.Random()
-        used = _used_prefixes()
-        while True:
-            prefix = f"10.{rng.randint(64, 250)}.{rng.randint(0, 255)}"
-            if prefix not in used:
-                break
+        prefix = free_prefix(random.Random())
         self.bridge = f"ikdk{os.getpid() % 100000}"
         for args in (
             ["link", "add", self.bridge, "type", "bridge"],
@@ -52,16 +44,7 @@ class Docker:
         self.cmd("import", str(image_tar(workdir, busybox)), IMAGE)
 
     def cmd(self, *args: str, check: bool = True) -> str:
-        res = subprocess.run(
-            [self.docker, "-H", f"unix://{self.socket}", *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=60,
-        )
-        if check and res.returncode != 0:
-            raise RuntimeError(f"docker {' '.join(args)}: {res.returncode}\n{res.stderr}")
-        return res.stdout.strip()
+        return self.run_cli([self.docker, "-H", f"unix://{self.socket}", *args], check)
 
     def start_service(self) -> None:
         if self.service is not None:
@@ -96,23 +79,7 @@ class Docker:
                 stderr=subprocess.STDOUT,
                 env=self.env,
             )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.ping():
-                return
-            assert self.service.poll() is None, self.service_log.read_text()
-            time.sleep(0.05)
-        raise RuntimeError("dockerd did not answer /_ping")
-
-    def ping(self) -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(2)
-                s.connect(str(self.socket))
-                s.sendall(b"GET /_ping HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
-                return s.recv(64).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
+        self.wait_ready("dockerd", 60)
 
     def run(self, name: str, *args: str, cmd: tuple[str, ...] = ()) -> str:
         command = cmd or ("/bin/httpd", "-f", "-p", "80", "-h", "/www")
@@ -123,14 +90,7 @@ class Docker:
             ids = self.cmd("ps", "-aq", check=False).split()
             if ids:
                 self.cmd("rm", "-f", *ids, check=False)
-        if self.service is not None and self.service.poll() is None:
-            self.service.send_signal(signal.SIGTERM)
-            try:
-                self.service.wait(30)
-            except subprocess.TimeoutExpired:
-                self.service.kill()
-                self.service.wait(5)
-        self.service = None
+        self.stop_service(timeout=30)
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
         # vfs layers and containerd's state are plain files: nothing is mounted once it stops.
         shutil.rmtree(self.dir / "root", ignore_errors=True)

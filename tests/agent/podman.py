@@ -46,19 +46,71 @@ def _used_prefixes() -> set[str]:
     return {".".join(word.split(".")[:3]) for word in out.split() if word.startswith("10.")}
 
 
-class Podman:
+def free_prefix(rng: random.Random) -> str:
+    """A 10.X.Y prefix (a /24) no interface or route of this machine uses."""
+    used = _used_prefixes()
+    while True:
+        prefix = f"10.{rng.randint(64, 250)}.{rng.randint(0, 255)}"
+        if prefix not in used:
+            return prefix
+
+
+class EngineService:
+    """What an engine's API service is to a test or a benchmark: a process, its socket, its
+    log (Podman here, Docker in bench/dockerd.py)."""
+
+    socket: Path
+    service: subprocess.Popen[bytes] | None
+    service_log: Path
+    env: dict[str, str]
+
+    def run_cli(self, argv: list[str], check: bool) -> str:
+        """The engine's command line; its output, stripped (a failure raises if ``check``)."""
+        res = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=60)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {res.returncode}\n{res.stderr}")
+        return res.stdout.strip()
+
+    def wait_ready(self, what: str, timeout: float) -> None:
+        assert self.service is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ping():
+                return
+            assert self.service.poll() is None, self.service_log.read_text()
+            time.sleep(0.05)
+        raise RuntimeError(f"{what} did not answer /_ping")
+
+    def ping(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(2)
+                s.connect(str(self.socket))
+                s.sendall(b"GET /_ping HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
+                return s.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def stop_service(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.service is not None and self.service.poll() is None:
+            self.service.send_signal(sig)
+            try:
+                self.service.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.service.kill()
+                self.service.wait(5)
+        self.service = None
+
+
+class Podman(EngineService):
     def __init__(self, workdir: Path, podman: str, busybox: str) -> None:
         self.dir = workdir
         self.podman = podman
         self.socket = workdir / "pm.sock"
-        self.service: subprocess.Popen[bytes] | None = None
+        self.service = None
         self.service_log = workdir / "service.log"
         rng = random.Random()
-        used = _used_prefixes()
-        while True:
-            prefix = f"10.{rng.randint(64, 250)}.{rng.randint(0, 255)}"
-            if prefix not in used:
-                break
+        prefix = free_prefix(rng)
         self.subnet = prefix
         self.network = f"ik{os.getpid() % 100000}{rng.randint(0, 99)}"
         netdir = workdir / "networks"
@@ -101,7 +153,7 @@ network_config_dir = "{netdir}"
         self.cmd("import", "-q", str(image_tar(workdir, busybox)), IMAGE)
 
     def cmd(self, *args: str, check: bool = True) -> str:
-        res = subprocess.run(
+        return self.run_cli(
             [
                 self.podman,
                 "--root",
@@ -112,14 +164,8 @@ network_config_dir = "{netdir}"
                 "vfs",
                 *args,
             ],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=60,
+            check,
         )
-        if check and res.returncode != 0:
-            raise RuntimeError(f"podman {' '.join(args)}: {res.returncode}\n{res.stderr}")
-        return res.stdout.strip()
 
     # ------------------------------------------------------------------ the API service
 
@@ -145,33 +191,7 @@ network_config_dir = "{netdir}"
                 stderr=subprocess.STDOUT,
                 env=self.env,
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.ping():
-                return
-            assert self.service.poll() is None, self.service_log.read_text()
-            time.sleep(0.05)
-        raise RuntimeError("podman system service did not answer /_ping")
-
-    def ping(self) -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(2)
-                s.connect(str(self.socket))
-                s.sendall(b"GET /_ping HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
-                return s.recv(64).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
-
-    def stop_service(self, sig: int = signal.SIGTERM) -> None:
-        if self.service is not None and self.service.poll() is None:
-            self.service.send_signal(sig)
-            try:
-                self.service.wait(15)
-            except subprocess.TimeoutExpired:
-                self.service.kill()
-                self.service.wait(5)
-        self.service = None
+        self.wait_ready("podman system service", 30)
 
     # ------------------------------------------------------------------ containers
 
