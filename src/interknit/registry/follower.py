@@ -25,23 +25,6 @@ from interknit.registry.state import RegistryState
 log = logging.getLogger("interknit.follower")
 
 
-class MirrorState(RegistryState):
-    """A ``RegistryState`` that installs another registry's events as they are, revisions and
-    all, instead of deciding them."""
-
-    def install(self, event: Event) -> None:
-        inst = event.instance
-        self.revision = event.revision
-        if event.type == "put":
-            self._services.setdefault(inst.service, {})[inst.id] = inst
-        else:
-            group = self._services.get(inst.service, {})
-            group.pop(inst.id, None)
-            if not group:
-                self._services.pop(inst.service, None)
-        self._record(event)
-
-
 def _instance(data: dict[str, Any]) -> Instance:
     state = {
         "check_status": data.get("health")
@@ -76,7 +59,8 @@ class Follower:
         self.api = api.rstrip("/")
         # For an https:// API: its CA and this process's client certificate (mTLS).
         self._ssl = ssl_context
-        self.state = MirrorState()
+        # Another registry's events, installed as they are (``install``), not decided here.
+        self.state = RegistryState()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._retry = retry
         self._listeners: list[Listener] = []

@@ -334,16 +334,21 @@ class RegistryState:
                 raise ValueError(
                     f"event at revision {event.revision} applied at revision {self.revision}"
                 )
-            inst = event.instance
-            self.revision = event.revision
-            if event.type == "put":
-                self._services.setdefault(inst.service, {})[inst.id] = inst
-            else:
-                group = self._services.get(inst.service, {})
-                group.pop(inst.id, None)
-                if not group:
-                    self._services.pop(inst.service, None)
-            self._record(event)
+            self.install(event)
+
+    def install(self, event: Event) -> None:
+        """Take one event as it is, revision and all (a commit's reader copy, a follower's
+        mirror of another registry)."""
+        inst = event.instance
+        self.revision = event.revision
+        if event.type == "put":
+            self._services.setdefault(inst.service, {})[inst.id] = inst
+        else:
+            group = self._services.get(inst.service, {})
+            group.pop(inst.id, None)
+            if not group:
+                self._services.pop(inst.service, None)
+        self._record(event)
 
     # ------------------------------------------------------------------ restore
 
