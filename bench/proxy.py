@@ -339,6 +339,39 @@ def baseline_env(src: str) -> Iterator[None]:
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
+
+@dataclass
+class WrkOutput:
+    """What wrk printed: its rate, p99, request count and error counts."""
+
+    rps: float
+    p99_ms: float
+    requests: int
+    non2xx: int = 0
+    connect: int = 0
+    read: int = 0
+    write: int = 0
+    timeout: int = 0
+
+
+def read_wrk(out: str) -> WrkOutput:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
+    total = re.search(r"(\d+) requests in", out)
+    if rps is None or p99 is None or total is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    got = WrkOutput(
+        float(rps.group(1)), float(p99.group(1)) * _UNITS[p99.group(2)], int(total.group(1))
+    )
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        got.non2xx = int(non2xx.group(1))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        got.connect, got.read, got.write, got.timeout = (int(g) for g in sock.groups())
+    return got
+
+
 # --traffic path: every request a path of its own, wrk's plain head otherwise.
 VARY_PATH_LUA = """
 local n = 0
@@ -426,22 +459,12 @@ def wrk(
     load_cpu = sum(cpu_seconds(p) for p in load_pids) + children_cpu() - load_before
     others = machine_busy() - machine_before - load_cpu - (cpu if pid is not None else 0.0)
     busy = (cpu / took if pid is not None else float("nan"), load_cpu / took, others / took)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
-    total = re.search(r"(\d+) requests in", out)
-    if rps is None or p99 is None or total is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    errors = 0
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if non2xx:
-        errors += int(non2xx.group(1))
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if sock:
-        errors += sum(int(g) for g in sock.groups())
-    requests = int(total.group(1))
+    got = read_wrk(out)
+    errors = got.non2xx + got.connect + got.read + got.write + got.timeout
+    requests = got.requests
     return Sample(
-        float(rps.group(1)),
-        float(p99.group(1)) * _UNITS[p99.group(2)],
+        got.rps,
+        got.p99_ms,
         errors,
         requests,
         cpu / requests * 1e6 if requests and pid is not None else float("nan"),

@@ -51,11 +51,11 @@ from proxy import (
     nginx,
     pinning,
     raise_fd_limit,
+    read_wrk,
 )
 
 KEEPALIVE_GOAL = 0.75
 NEW_CONN_GOAL = 0.9
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
 @dataclass
@@ -140,21 +140,11 @@ def wrk(port: int, seconds: float, connections: int, prefix: Sequence[str], clos
     if close:
         args += ["-H", "Connection: close"]
     args.append(f"https://127.0.0.1:{port}/")
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
-    if rps is None or p99 is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    errors = 0
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if non2xx:
-        errors += int(non2xx.group(1))
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if sock:
-        # With Connection: close, wrk counts the server's close after each answer as a read
-        # error of its own; only connect errors and timeouts say something went wrong.
-        errors += int(sock.group(1)) + int(sock.group(4)) + (0 if close else int(sock.group(2)))
-    return Sample(float(rps.group(1)), float(p99.group(1)) * _UNITS[p99.group(2)], errors)
+    got = read_wrk(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    # With Connection: close, wrk counts the server's close after each answer as a read error
+    # of its own; only connect errors and timeouts say something went wrong.
+    errors = got.non2xx + got.connect + got.timeout + (0 if close else got.read)
+    return Sample(got.rps, got.p99_ms, errors)
 
 
 async def idle_rss(pid: int, port: int, count: int) -> float:
