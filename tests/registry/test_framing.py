@@ -17,6 +17,10 @@ REQUESTS = [
     b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\nT: v\r\n\r\n",
     b"GET /q HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     b"GET /u HTTP/1.1\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n",
+    # An upgrade request's body is its own (httptools' llhttp ends the request at its head).
+    b"PUT /u HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\nContent-Length: 5\r\n\r\nhello",
+    b"PUT /u HTTP/1.1\r\nUpgrade: foo\r\nConnection: upgrade\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
 ]
 requests = st.lists(
     st.tuples(st.sampled_from(REQUESTS), st.sampled_from([b"", b"\r\n", b"\r\n\r\n"])),
@@ -69,6 +73,17 @@ def test_a_read_holding_requests_then_a_malformed_one_cuts_before_it(
     pieces, refusal = Framing().feed(good + bad[which % len(bad)])
     assert refusal is not None and refusal.status == 400
     assert b"".join(pieces) == good
+
+
+def test_an_upgrade_request_that_closes_ends_after_its_body() -> None:
+    request = (
+        b"PUT /u HTTP/1.1\r\nUpgrade: foo\r\nConnection: upgrade, close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    )
+    framing = Framing()
+    pieces, refusal = framing.feed(request + b"GET / HTTP/1.1\r\n\r\n")
+    assert pieces == [request] and refusal is None
+    assert framing.ended and framing.completed == framing.heads == 1
 
 
 def test_a_head_is_held_until_whole() -> None:

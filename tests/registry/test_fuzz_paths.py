@@ -99,18 +99,19 @@ def _without_output(value: Any) -> Any:
 
 
 def exchange(node: NodeProcess, data: bytes, timeout: float = 1.5) -> bytes:
-    """Send ``data`` and read until the node closes (the last request asks it to), or until
-    ``timeout`` passes without a byte (a request left open, as after an upgrade with a body,
-    after which aiohttp reads no more HTTP: the same on both paths)."""
+    """Send ``data``, half-close, and read until the node closes: a client that half-closes is
+    answered in full and then closed, whatever it sent. A connection left open fails."""
     with socket.create_connection(("127.0.0.1", node.api_port), timeout=timeout) as sock:
         chunks = []
         try:
             sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)  # a client that half-closes is answered in full
+            sock.shutdown(socket.SHUT_WR)
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
-        except (ConnectionResetError, BrokenPipeError, TimeoutError):
+        except (ConnectionResetError, BrokenPipeError):
             pass
+        except TimeoutError:
+            raise AssertionError(f"left open after {b''.join(chunks)!r}") from None
         return b"".join(chunks)
 
 

@@ -274,6 +274,26 @@ def test_an_upgrade_request_is_answered_as_any_other(shared: NodeProcess) -> Non
     assert "Traceback" not in shared.log()
 
 
+def test_an_upgrade_request_with_a_body_is_read_body_and_all(shared: NodeProcess) -> None:
+    """``curl --http2`` on plain HTTP sends ``Upgrade: h2c`` with a PUT's body: the body is the
+    request's, the requests after it are answered, and a client that half-closes is answered
+    in full and then closed (the node kept such a connection open, unanswered)."""
+    upgrade = (
+        b"PUT /v1/services/up/instances/a HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    body = json.dumps({"address": "127.0.0.1", "port": 9}).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    with connect(shared) as sock:
+        sock.sendall(upgrade + chunked + get("/v1/services/up") + b"GET /nope HTTP/1.1\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_responses(sock, 3)
+        assert sock.recv(1) == b""  # closed once answered, not left open
+    assert [a[0] for a in answers] == [200, 200, 400]
+    assert [i["id"] for i in json.loads(answers[1][2])["instances"]] == ["a"]
+
+
 # ---------------------------------------------------------------------- item 7: logs
 
 

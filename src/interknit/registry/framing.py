@@ -21,6 +21,12 @@ part of a head that is then refused (it is between requests when the refusal com
 
 A head that cannot be parsed is refused here (400), as the fast path would; bytes that break
 inside a body are left to aiohttp, which already has the request.
+
+The API speaks no other protocol, so a request that asks for one (``Upgrade``) is read as any
+other, body and all, and the requests after it too; so does aiohttp, whose llhttp reads the
+body before it would switch (RFC 9110, 7.8). httptools' llhttp ends such a request at its head
+and would take the body for the next request, so its body is framed by a head that declares
+only the body (``_frame_body``).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Framing:
     __slots__ = (
         "at_rest",
         "broken",
+        "chunked",
         "completed",
         "ended",
         "fields",
@@ -78,6 +85,7 @@ class Framing:
         self.fields = 0
         self.seen: set[bytes] = set()  # the single fields of the head being read
         self.length: int | None = None  # the Content-Length of the request being read
+        self.chunked = False  # the request being read has a chunked body
         self.remaining: int | None = None  # what is left of a Content-Length body
         self.completed = 0
         self.heads = 0  # heads read whole: requests aiohttp will answer, whatever their bodies
@@ -104,6 +112,7 @@ class Framing:
         self.fields = 0
         self.seen = set()
         self.length = None
+        self.chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.fields += 1
@@ -117,6 +126,9 @@ class Framing:
         if lname == b"content-length":
             # llhttp has checked it is digits.
             self.length = int(value)
+        elif lname == b"transfer-encoding":
+            # The last coding says (llhttp refuses a request whose last coding is not chunked).
+            self.chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
 
     def on_headers_complete(self) -> None:
         self.heads += 1
@@ -131,6 +143,28 @@ class Framing:
         self.remaining = None
         self.completed += 1
         self.guard.reset()  # what follows (empty lines, then a head) is the next head's
+
+    def _frame_body(self) -> None:
+        """Read the body of an upgrade request that llhttp ended at its head, with a parser
+        given a head that declares only that body (and the request's keep-alive), so that the
+        request ends where its body ends, as aiohttp reads it. A CONNECT request has no body
+        (aiohttp reads what follows its head as the tunnel's)."""
+        close = self.ended
+        self.completed -= 1  # the request ends with its body
+        self.ended = False
+        framing = (
+            b"transfer-encoding: chunked"
+            if self.chunked
+            else b"content-length: %d" % (self.length or 0)
+        )
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.feed_data(
+            b"PUT / HTTP/1.1\r\n"
+            + framing
+            + (b"\r\nconnection: close" if close else b"")
+            + b"\r\n\r\n"
+        )
+        self.heads -= 1  # the request's head was counted when it was read
 
     # Reading
 
@@ -166,8 +200,10 @@ class Framing:
             except httptools.HttpParserUpgrade as exc:
                 # llhttp stops after the head of a request that asks for another protocol
                 # (the request is complete); the API speaks none, and aiohttp answers it as
-                # any other request. Reading goes on after it.
+                # any other request. Reading goes on after it, at its body if it has one.
                 end = pos + int(exc.args[0])
+                if (self.chunked or self.length) and self.parser.get_method() != b"CONNECT":
+                    self._frame_body()
             except httptools.HttpParserError as exc:
                 if isinstance(exc.__context__, _TooManyHeaders):
                     return out, TOO_MANY_HEADERS
