@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 
 import httpx
 
@@ -50,6 +51,92 @@ async def test_upgrade_is_tunneled_after_101(proxy) -> None:
         got += await asyncio.wait_for(reader.read(100), 5)
     assert got == b"EARLY HELLO TUNNEL"
     writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    server.close()
+
+
+async def _upgrade_after_body_backend(
+    accept: bool,
+) -> tuple[asyncio.Server, str, list[bytes]]:
+    """Reads a request and its Content-Length body (recorded), then answers it with the body
+    (``accept`` False: the upgrade ignored, as an HTTP/1.1-only server does) or with 101 and
+    echoes every byte upper-cased."""
+    bodies: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        body = await reader.readexactly(int(found.group(1))) if found else b""
+        bodies.append(body)
+        if not accept:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+        )
+        while data := await reader.read(65536):
+            writer.write(data.upper())
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", bodies
+
+
+async def test_an_upgrade_request_with_a_body_from_curl_is_answered(proxy) -> None:
+    """``curl --http2`` on plain HTTP asks for h2c with the request (a POST's body and all);
+    an upstream that speaks only HTTP/1.1 answers it as it is. The body goes on with the
+    head (the proxy held it for a tunnel and the request hung until the upstream gave up)."""
+    server, addr, bodies = await _upgrade_after_body_backend(accept=False)
+    p = await proxy(RouteSpec(servers=(addr,)))
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--http2", "--max-time", "5", "-d", "hello=upgrade",
+        f"http://127.0.0.1:{p.port}/form",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await curl.communicate()
+    assert curl.returncode == 0, err
+    assert out == b"hello=upgrade"
+    assert bodies == [b"hello=upgrade"]
+    server.close()
+
+
+async def test_an_upgrade_takes_effect_after_the_requests_body(proxy) -> None:
+    server, addr, bodies = await _upgrade_after_body_backend(accept=True)
+    p = await proxy(RouteSpec(servers=(addr,)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    writer.write(
+        b"PUT /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
+        b"Content-Length: 10\r\n\r\nfirst"
+    )
+    await asyncio.sleep(0.05)
+    writer.write(b"-halfafter ")  # the body's last five bytes, then the tunnel's first
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    writer.write(b"tunnel")
+    got = b""
+    while len(got) < len(b"AFTER TUNNEL"):
+        got += await asyncio.wait_for(reader.read(100), 5)
+    assert got == b"AFTER TUNNEL"
+    assert bodies == [b"first-half"]
+    writer.close()
+    server.close()
+
+
+async def test_an_upgrade_request_with_a_chunked_body_is_refused(proxy) -> None:
+    server, addr, _ = await _upgrade_after_body_backend(accept=False)
+    p = await proxy(RouteSpec(servers=(addr,)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    writer.write(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
+    assert status == 400 and headers["connection"] == "close"
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
     server.close()

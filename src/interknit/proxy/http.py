@@ -103,6 +103,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         "timer_at",
         "transport",
         "tunnel",
+        "upgrade_body",
         "upgrading",
         "upstream_head",
         "url",
@@ -155,6 +156,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         # tunnel in the exchange.
         self.broken = False
         self.upgrading: Exchange | None = None
+        self.upgrade_body = 0  # bytes of the upgrade request's body still to come
         self.tunnel: UpstreamConnection | None = None
         self.eof_from_client = False
         self.eof_from_upstream = False
@@ -223,7 +225,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         if self.broken:
             return
         if self.upgrading is not None:
-            self.upgrading.tunnel_prefix += data
+            self.upgrade_data(data)
             return
         now = self.loop.time()
         active = self.active
@@ -427,9 +429,12 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         self.parsing = None
         # Read here: afterwards httptools reports False.
-        ex.keep_alive = keep_alive = ex.head.keep_alive and bool(self.parser.should_keep_alive())
+        head = ex.head
+        ex.keep_alive = keep_alive = head.keep_alive and bool(self.parser.should_keep_alive())
         # After a message that ends the connection, llhttp refuses more: not a rest.
         self.at_rest = keep_alive
+        if head.upgrade is not None and not head.bodiless:
+            return  # httptools ends an upgrade request at its head: its body follows (upgrade_data)
         ex.request_complete()
 
     # Connection management
@@ -574,11 +579,39 @@ class HttpProxyProtocol(asyncio.Protocol):
         if ex is None or self.pipeline:
             self.reject(400, "bad-upgrade")
             return
-        # No more HTTP on this connection: hold the bytes for the tunnel until the upstream
-        # agrees (101), and read nothing more until then.
-        ex.tunnel_prefix += rest
+        if ex.head.chunked:
+            # Its body's end would take a chunk parser of its own here; refused at once rather
+            # than left waiting (a client upgrading from a chunked upload is rare).
+            self.broken = True
+            self.flow.pause_reading(PIPELINE)
+            ex.request_failed(400, "bad-upgrade")
+            return
+        # No more HTTP on this connection. The request's body, if it has one, is sent on as
+        # any body (the upgrade takes effect after it, RFC 9110 7.8: ``curl --http2 -d`` and
+        # Java's HttpClient send one with ``Upgrade: h2c``); what follows is held for the
+        # tunnel until the upstream agrees (101), and nothing more is read until then.
         self.upgrading = ex
-        self.flow.pause_reading(PIPELINE)
+        if ex.request_done:
+            self.flow.pause_reading(PIPELINE)
+        else:
+            self.upgrade_body = int(ex.head.content_length or b"0")
+        self.upgrade_data(rest)
+
+    def upgrade_data(self, data: bytes) -> None:
+        """Bytes after an upgrade request's head: its body first, then the tunnel's."""
+        ex = self.upgrading
+        assert ex is not None
+        owed = self.upgrade_body
+        if owed:
+            body = data[:owed]
+            data = data[len(body) :]
+            self.upgrade_body = owed - len(body)
+            ex.request_body(body)
+        if not self.upgrade_body and not ex.request_done:
+            ex.request_complete()
+            self.flow.pause_reading(PIPELINE)
+        if data:
+            ex.tunnel_prefix += data
 
     def start_tunnel(self, conn: UpstreamConnection) -> None:
         self.tunnel = conn
