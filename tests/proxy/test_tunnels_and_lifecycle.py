@@ -7,6 +7,7 @@ import contextlib
 import re
 
 import httpx
+import pytest
 
 from interknit.proxy import RouteSpec
 from interknit.proxy.listener import HttpListener
@@ -56,18 +57,31 @@ async def test_upgrade_is_tunneled_after_101(proxy) -> None:
     server.close()
 
 
+async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    """A request's body by its Content-Length or its chunks."""
+    if re.search(rb"(?i)\r\ntransfer-encoding: *chunked", head):
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        while await reader.readuntil(b"\r\n") != b"\r\n":
+            pass  # trailer fields
+        return body
+    found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    return await reader.readexactly(int(found.group(1))) if found else b""
+
+
 async def _upgrade_after_body_backend(
     accept: bool,
 ) -> tuple[asyncio.Server, str, list[bytes]]:
-    """Reads a request and its Content-Length body (recorded), then answers it with the body
-    (``accept`` False: the upgrade ignored, as an HTTP/1.1-only server does) or with 101 and
-    echoes every byte upper-cased."""
+    """Reads a request and its body (recorded), then answers it with the body (``accept``
+    False: the upgrade ignored, as an HTTP/1.1-only server does) or with 101 and echoes every
+    byte upper-cased."""
     bodies: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-        body = await reader.readexactly(int(found.group(1))) if found else b""
+        body = await _read_body(reader, head)
         bodies.append(body)
         if not accept:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -105,16 +119,33 @@ async def test_an_upgrade_request_with_a_body_from_curl_is_answered(proxy) -> No
     server.close()
 
 
-async def test_an_upgrade_takes_effect_after_the_requests_body(proxy) -> None:
+@pytest.mark.parametrize(
+    ("framing", "first", "second", "body"),
+    [
+        # The body's last five bytes, then the tunnel's first, in one packet.
+        (b"Content-Length: 10", b"first", b"-halfafter ", b"first-half"),
+        # The body's end, a trailer field, and the tunnel's first bytes, in one packet.
+        (
+            b"Transfer-Encoding: chunked",
+            b"6;ext=1\r\nline\n\n\r\n3\r\n",
+            b"abc\r\n0\r\nDigest: x\r\n\r\nafter ",
+            b"line\n\nabc",
+        ),
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_an_upgrade_takes_effect_after_the_requests_body(
+    proxy, framing: bytes, first: bytes, second: bytes, body: bytes
+) -> None:
     server, addr, bodies = await _upgrade_after_body_backend(accept=True)
     p = await proxy(RouteSpec(servers=(addr,)))
     reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
     writer.write(
-        b"PUT /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
-        b"Content-Length: 10\r\n\r\nfirst"
+        b"PUT /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n%s\r\n\r\n%s"
+        % (framing, first)
     )
     await asyncio.sleep(0.05)
-    writer.write(b"-halfafter ")  # the body's last five bytes, then the tunnel's first
+    writer.write(second)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101")
     writer.write(b"tunnel")
@@ -122,21 +153,50 @@ async def test_an_upgrade_takes_effect_after_the_requests_body(proxy) -> None:
     while len(got) < len(b"AFTER TUNNEL"):
         got += await asyncio.wait_for(reader.read(100), 5)
     assert got == b"AFTER TUNNEL"
-    assert bodies == [b"first-half"]
+    assert bodies == [body]
     writer.close()
     server.close()
 
 
-async def test_an_upgrade_request_with_a_chunked_body_is_refused(proxy) -> None:
-    server, addr, _ = await _upgrade_after_body_backend(accept=False)
+async def test_an_upgrade_request_that_expects_100_continue_is_asked_for_its_body(proxy) -> None:
+    """curl sends ``Expect: 100-continue`` with a large body, upgrade or not."""
+    server, addr, bodies = await _upgrade_after_body_backend(accept=False)
     p = await proxy(RouteSpec(servers=(addr,)))
     reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
     writer.write(
-        b"POST /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        b"POST /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+        b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     )
-    status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
-    assert status == 400 and headers["connection"] == "close"
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    status, _, body = await asyncio.wait_for(read_response(reader), 5)
+    assert (status, body, bodies) == (200, b"hello", [b"hello"])
+    writer.close()
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "status"),
+    [(b"5\r\nhello\r\n0\r\n\r\n", 200), (b"zz\r\nhello\r\n0\r\n\r\n", 400)],
+    ids=["declined", "broken-chunks"],
+)
+async def test_an_upgrade_request_with_a_chunked_body_is_answered(
+    proxy, chunks: bytes, status: int
+) -> None:
+    """An upstream that ignores the upgrade answers the request, chunked body and all, and the
+    connection closes after it; chunks that break the framing are a 400."""
+    server, addr, bodies = await _upgrade_after_body_backend(accept=False)
+    p = await proxy(RouteSpec(servers=(addr,)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    writer.write(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunks
+    )
+    got, headers, body = await asyncio.wait_for(read_response(reader), 5)
+    assert got == status and headers["connection"] == "close"
+    if status == 200:
+        assert body == b"hello" and bodies == [b"hello"]
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
     server.close()

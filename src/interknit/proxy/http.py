@@ -46,6 +46,7 @@ from interknit.proxy.request import (
     upstream_head_https,
     with_request_line,
 )
+from interknit.proxy.upgrade import ChunkedBody
 from interknit.proxy.upstream import UpstreamConnection
 from interknit.proxy.wire import body_size, error_response
 
@@ -104,6 +105,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         "transport",
         "tunnel",
         "upgrade_body",
+        "upgrade_chunks",
         "upgrading",
         "upstream_head",
         "url",
@@ -157,6 +159,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.broken = False
         self.upgrading: Exchange | None = None
         self.upgrade_body = 0  # bytes of the upgrade request's body still to come
+        self.upgrade_chunks: ChunkedBody | None = None  # or its chunked body, being read
         self.tunnel: UpstreamConnection | None = None
         self.eof_from_client = False
         self.eof_from_upstream = False
@@ -213,6 +216,9 @@ class HttpProxyProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
+        if self.upgrade_chunks is not None:
+            self.upgrade_chunks.close()
+            self.upgrade_chunks = None
         self.pipeline = deque()
         self.parsing = None
         if self.active is not None:
@@ -579,13 +585,6 @@ class HttpProxyProtocol(asyncio.Protocol):
         if ex is None or self.pipeline:
             self.reject(400, "bad-upgrade")
             return
-        if ex.head.chunked:
-            # Its body's end would take a chunk parser of its own here; refused at once rather
-            # than left waiting (a client upgrading from a chunked upload is rare).
-            self.broken = True
-            self.flow.pause_reading(PIPELINE)
-            ex.request_failed(400, "bad-upgrade")
-            return
         # No more HTTP on this connection. The request's body, if it has one, is sent on as
         # any body (the upgrade takes effect after it, RFC 9110 7.8: ``curl --http2 -d`` and
         # Java's HttpClient send one with ``Upgrade: h2c``); what follows is held for the
@@ -593,6 +592,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.upgrading = ex
         if ex.request_done:
             self.flow.pause_reading(PIPELINE)
+        elif ex.head.chunked:
+            self.upgrade_chunks = ChunkedBody(ex.request_body)
         else:
             self.upgrade_body = int(ex.head.content_length or b"0")
         self.upgrade_data(rest)
@@ -601,13 +602,27 @@ class HttpProxyProtocol(asyncio.Protocol):
         """Bytes after an upgrade request's head: its body first, then the tunnel's."""
         ex = self.upgrading
         assert ex is not None
-        owed = self.upgrade_body
-        if owed:
+        chunks = self.upgrade_chunks
+        if chunks is not None:
+            try:
+                used = chunks.feed(data)
+            except httptools.HttpParserError:
+                chunks.close()
+                self.upgrade_chunks = self.upgrading = None
+                self.broken = True
+                self.flow.pause_reading(PIPELINE)
+                ex.request_failed(400, "bad-request")
+                return
+            data = data[used:]
+            if chunks.done:
+                self.upgrade_chunks = None
+        elif self.upgrade_body and data:  # (an empty piece would say the body has begun)
+            owed = self.upgrade_body
             body = data[:owed]
             data = data[len(body) :]
             self.upgrade_body = owed - len(body)
             ex.request_body(body)
-        if not self.upgrade_body and not ex.request_done:
+        if not ex.request_done and not self.upgrade_body and self.upgrade_chunks is None:
             ex.request_complete()
             self.flow.pause_reading(PIPELINE)
         if data:
