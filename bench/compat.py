@@ -62,6 +62,9 @@ class Api:
     def __init__(self, consul: bool) -> None:
         self.consul = consul
         self.gauge = f'interknit_registry_watchers{{kind="{"consul" if consul else "blocking"}"}}'
+        # Where the index to ask with next comes back.
+        self.index_header = "X-Consul-Index" if consul else "X-Interknit-Revision"
+        self.index_field = re.compile(rf"(?im)^{self.index_header}:\s*(\d+)".encode())
 
     def path(self, service: str, index: int) -> str:
         if self.consul:
@@ -70,11 +73,6 @@ class Api:
 
     def request(self, service: str, index: int) -> bytes:
         return f"GET {self.path(service, index)} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
-
-    @property
-    def index_field(self) -> re.Pattern[bytes]:
-        name = b"X-Consul-Index" if self.consul else b"X-Interknit-Revision"
-        return re.compile(rb"(?im)^" + name + rb":\s*(\d+)")
 
 
 _LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
@@ -135,12 +133,11 @@ async def watcher(
 ) -> None:
     """``Watcher`` through aiohttp's client (``--client aiohttp``)."""
     index = 0
-    header = "X-Consul-Index" if api.consul else "X-Interknit-Revision"
     while True:
         async with session.get(api.path(service, index)) as r:
             await r.read()
             arrived = time.perf_counter()
-            index = int(r.headers[header])
+            index = int(r.headers[api.index_header])
         answered(state["round"], arrived)
 
 

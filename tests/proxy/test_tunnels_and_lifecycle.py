@@ -14,6 +14,17 @@ from interknit.proxy.listener import HttpListener
 from tests.proxy.conftest import read_response, until
 
 
+async def _switch_and_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer 101, then echo every byte upper-cased until the proxy closes its side."""
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+    )
+    while data := await reader.read(65536):
+        writer.write(data.upper())
+        await writer.drain()
+    writer.close()
+
+
 async def _upgrade_backend() -> tuple[asyncio.Server, str]:
     """Answers an Upgrade with 101, then echoes every byte upper-cased."""
 
@@ -23,13 +34,7 @@ async def _upgrade_backend() -> tuple[asyncio.Server, str]:
             writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
             writer.close()
             return
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
-        )
-        while data := await reader.read(65536):
-            writer.write(data.upper())
-            await writer.drain()
-        writer.close()
+        await _switch_and_echo(reader, writer)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -88,13 +93,7 @@ async def _upgrade_after_body_backend(
             await writer.drain()
             writer.close()
             return
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
-        )
-        while data := await reader.read(65536):
-            writer.write(data.upper())
-            await writer.drain()
-        writer.close()
+        await _switch_and_echo(reader, writer)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", bodies

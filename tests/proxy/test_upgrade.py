@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from interknit.proxy.upgrade import ChunkedBody
+from interknit.proxy.upgrade import UpgradeBody
 
 chunks = st.lists(st.binary(min_size=1, max_size=40), max_size=5)
 extensions = st.sampled_from([b"", b";x=1", b";name"])
@@ -30,7 +30,7 @@ def test_the_body_ends_to_the_byte_however_it_arrives(
 ) -> None:
     body = encode(parts, extension, trailer)
     content: list[bytes] = []
-    reader = ChunkedBody(content.append)
+    reader = UpgradeBody(content.append, True, 0)
     used = 0
     rest = b""
     for read in cut(body + tail, points):
@@ -51,11 +51,11 @@ def test_the_body_ends_to_the_byte_however_it_arrives(
 )
 def test_broken_chunks_raise(data: bytes) -> None:
     with pytest.raises(httptools.HttpParserError):
-        ChunkedBody(lambda _: None).feed(data)
+        UpgradeBody(lambda _: None, True, 0).feed(data)
 
 
 def test_until_it_ends_every_byte_is_the_bodys() -> None:
-    reader = ChunkedBody(lambda _: None)
+    reader = UpgradeBody(lambda _: None, True, 0)
     assert reader.feed(b"5\r\nhel") == 6
     assert not reader.done
     assert reader.feed(b"lo\r\n0\r\n\r\nPRI * HTTP/2.0") == 9

@@ -3,5 +3,6 @@
 ``status``: status lines built once at import. ``batch``: the write batch that sends a loop
 turn's writes together. ``limits``: the request-head guard that counts a head's bytes as they
 arrive, before the parser buffers them. ``headcache``: whole request heads by their bytes, so
-that a repeated head is not parsed again.
+that a repeated head is not parsed again. ``bodies``: a parser for a body alone, for the body
+of a request that httptools ended at its head (an upgrade).
 """

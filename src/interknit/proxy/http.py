@@ -46,7 +46,7 @@ from interknit.proxy.request import (
     upstream_head_https,
     with_request_line,
 )
-from interknit.proxy.upgrade import ChunkedBody
+from interknit.proxy.upgrade import UpgradeBody
 from interknit.proxy.upstream import UpstreamConnection
 from interknit.proxy.wire import body_size, error_response
 
@@ -105,7 +105,6 @@ class HttpProxyProtocol(asyncio.Protocol):
         "transport",
         "tunnel",
         "upgrade_body",
-        "upgrade_chunks",
         "upgrading",
         "upstream_head",
         "url",
@@ -158,8 +157,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         # tunnel in the exchange.
         self.broken = False
         self.upgrading: Exchange | None = None
-        self.upgrade_body = 0  # bytes of the upgrade request's body still to come
-        self.upgrade_chunks: ChunkedBody | None = None  # or its chunked body, being read
+        self.upgrade_body: UpgradeBody | None = None  # the upgrade request's body, being read
         self.tunnel: UpstreamConnection | None = None
         self.eof_from_client = False
         self.eof_from_upstream = False
@@ -216,9 +214,9 @@ class HttpProxyProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
-        if self.upgrade_chunks is not None:
-            self.upgrade_chunks.close()
-            self.upgrade_chunks = None
+        if self.upgrade_body is not None:
+            self.upgrade_body.close()
+            self.upgrade_body = None
         self.pipeline = deque()
         self.parsing = None
         if self.active is not None:
@@ -592,39 +590,32 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.upgrading = ex
         if ex.request_done:
             self.flow.pause_reading(PIPELINE)
-        elif ex.head.chunked:
-            self.upgrade_chunks = ChunkedBody(ex.request_body)
         else:
-            self.upgrade_body = int(ex.head.content_length or b"0")
+            head = ex.head
+            length = int(head.content_length or b"0")
+            self.upgrade_body = UpgradeBody(ex.request_body, head.chunked, length)
         self.upgrade_data(rest)
 
     def upgrade_data(self, data: bytes) -> None:
         """Bytes after an upgrade request's head: its body first, then the tunnel's."""
         ex = self.upgrading
         assert ex is not None
-        chunks = self.upgrade_chunks
-        if chunks is not None:
+        body = self.upgrade_body
+        if body is not None:
             try:
-                used = chunks.feed(data)
+                used = body.feed(data)
             except httptools.HttpParserError:
-                chunks.close()
-                self.upgrade_chunks = self.upgrading = None
+                body.close()
+                self.upgrade_body = self.upgrading = None
                 self.broken = True
                 self.flow.pause_reading(PIPELINE)
                 ex.request_failed(400, "bad-request")
                 return
             data = data[used:]
-            if chunks.done:
-                self.upgrade_chunks = None
-        elif self.upgrade_body and data:  # (an empty piece would say the body has begun)
-            owed = self.upgrade_body
-            body = data[:owed]
-            data = data[len(body) :]
-            self.upgrade_body = owed - len(body)
-            ex.request_body(body)
-        if not ex.request_done and not self.upgrade_body and self.upgrade_chunks is None:
-            ex.request_complete()
-            self.flow.pause_reading(PIPELINE)
+            if body.done:
+                self.upgrade_body = None
+                ex.request_complete()
+                self.flow.pause_reading(PIPELINE)
         if data:
             ex.tunnel_prefix += data
 

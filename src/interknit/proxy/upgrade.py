@@ -1,11 +1,10 @@
-"""The chunked body of a request that asks for an upgrade.
+"""The body of a request that asks for an upgrade, read to the byte.
 
-httptools ends a request that asks for another protocol (``Upgrade``) at its head, and what
-follows is the other protocol's. But an upgrade takes effect only after the request's body
-(RFC 9110, 7.8), so the proxy reads that body itself: by its length when it has one
-(``HttpProxyProtocol.upgrade_data``), and when it is chunked with a parser of its own, given a
-head that declares only the chunked body. The body's end must be found to the byte (what
-follows is the tunnel's): the parser is fed up to each LF, and a chunked body ends with one.
+httptools ends a request that asks for another protocol (``Upgrade``) at its head, but the
+upgrade takes effect only after the request's body (RFC 9110, 7.8), and what follows the body
+is the tunnel's. So the body is read by a parser of its own (``http1.bodies``) and fed only
+bytes that can be the body's: at most what is left of a ``Content-Length`` body, and a chunked
+body up to each LF (it ends with one).
 """
 
 from __future__ import annotations
@@ -14,19 +13,23 @@ from collections.abc import Callable
 
 import httptools
 
+from interknit.http1.bodies import body_parser
+
 _SPENT = httptools.HttpRequestParser(object())
 
 
-class ChunkedBody:
-    """Decodes one chunked body, handing each piece of its content to ``on_content``."""
+class UpgradeBody:
+    """Reads one body, chunked or of ``length`` bytes, handing its content to ``on_content``."""
 
-    __slots__ = ("done", "on_content", "parser")
+    __slots__ = ("done", "on_content", "parser", "remaining")
 
-    def __init__(self, on_content: Callable[[bytes], None]) -> None:
+    def __init__(self, on_content: Callable[[bytes], None], chunked: bool, length: int) -> None:
         self.on_content = on_content
         self.done = False
-        self.parser = httptools.HttpRequestParser(self)
-        self.parser.feed_data(b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+        self.remaining = None if chunked else length
+        self.parser = body_parser(self, chunked=chunked, length=length)
+        if self.done:  # an empty body
+            self.close()
 
     def on_body(self, body: bytes) -> None:
         self.on_content(body)
@@ -44,8 +47,13 @@ class ChunkedBody:
         start = 0
         size = len(data)
         while start < size and not self.done:
-            newline = data.find(b"\n", start)
-            end = size if newline < 0 else newline + 1
+            remaining = self.remaining
+            if remaining is None:
+                newline = data.find(b"\n", start)
+                end = size if newline < 0 else newline + 1
+            else:
+                end = min(size, start + remaining)
+                self.remaining = remaining - (end - start)
             self.parser.feed_data(data[start:end] if start or end < size else data)
             start = end
         if self.done:

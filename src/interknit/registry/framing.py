@@ -25,14 +25,15 @@ inside a body are left to aiohttp, which already has the request.
 The API speaks no other protocol, so a request that asks for one (``Upgrade``) is read as any
 other, body and all, and the requests after it too; so does aiohttp, whose llhttp reads the
 body before it would switch (RFC 9110, 7.8). httptools' llhttp ends such a request at its head
-and would take the body for the next request, so its body is framed by a head that declares
-only the body (``_frame_body``).
+and would take the body for the next request, so its body is read by a parser given a head
+that declares only the body (``http1.bodies``, ``_frame_body``).
 """
 
 from __future__ import annotations
 
 import httptools
 
+from interknit.http1.bodies import body_parser
 from interknit.http1.limits import HeadGuard
 from interknit.registry.refusals import (
     MAX_HEAD,
@@ -152,18 +153,7 @@ class Framing:
         close = self.ended
         self.completed -= 1  # the request ends with its body
         self.ended = False
-        framing = (
-            b"transfer-encoding: chunked"
-            if self.chunked
-            else b"content-length: %d" % (self.length or 0)
-        )
-        self.parser = httptools.HttpRequestParser(self)
-        self.parser.feed_data(
-            b"PUT / HTTP/1.1\r\n"
-            + framing
-            + (b"\r\nconnection: close" if close else b"")
-            + b"\r\n\r\n"
-        )
+        self.parser = body_parser(self, chunked=self.chunked, length=self.length or 0, close=close)
         self.heads -= 1  # the request's head was counted when it was read
 
     # Reading
