@@ -325,6 +325,15 @@ async def test_sessions_resume_and_ticket_keys_rotate(
         _, reused = await asyncio.to_thread(connect, ctx, session2)
         assert not reused, version
     assert tickets.sealed > 0 and tickets.opened > 0 and tickets.unknown > 0
+    # A TLS 1.3 client uses each ticket once (RFC 8446 C.4; wrk's OpenSSL, browsers): every
+    # resumption must hand it a fresh ticket, or every other connection is a full handshake.
+    ctx = certs.ca.client_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    session, _ = await asyncio.to_thread(connect, ctx, None)
+    for _ in range(3):
+        fresh, reused = await asyncio.to_thread(connect, ctx, session)
+        assert reused and fresh.id != session.id
+        session = fresh
     # Tickets off: TLS 1.2 still resumes by session id; the cache off too: never.
     for cache in (True, False):
         spec = tls(certs.web, session_tickets=False, session_cache=cache)

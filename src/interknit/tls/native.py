@@ -35,6 +35,7 @@ _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB = 63
 _SSL_CTRL_SET_TLSEXT_STATUS_REQ_OCSP_RESP = 71
 _SSL_TLSEXT_ERR_OK = 0
 _SSL_TLSEXT_ERR_NOACK = 3
+_TLS1_3_VERSION = 0x0304
 # params.h
 _OSSL_PARAM_UTF8_STRING = 4
 _OSSL_PARAM_OCTET_STRING = 5
@@ -98,6 +99,7 @@ class _Lib:
         self.ctx_set_timeout = fn("SSL_CTX_set_timeout", c_long, vp, c_long)
         self.ssl_ctrl = fn("SSL_ctrl", c_long, vp, c_int, c_long, vp)
         self.ssl_get_certificate = fn("SSL_get_certificate", vp, vp)
+        self.ssl_version = fn("SSL_version", c_int, vp)
         self.crypto_malloc = fn("CRYPTO_malloc", vp, ctypes.c_size_t, ctypes.c_char_p, c_int)
         self.rand_bytes = fn("RAND_bytes", c_int, vp, c_int)
         self.aes_256_cbc = fn("EVP_aes_256_cbc", vp)
@@ -292,8 +294,13 @@ class TicketKeys:
             if native.mac_set_params(mac_ctx, found.params) != 1:
                 return -1
             self.opened += 1
-            # 2: good, but sealed under an older key; OpenSSL issues a fresh ticket.
-            return 1 if found is self._keys[0] else 2
+            # 2: good, and OpenSSL issues a fresh ticket. Over TLS 1.3 always (as nginx
+            # does): a client uses each ticket once (RFC 8446 C.4), and with 1 OpenSSL sends
+            # none after a resumption, so every other connection was a full handshake. Over
+            # TLS 1.2 when the ticket was sealed under an older key.
+            if found is not self._keys[0] or native.ssl_version(_ssl) == _TLS1_3_VERSION:
+                return 2
+            return 1
         except BaseException:  # nothing may cross OpenSSL
             log.exception("session ticket callback failed")
             return 0 if not enc else -1
