@@ -31,13 +31,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import re
+import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +66,46 @@ class Sample:
     rps: float
     p99_ms: float
     errors: int
+
+
+@dataclass
+class Server:
+    port: int
+    pid: int
+    # (full, resumed) TLS handshakes so far, as the server counts them.
+    handshakes: Callable[[], tuple[int, int]]
+
+
+def haproxy_handshakes(sock: Path) -> tuple[int, int]:
+    """HAProxy's frontend SSL counters (``show stat typed``: ``ssl_sess`` are new sessions,
+    ``ssl_reused_sess`` resumed ones)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(b"show stat typed\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    found = {"ssl_sess": 0, "ssl_reused_sess": 0}
+    for line in data.decode().splitlines():
+        if line.startswith("F."):  # a frontend's field: F.iid.sid.pos.name.proc:origin:type:value
+            name = line.split(":", 1)[0].split(".")[4]
+            if name in found:
+                found[name] += int(line.rsplit(":", 1)[1])
+    return found["ssl_sess"], found["ssl_reused_sess"]
+
+
+def interknit_handshakes(url: str) -> tuple[int, int]:
+    """The node's ``interknit_proxy_tls_handshakes_total`` (every TLS listener)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = {"no": 0.0, "yes": 0.0}
+    for resumed, value in re.findall(
+        r'^interknit_proxy_tls_handshakes_total\{[^}]*resumed="(yes|no)"[^}]*\} (\S+)$',
+        text,
+        re.MULTILINE,
+    ):
+        found[resumed] += float(value)
+    return int(found["no"]), int(found["yes"])
 
 
 def openssl(*args: str) -> None:
@@ -97,6 +140,7 @@ def haproxy_cfg(
     tickets = "" if resume else " no-tls-tickets"
     path.write_text(
         f"global\n    nbthread 1\n    maxconn 8000\n{cache}"
+        f"    stats socket {path.with_suffix('.sock')}\n"
         "    ssl-default-bind-options ssl-min-ver TLSv1.2\n"
         "defaults\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
         f"frontend web\n    mode http\n"
@@ -125,12 +169,10 @@ def wait_tls(name: str, port: int, timeout: float = 15.0) -> None:
     ctx.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            import urllib.request
-
-            with urllib.request.urlopen(f"https://127.0.0.1:{port}/", timeout=1, context=ctx) as r:
-                if r.status == 200:
-                    return
+        url = f"https://127.0.0.1:{port}/"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1, context=ctx) as r:
+            if r.status == 200:
+                return
         time.sleep(0.05)
     raise RuntimeError(f"{name} (127.0.0.1:{port}) did not answer 200 over https")
 
@@ -177,22 +219,23 @@ async def idle_rss(pid: int, port: int, count: int) -> float:
 @contextlib.contextmanager
 def servers(
     tmp: Path, kind: str, backends: Sequence[int], prefix: Sequence[str]
-) -> Iterator[dict[str, tuple[int, int]]]:
+) -> Iterator[dict[str, Server]]:
     """HAProxy and interknit terminating with the same ``kind`` certificate, each twice (with
-    resumption, and without: "... full"): name -> (port, pid)."""
+    resumption, and without: "... full")."""
     directory = tmp / kind
     directory.mkdir()
     _ca, cert, key, bundle = make_certs(directory, kind)
-    cases: dict[str, tuple[int, int]] = {}
+    cases: dict[str, Server] = {}
     with contextlib.ExitStack() as stack:
         for resume in (True, False):
             suffix = "" if resume else " full"
             hp, ik = free_port(), free_port()
-            cfg = haproxy_cfg(directory / f"haproxy{suffix}.cfg", hp, bundle, backends, resume)
+            name = "haproxy" + suffix.replace(" ", "-")  # a path in its config has no spaces
+            cfg = haproxy_cfg(directory / f"{name}.cfg", hp, bundle, backends, resume)
             haproxy = stack.enter_context(
                 process([*prefix, HAPROXY, "-f", str(cfg)], log=directory / "haproxy.log")
             )
-            _url, node = stack.enter_context(
+            url, node = stack.enter_context(
                 interknit_process(
                     interknit_listener(ik, cert, key, backends, resume),
                     prefix=prefix,
@@ -201,8 +244,13 @@ def servers(
             )
             wait_tls("haproxy", hp)
             wait_tls("interknit", ik)
-            cases[f"haproxy {kind}{suffix}"] = (hp, haproxy.pid)
-            cases[f"interknit {kind}{suffix}"] = (ik, node.pid)
+            sock = cfg.with_suffix(".sock")
+            cases[f"haproxy {kind}{suffix}"] = Server(
+                hp, haproxy.pid, functools.partial(haproxy_handshakes, sock)
+            )
+            cases[f"interknit {kind}{suffix}"] = Server(
+                ik, node.pid, functools.partial(interknit_handshakes, url)
+            )
         yield cases
 
 
@@ -230,20 +278,31 @@ def main() -> None:
 
 
 def report(
-    kind: str, cases: dict[str, tuple[int, int]], args: argparse.Namespace, prefix: Sequence[str]
+    kind: str, cases: dict[str, Server], args: argparse.Namespace, prefix: Sequence[str]
 ) -> None:
     main_cases = [name for name in cases if not name.endswith(" full")]
     keep: dict[str, list[Sample]] = {name: [] for name in main_cases}
     new: dict[str, list[Sample]] = {name: [] for name in cases}
+    # Full and resumed handshakes over the new-connection runs, as each server counted them:
+    # "resumed" means resumed only where the share says so.
+    shakes = {name: [0, 0] for name in cases}
     for _ in range(args.runs):
-        for name, (port, _pid) in cases.items():
+        for name, server in cases.items():
             if name in keep:
-                keep[name].append(wrk(port, args.duration, args.connections, prefix, False))
-            new[name].append(wrk(port, args.duration, args.connections, prefix, True))
+                keep[name].append(wrk(server.port, args.duration, args.connections, prefix, False))
+            before = server.handshakes()
+            new[name].append(wrk(server.port, args.duration, args.connections, prefix, True))
+            after = server.handshakes()
+            for i in (0, 1):
+                shakes[name][i] += after[i] - before[i]
     memory = {
-        name: asyncio.run(idle_rss(cases[name][1], cases[name][0], args.idle))
+        name: asyncio.run(idle_rss(cases[name].pid, cases[name].port, args.idle))
         for name in main_cases
     }
+
+    def resumed(name: str) -> str:
+        full, again = shakes[name]
+        return f"{again / (full + again):.0%}" if full + again else "-"
 
     def rps(samples: list[Sample]) -> float:
         return median([s.rps for s in samples])
@@ -254,10 +313,10 @@ def report(
     hp, ik = f"haproxy {kind}", f"interknit {kind}"
     print(f"\n{kind.upper()} certificate")
     print(
-        "| case | keep-alive req/s | p99 ms | new TLS conn/s, resumed | p99 ms "
-        "| new TLS conn/s, full | p99 ms | KiB per idle TLS conn |"
+        "| case | keep-alive req/s | p99 ms | new TLS conn/s, resumed | p99 ms | resumed share "
+        "| new TLS conn/s, full | p99 ms | resumed share | KiB per idle TLS conn |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in main_cases:
         full = new[name + " full"]
         samples = keep[name] + new[name] + full
@@ -265,8 +324,9 @@ def report(
         note = f" ({errors} errors)" if errors else ""
         print(
             f"| {name}{note} | {rps(keep[name]):,.0f} | {p99(keep[name]):.2f} "
-            f"| {rps(new[name]):,.0f} | {p99(new[name]):.2f} "
-            f"| {rps(full):,.0f} | {p99(full):.2f} | {memory[name]:.1f} |"
+            f"| {rps(new[name]):,.0f} | {p99(new[name]):.2f} | {resumed(name)} "
+            f"| {rps(full):,.0f} | {p99(full):.2f} | {resumed(name + ' full')} "
+            f"| {memory[name]:.1f} |"
         )
     print(
         f"interknit/HAProxy: keep-alive {rps(keep[ik]) / rps(keep[hp]):.2f}x "

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from interknit.proxy import RouteSpec
 from interknit.tls.server import CertSpec, ServerTlsSpec
@@ -293,9 +294,14 @@ async def test_sessions_resume_and_ticket_keys_rotate(
     backends: Any, proxy: ProxyFactory, certs: Certs
 ) -> None:
     b = await backends("a")
-    listener = await proxy(RouteSpec(servers=(b.server,)), tls=tls(certs.web))
+    registry = CollectorRegistry()
+    listener = await proxy(RouteSpec(servers=(b.server,)), tls=tls(certs.web), metrics=registry)
     assert listener.tls is not None and listener.tls.tickets is not None
     tickets = listener.tls.tickets
+
+    def handshakes(resumed: str) -> float | None:
+        labels = {"listener": listener.spec.name, "resumed": resumed}
+        return registry.get_sample_value("interknit_proxy_tls_handshakes_total", labels)
 
     def connect(ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[Any, bool]:
         import socket
@@ -334,6 +340,9 @@ async def test_sessions_resume_and_ticket_keys_rotate(
         fresh, reused = await asyncio.to_thread(connect, ctx, session)
         assert reused and fresh.id != session.id
         session = fresh
+    # Each handshake counted once, as it went: per version above 2 full (the first, and the
+    # one whose key had rotated away) and 2 resumed; then 1 full and 3 resumed.
+    assert (handshakes("no"), handshakes("yes")) == (5.0, 7.0)
     # Tickets off: TLS 1.2 still resumes by session id; the cache off too: never.
     for cache in (True, False):
         spec = tls(certs.web, session_tickets=False, session_cache=cache)

@@ -223,6 +223,8 @@ class Listener:
     # Connection accounting (called by the protocols)
 
     def connection_opened(self, conn: Any) -> bool:
+        if self.tls is not None:  # uvloop opens a TLS connection once its handshake is done
+            self.stats.handshake(conn.transport)
         if len(self.connections) >= self.spec.max_connections or self.stopping:
             if self.stats.rejected is not None:
                 self.stats.rejected.inc()

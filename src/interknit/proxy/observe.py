@@ -40,6 +40,12 @@ class ProxyMetrics:
             "Client connections refused over max_connections.",
             ["listener"],
         )
+        self.tls_handshakes = Family(
+            "counter",
+            "interknit_proxy_tls_handshakes",
+            "TLS handshakes completed, by whether they resumed a session (ticket or id).",
+            ["listener", "resumed"],
+        )
         self.requests = Family(
             "counter",
             "interknit_proxy_requests",
@@ -89,6 +95,7 @@ class ProxyMetrics:
                 [
                     self.connections,
                     self.rejected_connections,
+                    self.tls_handshakes,
                     self.requests,
                     self.errors,
                     self.retries,
@@ -197,7 +204,7 @@ class RouteStats:
 class ListenerStats:
     """A listener's view of the metrics: its route children, made on first use."""
 
-    __slots__ = ("_metrics", "_routes", "connections", "name", "rejected")
+    __slots__ = ("_metrics", "_routes", "connections", "handshakes", "name", "rejected")
 
     def __init__(self, metrics: ProxyMetrics | None, name: str) -> None:
         self._metrics = metrics
@@ -205,6 +212,22 @@ class ListenerStats:
         self._routes: dict[str, RouteStats] = {}
         self.connections = None if metrics is None else metrics.connections.labels(name)
         self.rejected = None if metrics is None else metrics.rejected_connections.labels(name)
+        # Full and resumed handshakes: a resumption share far below the clients' own says
+        # tickets are not being reissued or keys not shared between nodes.
+        self.handshakes: tuple[Any, Any] | None = (
+            None
+            if metrics is None
+            else (
+                metrics.tls_handshakes.labels(name, "no"),
+                metrics.tls_handshakes.labels(name, "yes"),
+            )
+        )
+
+    def handshake(self, transport: Any) -> None:
+        """A client connection's TLS handshake is done (not called for plaintext ones)."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if self.handshakes is not None and ssl_object is not None:
+            self.handshakes[bool(ssl_object.session_reused)].value += 1
 
     def route(self, label: str) -> RouteStats | None:
         if self._metrics is None:
