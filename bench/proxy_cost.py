@@ -6,9 +6,12 @@ machine cannot blur.
     .venv/bin/python bench/proxy_cost.py --ab COMMIT   # this tree against COMMIT's src/
 
 One process runs a minimal backend, an HTTP listener (a static route, round robin, metrics
-on; with ``--access-log`` its access log written to a file, or for a tree from before the
-listener's ``access_log`` key, the ``interknit.access`` logger at INFO written to a file as
-``interknit up`` formats it) and closed-loop clients on one uvloop loop, and is run
+on, its pool taken from the pools a node gives its listeners, passive outlier detection on as
+by default, so that each request picks and reports as in a node; a tree from before
+``proxy/pool_feed.py`` has the listener's static pools instead, which do less; with
+``--access-log`` its access log written to a file, or for a tree from before the listener's
+``access_log`` key, the ``interknit.access`` logger at INFO written to a file as ``interknit
+up`` formats it) and closed-loop clients on one uvloop loop, and is run
 under ``valgrind --tool=callgrind`` twice, for N and 2N requests: the difference divided by N
 is what one more request costs (start-up and warm-up cancel out). Client and backend are the
 same few lines in both runs of an A/B, so a difference is the proxy's. Instructions are not
@@ -133,11 +136,22 @@ async def serve(args: argparse.Namespace, log_path: str) -> None:
         handler.setFormatter(JsonFormatter() if args.log_json else LogfmtFormatter())
         access.addHandler(handler)
         spec = ListenerSpec(name="bench", routes=routes)
-    listener = HttpListener(
-        spec,
-        StaticPoolSource(lambda route: make_balancer(route.balance)),
-        metrics=CollectorRegistry(),
-    )
+    metrics = CollectorRegistry()
+    try:
+        from interknit.proxy.outliers import PassiveHealth
+        from interknit.proxy.pool_feed import RegistryPools
+    except ImportError:  # a tree from before the node's pools: the listener's own
+        pools: object = StaticPoolSource(lambda route: make_balancer(route.balance))
+    else:
+        # The pools a node gives its listeners, passive outlier detection on (the default).
+
+        async def set_ejected(pool: str, key: str, until: float | None) -> None:
+            pass
+
+        passive = PassiveHealth(set_ejected, metrics)
+        pools = RegistryPools(lambda: None, b"bench", reporter=passive.report)  # type: ignore[arg-type,return-value]
+        pools.prepare(routes)
+    listener = HttpListener(spec, pools, metrics=metrics)  # type: ignore[arg-type]
     await listener.start()
     run = Run(args.serve, args.vary_path, args.browser)
     for _ in range(args.connections):
@@ -172,7 +186,7 @@ def count(python: str, src: Path, requests: int, args: argparse.Namespace) -> in
 
 
 def per_request(python: str, src: Path, args: argparse.Namespace) -> float:
-    n = args.requests
+    n: int = args.requests
     return (count(python, src, 2 * n, args) - count(python, src, n, args)) / n
 
 
