@@ -48,7 +48,7 @@ class LeastRequests:
     ) -> Endpoint | None:
         table = self._table
         rng = self._rng
-        if not exclude and table.uniform(now):
+        if not exclude and now >= table.uniform_from:
             return self._pick_uniform(table.endpoints, rng)
         if exclude:
             endpoints, weights = table.candidates(now, exclude)

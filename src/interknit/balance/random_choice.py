@@ -35,7 +35,7 @@ class RandomChoice:
             endpoints = table.endpoints
             if not endpoints:
                 return None
-            if table.uniform(now):
+            if now >= table.uniform_from:
                 return endpoints[self._rng.randrange(len(endpoints))]
             cumulative = table.cumulative(now)
             if cumulative[-1] <= 0.0:

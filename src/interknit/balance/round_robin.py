@@ -48,7 +48,7 @@ class RoundRobin:
     ) -> Endpoint | None:
         table = self._table
         endpoints = table.endpoints
-        if table.uniform(now):
+        if now >= table.uniform_from:
             # Equal weights: the smooth rotation from all-zero scores is plain rotation, and
             # this runs for every proxied request. Excluded endpoints are stepped over.
             n = len(endpoints)

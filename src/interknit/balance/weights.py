@@ -44,25 +44,24 @@ class WeightTable:
         self.endpoints: list[Endpoint] = []
         self._base: list[float] = []
         self._cumulative: list[float] = []
-        self._uniform = True
         self._ramp_until = -math.inf
+        # From this time on every weight is the same (the end of the ramp; never if the
+        # configured weights differ): one comparison per pick tells a policy it may draw
+        # without weights.
+        self.uniform_from = -math.inf
 
     def reset(self, endpoints: Sequence[Endpoint]) -> None:
         self.endpoints = list(endpoints)
         self._base = base_weights(self.endpoints)
         self._cumulative = list(accumulate(self._base))
-        self._uniform = len(set(self._base)) <= 1
         if self.slow_start > 0.0 and self.endpoints:
             self._ramp_until = max(ep.since for ep in self.endpoints) + self.slow_start
         else:
             self._ramp_until = -math.inf
+        self.uniform_from = self._ramp_until if len(set(self._base)) <= 1 else math.inf
 
     def ramping(self, now: float) -> bool:
         return now < self._ramp_until
-
-    def uniform(self, now: float) -> bool:
-        """True when every endpoint weighs the same at ``now`` (plain uniform draws suffice)."""
-        return self._uniform and not self.ramping(now)
 
     def weights(self, now: float) -> list[float]:
         if not self.ramping(now):
