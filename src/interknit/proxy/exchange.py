@@ -700,9 +700,10 @@ class Exchange(ExchangeMachine):
         if self.pool is not None and route is not None:
             budget = route.budget
             budget.requests -= 1
-            for _ in range(self.retry_slot + self.next_slot):
-                budget.release()
-            self.retry_slot = self.next_slot = False
+            if self.retry_slot or self.next_slot:  # places in the retry budget, rarely held
+                for _ in range(self.retry_slot + self.next_slot):
+                    budget.release()
+                self.retry_slot = self.next_slot = False
             ticket = self.ticket
             if ticket is not None and ticket.admitted:
                 self.ticket = None
