@@ -56,6 +56,9 @@ TCP_FIELDS = [
     "reason",
 ]
 
+# Printable ASCII but space, '"' and '\': what a value may hold to stand as it is.
+SAFE = bytes(b for b in range(0x21, 0x7F) if b not in b'"\\')
+
 
 def http_args(**over: Any) -> dict[str, Any]:
     """A request that began at 0.1234 s on the monotonic clock and took 3.2141 ms."""
@@ -264,6 +267,18 @@ def test_any_values_give_one_line_that_parses_back(
         assert record[key] == expected, key
         if raw:
             assert values[key] == expected, key
+
+
+@given(
+    target=st.lists(st.sampled_from(SAFE), min_size=1, max_size=64).map(bytes),
+    request_id=st.lists(st.sampled_from(SAFE), min_size=1, max_size=32).map(bytes),
+)
+def test_values_the_caller_knows_plain_are_written_as_a_look_would_write_them(
+    target: bytes, request_id: bytes
+) -> None:
+    args = http_args(target=target, request_id=request_id)
+    assert text(**args, plain=True) == text(**args)
+    assert json_line(**args, plain=True) == json_line(**args)
 
 
 # Batching

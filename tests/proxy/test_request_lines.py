@@ -19,6 +19,9 @@ from interknit.proxy.request import (
     with_request_line,
 )
 
+# The bytes an access log line holds as they are: printable ASCII but space, '"' and '\'.
+SAFE_IN_A_LOG_LINE = bytes(b for b in range(0x21, 0x7F) if b not in b'"\\')
+
 
 class Parsed:
     """httptools' callbacks for one head, and ``read_head`` of them (or its refusal)."""
@@ -136,6 +139,10 @@ def test_a_line_taken_is_one_the_parser_takes_as_it_is(target: bytes) -> None:
         return
     whole = Parsed(b"GET " + target + b" HTTP/1.1" + block)
     assert whole.complete and whole.url == target == derived.target
+    # The access log writes a target so marked as it is, without looking: it must need no
+    # escaping (printable ASCII but space, '"' and '\').
+    assert derived.plain_target or derived is prev
+    assert not derived.plain_target or not target.translate(None, SAFE_IN_A_LOG_LINE)
 
 
 def test_other_methods_versions_and_spellings_go_to_the_parser() -> None:
@@ -176,10 +183,12 @@ async def test_a_rule_added_to_make_head_holds_for_a_head_read_by_its_line(
     original = request_module.make_head
     used: list[bytes] = []
 
-    def strict(method: bytes, target: bytes, fields: Any) -> RequestHead:
+    def strict(
+        method: bytes, target: bytes, fields: Any, plain_target: bool = False
+    ) -> RequestHead:
         if target.startswith(b"/forbidden"):
             raise Rejected(403, "test-rule")
-        return original(method, target, fields)
+        return original(method, target, fields, plain_target)
 
     def spy(prev: RequestHead, line: bytes) -> RequestHead | None:
         used.append(line)

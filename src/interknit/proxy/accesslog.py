@@ -290,14 +290,18 @@ class TextLines(_Lines):
         retries: int,
         reason: str,
         request_id: bytes,
+        plain: bool = False,
     ) -> None:
         """One HTTP request that began at ``started`` and ended at ``now`` (monotonic); ``""``
-        and ``b""`` where a value is unknown (no route, no endpoint, a refusal's method)."""
+        and ``b""`` where a value is unknown (no route, no endpoint, a refusal's method).
+        ``plain``: the caller knows ``target`` and ``request_id`` to be non-empty and to hold
+        only bytes that stand as they are (``RequestHead.plain_target``, an id of its own), so
+        they are not looked at again."""
         wall = started + self._offset if started < self._until else self.wall(started)
         ts = self._ts if int(wall * 1000.0) == self._milli else self.stamp(wall)
         names = self._names
         # The client's bytes: one look at both for the usual case, where each stands as it is.
-        if target and request_id and not (target + request_id).translate(None, _SAFE):
+        if plain or (target and request_id and not (target + request_id).translate(None, _SAFE)):
             target_text = target
             id_text = request_id
         else:
@@ -390,11 +394,12 @@ class JsonLines(_Lines):
         retries: int,
         reason: str,
         request_id: bytes,
+        plain: bool = False,
     ) -> None:
         wall = started + self._offset if started < self._until else self.wall(started)
         ts = self._ts if int(wall * 1000.0) == self._milli else self.stamp(wall)
         names = self._names
-        if target and request_id and not (target + request_id).translate(None, _SAFE):
+        if plain or (target and request_id and not (target + request_id).translate(None, _SAFE)):
             target_json = b'"%s"' % target
             id_json = b'"%s"' % request_id
         else:

@@ -727,6 +727,7 @@ class Exchange(ExchangeMachine):
         if access is not None:
             head = self.head
             ep = self.endpoint
+            request_id = self.request_id
             access.http(
                 monotonic(),
                 self.began,
@@ -740,7 +741,9 @@ class Exchange(ExchangeMachine):
                 self.bytes_out,
                 self.retries,
                 self.reason,
-                self.request_id or head.request_id or b"",
+                request_id or head.request_id or b"",
+                # The id is the proxy's own (hex) unless the client sent one.
+                head.plain_target and head.request_id is None and bool(request_id),
             )
         proto.exchange_finished(self, now)
 

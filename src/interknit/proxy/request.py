@@ -106,6 +106,7 @@ class RequestHead:
         "keep_alive",
         "method",
         "path",
+        "plain_target",
         "request_id",
         "route_host",
         "target",
@@ -113,9 +114,14 @@ class RequestHead:
         "upstream",
     )
 
-    def __init__(self, method: bytes, target: bytes, fields: Fields) -> None:
+    def __init__(
+        self, method: bytes, target: bytes, fields: Fields, plain_target: bool = False
+    ) -> None:
         self.method = method
         self.target = target  # origin-form (or "*")
+        # Known to hold only printable ASCII but ' ', '"' and '\' (the access log writes it as
+        # it is without looking); False where nobody looked.
+        self.plain_target = plain_target
         self.path = split_target(target)[0]
         self.fields = fields
         self.headers = fields.headers
@@ -212,12 +218,14 @@ def read_fields(fields: Sequence[tuple[bytes, bytes]], http10: bool, keep_alive:
     return result
 
 
-def make_head(method: bytes, target: bytes, fields: Fields) -> RequestHead:
+def make_head(
+    method: bytes, target: bytes, fields: Fields, plain_target: bool = False
+) -> RequestHead:
     """The request line's rules (an absolute-form target), and the head; raises
     ``Rejected``."""
     if target[:1] != b"/" and b"://" in target:
         target, fields = _origin_form(target, fields)
-    return RequestHead(method, target, fields)
+    return RequestHead(method, target, fields, plain_target)
 
 
 # A target whose bytes llhttp passes on as they are, and which routing reads as a path and a
@@ -256,7 +264,7 @@ def with_request_line(prev: RequestHead, line: bytes) -> RequestHead | None:
         b"%" in target and _BAD_ESCAPE.search(target) is not None
     ):
         return None
-    return make_head(method, target, prev.fields)
+    return make_head(method, target, prev.fields, plain_target=True)
 
 
 # Fields whose repeated lines are one list (RFC 9110 5.3), joined for the rules that read them.
