@@ -225,9 +225,11 @@ class ListenerStats:
 
     def handshake(self, transport: Any) -> None:
         """A client connection's TLS handshake is done (not called for plaintext ones)."""
-        ssl_object = transport.get_extra_info("ssl_object")
-        if self.handshakes is not None and ssl_object is not None:
-            self.handshakes[bool(ssl_object.session_reused)].value += 1
+        handshakes = self.handshakes
+        if handshakes is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                handshakes[bool(ssl_object.session_reused)].value += 1
 
     def route(self, label: str) -> RouteStats | None:
         if self._metrics is None:

@@ -178,8 +178,8 @@ class ServerTls:
         if spec.session_tickets:
             self.tickets = native.TicketKeys(self.context)
             native.set_session_timeout(self.context, int(spec.ticket_rotation))
-            # TLS 1.3: one ticket per full handshake (OpenSSL sends two), as a client resumes
-            # one connection with one; each costs a call into Python to seal.
+            # TLS 1.3: one ticket per handshake (OpenSSL sends two after a full one), as a
+            # client resumes one connection with one; each costs a call into Python to seal.
             self.context.num_tickets = 1
         else:
             self.context.options |= ssl.OP_NO_TICKET
