@@ -18,9 +18,7 @@ from interknit.proxy.request import (
     upstream_head,
     with_request_line,
 )
-
-# The bytes an access log line holds as they are: printable ASCII but space, '"' and '\'.
-SAFE_IN_A_LOG_LINE = bytes(b for b in range(0x21, 0x7F) if b not in b'"\\')
+from tests.proxy.test_access_log import SAFE
 
 
 class Parsed:
@@ -142,7 +140,7 @@ def test_a_line_taken_is_one_the_parser_takes_as_it_is(target: bytes) -> None:
     # The access log writes a target so marked as it is, without looking: it must need no
     # escaping (printable ASCII but space, '"' and '\').
     assert derived.plain_target or derived is prev
-    assert not derived.plain_target or not target.translate(None, SAFE_IN_A_LOG_LINE)
+    assert not derived.plain_target or not target.translate(None, SAFE)
 
 
 def test_other_methods_versions_and_spellings_go_to_the_parser() -> None:
