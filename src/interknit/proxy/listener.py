@@ -34,13 +34,11 @@ from interknit.proxy.wire import RequestIds
 from interknit.tls.client import ClientTls, ClientTlsSpec
 from interknit.tls.files import TlsFileError
 from interknit.tls.server import ServerTls, sni_matches
+from interknit.tls.transport import TlsServerConnection
 
 log = logging.getLogger("interknit.proxy")
 
 _NO_ROUTE = "-"
-# After a TLS connection is closed, how long its close_notify may wait for the client's before
-# the socket goes anyway (uvloop's default, 30 s, would hold a slot for a silent client).
-TLS_SHUTDOWN_TIMEOUT = 5.0
 
 
 class Listener:
@@ -105,23 +103,26 @@ class Listener:
     async def start(self) -> None:
         """Open the access log (OSError if it cannot be), then accept."""
         self.access = self._access_log(self.spec)
-        tls: dict[str, Any] = {}
-        if self.tls is not None:
-            # The handshake counts against header_timeout: the protocol's wait for the first
-            # head runs from the accept (see HttpProxyProtocol), and this bounds the handshake.
-            tls = {
-                "ssl": self.tls.context,
-                "ssl_handshake_timeout": self.spec.header_timeout,
-                "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT,
-            }
         self.server = await self.loop.create_server(
-            self.protocol_factory,
+            self.protocol_factory if self.tls is None else self.tls_factory,
             self.spec.host,
             self.spec.port,
             reuse_address=True,
             reuse_port=self.spec.reuse_port or None,
             backlog=1024,
-            **tls,
+        )
+
+    def tls_factory(self) -> asyncio.Protocol:
+        """A TLS connection in front of the listener's protocol. Its handshake counts against
+        header_timeout: the protocol's wait for the first head runs from the accept too (see
+        HttpProxyProtocol)."""
+        assert self.tls is not None
+        return TlsServerConnection(
+            self.protocol_factory(),
+            self.tls.context,
+            self.loop,
+            self.spec.header_timeout,
+            self.stats.handshake_failed,
         )
 
     def update(self, spec: ListenerSpec) -> None:
@@ -223,7 +224,7 @@ class Listener:
     # Connection accounting (called by the protocols)
 
     def connection_opened(self, conn: Any) -> bool:
-        if self.tls is not None:  # uvloop opens a TLS connection once its handshake is done
+        if self.tls is not None:  # a TLS connection opens once its handshake is done
             self.stats.handshake(conn.transport)
         if len(self.connections) >= self.spec.max_connections or self.stopping:
             if self.stats.rejected is not None:

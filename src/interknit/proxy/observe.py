@@ -11,12 +11,15 @@ scrape from another thread reads numbers that at worst miss a request in flight.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from interknit.plainmetrics import Collector, Family
+
+log = logging.getLogger("interknit.proxy")
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -45,6 +48,13 @@ class ProxyMetrics:
             "interknit_proxy_tls_handshakes",
             "TLS handshakes completed, by whether they resumed a session (ticket or id).",
             ["listener", "resumed"],
+        )
+        self.tls_failures = Family(
+            "counter",
+            "interknit_proxy_tls_handshake_failures",
+            "TLS handshakes that did not complete, by OpenSSL's reason (lower case), timeout "
+            "(not done in header_timeout) or closed (the client left).",
+            ["listener", "reason"],
         )
         self.requests = Family(
             "counter",
@@ -96,6 +106,7 @@ class ProxyMetrics:
                     self.connections,
                     self.rejected_connections,
                     self.tls_handshakes,
+                    self.tls_failures,
                     self.requests,
                     self.errors,
                     self.retries,
@@ -230,6 +241,11 @@ class ListenerStats:
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 handshakes[bool(ssl_object.session_reused)].value += 1
+
+    def handshake_failed(self, reason: str) -> None:
+        log.debug("TLS handshake failed on %s: %s", self.name, reason)
+        if self._metrics is not None:
+            self._metrics.tls_failures.labels(self.name, reason).value += 1
 
     def route(self, label: str) -> RouteStats | None:
         if self._metrics is None:

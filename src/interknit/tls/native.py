@@ -3,8 +3,8 @@
 Two things a TLS edge needs have no Python API: stapling an OCSP response to the handshake
 (OpenSSL's status callback) and session tickets under keys that rotate while old tickets still
 resume (OpenSSL's ticket key callback; without it a context has one random key for its whole
-life). uvloop terminates TLS with ``ssl.SSLContext.wrap_bio``, so whatever is set on the
-context's ``SSL_CTX`` applies to every connection it accepts.
+life). A listener terminates TLS with ``ssl.SSLContext.wrap_bio`` (``tls/transport.py``), so
+whatever is set on the context's ``SSL_CTX`` applies to every connection it accepts.
 
 The ``SSL_CTX`` is reached through ctypes, in the very libssl that Python's ``_ssl`` module is
 linked with (its symbols resolve through that module's handle: two copies of OpenSSL must never
