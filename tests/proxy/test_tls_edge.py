@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import ssl
 import subprocess
@@ -558,3 +559,51 @@ async def test_failed_handshakes_are_counted_by_reason(
     assert await asyncio.wait_for(reader.read(), 5) == b""
     assert failures("timeout") == 1.0
     writer.close()
+
+
+async def test_tls13_ticket_goes_with_the_first_answer(
+    backends: Any, proxy: ProxyFactory, certs: Certs
+) -> None:
+    """After a TLS 1.3 handshake the server has only the session ticket left to send, and no
+    client waits for it: it leaves with the first answer, in the same write, not alone."""
+    import socket
+
+    b = await backends("a")
+    listener = await proxy(RouteSpec(servers=(b.server,)), tls=tls(certs.web))
+    ctx = certs.ca.client_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def exchange() -> tuple[bytes, bytes, bool]:
+        with socket.create_connection(("127.0.0.1", listener.port)) as raw:
+            raw.settimeout(5)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = ctx.wrap_bio(incoming, outgoing, server_hostname="web.example.com")
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.do_handshake()
+            raw.sendall(outgoing.read())
+            while True:
+                incoming.write(raw.recv(65536))
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    continue
+            raw.sendall(outgoing.read())  # the client's Finished
+            raw.settimeout(0.3)
+            try:
+                early = raw.recv(65536)  # nothing yet
+            except TimeoutError:
+                early = b""
+            raw.settimeout(5)
+            obj.write(b"GET / HTTP/1.1\r\nHost: web.example.com\r\n\r\n")
+            raw.sendall(outgoing.read())
+            incoming.write(raw.recv(65536))
+            answer = b""
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while True:
+                    answer += obj.read(65536)
+            return early, answer, obj.session is not None and obj.session.has_ticket
+
+    early, answer, ticket = await asyncio.to_thread(exchange)
+    assert early == b""
+    assert answer.startswith(b"HTTP/1.1 200 OK") and ticket, (answer, ticket)

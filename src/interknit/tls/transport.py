@@ -144,7 +144,11 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
             self._timer.cancel()
             self._timer = None
         self._open = True
-        self._flush()  # the server's last flight: session tickets
+        # TLS 1.2: the server's Finished, which the client waits for. TLS 1.3: only the
+        # session ticket is left, which no client waits for: it goes with the first answer
+        # (or the close_notify), one send instead of two.
+        if self._c.version() != "TLSv1.3":
+            self._flush()
         self._app_made = True
         self._app.connection_made(self)
         if self._open and self._incoming.pending:
@@ -166,6 +170,7 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
         c = self._c
         incoming = self._incoming
         app = self._app
+        unsent = self._outgoing.pending  # a TLS 1.3 ticket waiting for the first answer
         while not self._paused and self._open:
             try:
                 data = c.read(_READ_SIZE)
@@ -182,7 +187,7 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
             app.data_received(data)
             if not incoming.pending and not c.pending():
                 break
-        if self._outgoing.pending:
+        if self._outgoing.pending != unsent:
             self._flush()  # what reading made OpenSSL answer (a key update)
 
     def _read_buffered(self) -> None:
