@@ -607,3 +607,39 @@ async def test_tls13_ticket_goes_with_the_first_answer(
     early, answer, ticket = await asyncio.to_thread(exchange)
     assert early == b""
     assert answer.startswith(b"HTTP/1.1 200 OK") and ticket, (answer, ticket)
+
+
+async def test_a_closed_tls_connection_is_freed_without_a_collection(
+    backends: Any, proxy: ProxyFactory, certs: Certs
+) -> None:
+    """A node collects garbage rarely (heap.py): what a closed TLS connection held (OpenSSL's
+    connection, its protocol and buffers) must go by reference counting alone."""
+    import gc
+
+    from interknit.tls.transport import TlsServerConnection
+
+    def alive() -> int:
+        return sum(isinstance(o, TlsServerConnection) for o in gc.get_objects())
+
+    b = await backends("a")
+    listener = await proxy(RouteSpec(servers=(b.server,)), tls=tls(certs.web))
+    ctx = certs.ca.client_context()
+    gc.collect()
+    gc.disable()
+    try:
+        before = alive()
+        for close in (True, False):  # closed by the listener, and by the client
+            for _ in range(10):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", listener.port, ssl=ctx, server_hostname="web.example.com"
+                )
+                extra = "Connection: close\r\n" if close else ""
+                writer.write(f"GET / HTTP/1.1\r\nHost: web.example.com\r\n{extra}\r\n".encode())
+                status, _, _ = await read_response(reader)
+                assert status == 200
+                writer.close()
+        await until(lambda: not listener.connections)
+        await asyncio.sleep(0.1)
+        assert alive() - before == 0
+    finally:
+        gc.enable()

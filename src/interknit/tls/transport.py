@@ -112,11 +112,14 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        # OpenSSL's connection goes now, not with the next collection.
+        # OpenSSL's connection goes now, and the application protocol (which refers to this
+        # transport) when it is dropped, not with a collection: a node's are rare (heap.py).
         self._c = self._sslobj = None
+        app = self._app
+        self._app = None  # type: ignore[assignment]
         if self._app_made:
             self._app_made = False
-            self._app.connection_lost(exc)
+            app.connection_lost(exc)
 
     def pause_writing(self) -> None:
         if self._open:
