@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import ssl
 import subprocess
@@ -643,3 +644,67 @@ async def test_a_closed_tls_connection_is_freed_without_a_collection(
         assert alive() - before == 0
     finally:
         gc.enable()
+
+
+async def test_garbage_before_and_after_the_handshake_closes_that_connection_only(
+    backends: Any, proxy: ProxyFactory, certs: Certs
+) -> None:
+    """Random bytes, records with a forged tag, a record longer than TLS allows: before the
+    handshake and after it. Each connection is closed (OpenSSL's alert first, when it has
+    one), the failure counted, and the listener goes on answering."""
+    import random
+    import socket
+
+    b = await backends("a")
+    registry = CollectorRegistry()
+    listener = await proxy(
+        RouteSpec(servers=(b.server,)), tls=tls(certs.web), metrics=registry, header_timeout=2.0
+    )
+    rng = random.Random(17)
+    forged = b"\x17\x03\x03\x00\x40" + rng.randbytes(64)  # application data, a wrong tag
+    too_long = b"\x17\x03\x03\xff\xff" + rng.randbytes(1000)
+    garbage = [rng.randbytes(n) for n in (1, 5, 300, 20000)] + [forged, too_long]
+    garbage += [b"\x16\x03\x01\x02\x00" + rng.randbytes(512)]  # a "ClientHello" of noise
+    ctx = certs.ca.client_context()
+
+    def send_after_handshake(payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", listener.port)) as raw:
+            raw.settimeout(5)
+            tls_sock = ctx.wrap_socket(raw, server_hostname="web.example.com")
+            # The same socket, now written around the TLS layer.
+            tls_sock.sendall(b"GET / HTTP/1.1\r\nHost: web.example.com\r\n\r\n")
+            assert tls_sock.recv(65536).startswith(b"HTTP/1.1 200")
+            raw_fd = socket.socket(fileno=os.dup(tls_sock.fileno()))
+            with raw_fd:
+                raw_fd.settimeout(5)
+                raw_fd.sendall(payload)
+                received = b""
+                while chunk := raw_fd.recv(65536):
+                    received += chunk
+            tls_sock.close()
+            return received
+
+    def failures() -> float:
+        total = 0.0
+        for metric in registry.collect():
+            if metric.name == "interknit_proxy_tls_handshake_failures":
+                total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+        return total
+
+    for payload in garbage:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(payload)
+        assert isinstance(await asyncio.wait_for(reader.read(), 5), bytes)
+        writer.close()
+    # After the handshake, bytes that end a record (a part of one waits, as a part of a
+    # request does, for the keep-alive timeout).
+    for payload in (forged, too_long, garbage[-1], b"\x99" + garbage[3]):
+        after = await asyncio.to_thread(send_after_handshake, payload)
+        # What came back, if anything, is one short record: the alert (TLS 1.3 encrypts it as
+        # application data, 19 bytes).
+        assert after == b"" or (
+            after[:1] in (b"\x15", b"\x17") and len(after) == 5 + int.from_bytes(after[3:5]) < 64
+        ), after[:20]
+    await until(lambda: failures() == len(garbage) and not listener.connections)
+    code, out = await curl(listener.port, certs)
+    assert code == 0 and out.startswith("HTTP/1.1 200"), out
