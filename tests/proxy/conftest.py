@@ -78,6 +78,8 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
         "body_len": len(body),
         "chunked": request.headers.get("Transfer-Encoding") == "chunked",
+        # Which connection it came on (the proxy's port).
+        "peer_port": request.transport.get_extra_info("peername")[1] if request.transport else 0,
     }
     backend.seen.append(record)
     delay = float(request.query.get("delay", "0"))

@@ -299,3 +299,18 @@ async def test_upstream_keep_alive_connections_are_reused(backends, proxy) -> No
     peers = {h for s in b.seen for k, h in s["headers"] if k.lower() == "x-request-id"}
     assert len(peers) == 5
     assert p.upstreams.idle_count("127.0.0.1", b.port) == 1
+
+
+async def test_a_burst_keeps_the_connections_it_needed(backends, proxy) -> None:
+    """48 requests at once to one endpoint, twice: the second burst finds the 48 connections
+    of the first (as HAProxy keeps them), instead of connecting again past a low cap."""
+    b = await backends("a")
+    p = await proxy(RouteSpec(servers=(b.server,)))
+    limits = httpx.Limits(max_connections=48, max_keepalive_connections=48)
+    async with httpx.AsyncClient(limits=limits) as client:
+        url = f"http://127.0.0.1:{p.port}/?delay=0.2"
+        for _ in range(2):
+            answers = await asyncio.gather(*(client.get(url) for _ in range(48)))
+            assert [r.status_code for r in answers] == [200] * 48
+            assert p.upstreams.idle_count("127.0.0.1", b.port) == 48
+    assert len(b.seen) == 96 and len({s["peer_port"] for s in b.seen}) == 48

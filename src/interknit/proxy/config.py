@@ -15,7 +15,7 @@ from pydantic import AfterValidator, Field, model_validator
 from interknit.balance.pool import Policy
 from interknit.demand.config import DemandSection
 from interknit.names import parse_hostport
-from interknit.proxy.spec import ListenerSpec, MatchSpec, RouteSpec
+from interknit.proxy.spec import UPSTREAM_MAX_IDLE, ListenerSpec, MatchSpec, RouteSpec
 from interknit.sections import HostPort, Label, Seconds, Section, Server
 from interknit.tls.config import ClientTlsSection, ServerTlsSection
 
@@ -166,7 +166,7 @@ class ListenerSection(Section):
     max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 32 * 1024
     max_headers: Annotated[int, Field(ge=1, le=10_000)] = 100
     abort_on_close: bool = True
-    upstream_max_idle: Annotated[int, Field(ge=0, le=10_000)] = 32
+    upstream_max_idle: Annotated[int, Field(ge=0, le=UPSTREAM_MAX_IDLE)] = UPSTREAM_MAX_IDLE
     upstream_idle_timeout: Seconds = 60.0
     drain_timeout: Seconds = 10.0
     # "-": stdout; "off"; or a file, appended to (reopened on SIGUSR1).

@@ -15,6 +15,12 @@ from interknit.names import parse_hostport
 from interknit.tls.client import ClientTlsSpec
 from interknit.tls.server import ServerTlsSpec, valid_sni_pattern
 
+# Kept-alive connections per endpoint: as many as the requests in flight needed, in effect (as
+# HAProxy's pool-max-conn, unlimited by default); upstream_idle_timeout closes those a burst
+# left. A low cap closes, after each burst of more concurrent requests than it, what the next
+# burst connects again: with 32 and 50 clients on one endpoint, a connect every 8 requests.
+UPSTREAM_MAX_IDLE = 10_000
+
 Protocol = Literal["http", "tcp"]
 
 
@@ -186,7 +192,7 @@ class ListenerSpec:
     # connect, a retry's backoff) gives the request up (HAProxy's "option abortonclose").
     # Off: a half-closed client is still answered.
     abort_on_close: bool = True
-    upstream_max_idle: int = 32
+    upstream_max_idle: int = UPSTREAM_MAX_IDLE
     upstream_idle_timeout: float = 60.0
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
     # SO_REUSEPORT, so that several worker processes accept on the same address.

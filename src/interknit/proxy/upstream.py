@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from interknit.http1.batch import WriteBatch
+from interknit.proxy.spec import UPSTREAM_MAX_IDLE
 from interknit.proxy.wire import SIMPLE_HEAD_MAX, SIMPLE_HEADS, SimpleHead
 
 if TYPE_CHECKING:
@@ -27,8 +28,6 @@ PoolKey = tuple[str, int]
 
 # What a closed connection holds instead of its parser: one that calls back to nobody.
 _SPENT_PARSER = httptools.HttpResponseParser(object())
-# Endpoints are few and connections cheap to hold; more idle ones than this only pin memory.
-DEFAULT_MAX_IDLE = 32
 DEFAULT_IDLE_TIMEOUT = 60.0
 # An upstream TLS connection closed by the proxy waits this long at most for the upstream's
 # close_notify (uvloop's default is 30 s).
@@ -296,7 +295,7 @@ class UpstreamPool:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        max_idle: int = DEFAULT_MAX_IDLE,
+        max_idle: int = UPSTREAM_MAX_IDLE,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         *,
         tls: ClientTls | None = None,
