@@ -708,3 +708,56 @@ async def test_garbage_before_and_after_the_handshake_closes_that_connection_onl
     await until(lambda: failures() == len(garbage) and not listener.connections)
     code, out = await curl(listener.port, certs)
     assert code == 0 and out.startswith("HTTP/1.1 200"), out
+
+
+async def test_a_client_close_notify_after_its_request_still_gets_the_answer(
+    backends: Any, proxy: ProxyFactory, certs: Certs
+) -> None:
+    """A client that sends its request and then close_notify (it will send nothing more; TLS
+    1.3 lets it still read) is answered once its request went upstream (before, the request is
+    given up: abort_on_close, as over plaintext), then closed with the server's close_notify."""
+    import socket
+
+    b = await backends("a")
+    listener = await proxy(RouteSpec(servers=(b.server,)), tls=tls(certs.web))
+    ctx = certs.ca.client_context()
+
+    def exchange() -> tuple[bytes, bool]:
+        import time
+
+        with socket.create_connection(("127.0.0.1", listener.port)) as raw:
+            raw.settimeout(5)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = ctx.wrap_bio(incoming, outgoing, server_hostname="web.example.com")
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    incoming.write(raw.recv(65536))
+            obj.write(b"GET /?delay=0.3 HTTP/1.1\r\nHost: web.example.com\r\n\r\n")
+            raw.sendall(outgoing.read())
+            time.sleep(0.15)  # the request is upstream
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.unwrap()  # close_notify written; the server's not here yet
+            raw.sendall(outgoing.read())
+            answer = b""
+            while True:
+                try:
+                    chunk = obj.read(65536)
+                except ssl.SSLWantReadError:
+                    data = raw.recv(65536)
+                    if not data:
+                        return answer, False
+                    incoming.write(data)
+                    continue
+                except ssl.SSLZeroReturnError:
+                    return answer, True
+                if not chunk:
+                    return answer, True
+                answer += chunk
+
+    answer, clean = await asyncio.to_thread(exchange)
+    assert answer.startswith(b"HTTP/1.1 200 OK") and clean, (answer[:100], clean)
+    assert b.seen and b.seen[-1]["path"] == "/?delay=0.3"

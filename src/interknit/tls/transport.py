@@ -92,10 +92,13 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
         self._timer = self._loop.call_later(self._timeout, self._handshake_timed_out)
 
     def data_received(self, data: bytes) -> None:
-        self._incoming.write(data)
+        # Once closed, what still comes is dropped: a client that sends on while the close
+        # waits for it to read what is left would otherwise fill the incoming BIO.
         if self._open:
+            self._incoming.write(data)
             self._read()
         elif not self._closing:
+            self._incoming.write(data)
             self._handshake()
 
     def eof_received(self) -> bool | None:
