@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -306,8 +307,6 @@ async def test_sessions_resume_and_ticket_keys_rotate(
         return registry.get_sample_value("interknit_proxy_tls_handshakes_total", labels)
 
     def connect(ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[Any, bool]:
-        import socket
-
         with (
             socket.create_connection(("127.0.0.1", listener.port)) as raw,
             ctx.wrap_socket(raw, server_hostname="web.example.com", session=session) as s,
@@ -355,8 +354,6 @@ async def test_sessions_resume_and_ticket_keys_rotate(
         def connect_to(
             port: int, session: ssl.SSLSession | None, ctx: ssl.SSLContext = ctx
         ) -> tuple[Any, bool]:
-            import socket
-
             with (
                 socket.create_connection(("127.0.0.1", port)) as raw,
                 ctx.wrap_socket(raw, server_hostname="web.example.com", session=session) as s,
@@ -434,45 +431,56 @@ async def test_certificates_reload_on_change_without_dropping_connections(
     await until(lambda: len(listener.connections) == 0)
 
 
-def records_exchange(port: int, ctx: ssl.SSLContext, payloads: list[bytes]) -> tuple[bytes, bool]:
-    """Over a client of memory BIOs: the handshake, then each payload sealed as a record of
-    its own and all of them sent in one write. Returns what came back until the server's
-    close_notify, or its plain EOF, and which of the two ended it."""
-    import socket
+class BioClient:
+    """A TLS client of memory BIOs over a blocking socket, so that a test decides what is
+    sent when: ``outgoing`` holds what it wrote and has not sent (after the handshake, the
+    client's Finished)."""
 
-    with socket.create_connection(("127.0.0.1", port)) as raw:
-        raw.settimeout(10)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = ctx.wrap_bio(incoming, outgoing, server_hostname="web.example.com")
+    def __init__(self, raw: socket.socket, ctx: ssl.SSLContext) -> None:
+        self.raw = raw
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="web.example.com")
         while True:
             try:
-                obj.do_handshake()
+                self.obj.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                raw.sendall(outgoing.read())
+                raw.sendall(self.outgoing.read())
                 data = raw.recv(65536)
                 assert data, "closed during the handshake"
-                incoming.write(data)
-        records = outgoing.read()  # the client's Finished, then the records
-        for payload in payloads:
-            obj.write(payload)
-            records += outgoing.read()
-        raw.sendall(records)
+                self.incoming.write(data)
+
+    def read_to_close(self) -> tuple[bytes, bool]:
+        """What comes until the server closes, and whether it closed with close_notify."""
         received = b""
         while True:
             try:
-                chunk = obj.read(65536)
+                chunk = self.obj.read(65536)
             except ssl.SSLZeroReturnError:
                 return received, True
             except ssl.SSLWantReadError:
-                data = raw.recv(65536)
+                data = self.raw.recv(65536)
                 if not data:
                     return received, False
-                incoming.write(data)
+                self.incoming.write(data)
                 continue
             if not chunk:
                 return received, True
             received += chunk
+
+
+def records_exchange(port: int, ctx: ssl.SSLContext, payloads: list[bytes]) -> tuple[bytes, bool]:
+    """The handshake, then each payload sealed as a record of its own and all of them sent in
+    one write with the client's Finished. Returns ``BioClient.read_to_close``."""
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.settimeout(10)
+        client = BioClient(raw, ctx)
+        records = client.outgoing.read()
+        for payload in payloads:
+            client.obj.write(payload)
+            records += client.outgoing.read()
+        raw.sendall(records)
+        return client.read_to_close()
 
 
 async def test_records_after_a_pipelined_request_wait_for_their_turn(
@@ -567,8 +575,6 @@ async def test_tls13_ticket_goes_with_the_first_answer(
 ) -> None:
     """After a TLS 1.3 handshake the server has only the session ticket left to send, and no
     client waits for it: it leaves with the first answer, in the same write, not alone."""
-    import socket
-
     b = await backends("a")
     listener = await proxy(RouteSpec(servers=(b.server,)), tls=tls(certs.web))
     ctx = certs.ca.client_context()
@@ -577,18 +583,8 @@ async def test_tls13_ticket_goes_with_the_first_answer(
     def exchange() -> tuple[bytes, bytes, bool]:
         with socket.create_connection(("127.0.0.1", listener.port)) as raw:
             raw.settimeout(5)
-            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-            obj = ctx.wrap_bio(incoming, outgoing, server_hostname="web.example.com")
-            with pytest.raises(ssl.SSLWantReadError):
-                obj.do_handshake()
-            raw.sendall(outgoing.read())
-            while True:
-                incoming.write(raw.recv(65536))
-                try:
-                    obj.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    continue
+            client = BioClient(raw, ctx)
+            obj, incoming, outgoing = client.obj, client.incoming, client.outgoing
             raw.sendall(outgoing.read())  # the client's Finished
             raw.settimeout(0.3)
             try:
@@ -653,7 +649,6 @@ async def test_garbage_before_and_after_the_handshake_closes_that_connection_onl
     handshake and after it. Each connection is closed (OpenSSL's alert first, when it has
     one), the failure counted, and the listener goes on answering."""
     import random
-    import socket
 
     b = await backends("a")
     registry = CollectorRegistry()
@@ -716,8 +711,6 @@ async def test_a_client_close_notify_after_its_request_still_gets_the_answer(
     """A client that sends its request and then close_notify (it will send nothing more; TLS
     1.3 lets it still read) is answered once its request went upstream (before, the request is
     given up: abort_on_close, as over plaintext), then closed with the server's close_notify."""
-    import socket
-
     b = await backends("a")
     listener = await proxy(RouteSpec(servers=(b.server,)), tls=tls(certs.web))
     ctx = certs.ca.client_context()
@@ -727,36 +720,14 @@ async def test_a_client_close_notify_after_its_request_still_gets_the_answer(
 
         with socket.create_connection(("127.0.0.1", listener.port)) as raw:
             raw.settimeout(5)
-            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-            obj = ctx.wrap_bio(incoming, outgoing, server_hostname="web.example.com")
-            while True:
-                try:
-                    obj.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    raw.sendall(outgoing.read())
-                    incoming.write(raw.recv(65536))
-            obj.write(b"GET /?delay=0.3 HTTP/1.1\r\nHost: web.example.com\r\n\r\n")
-            raw.sendall(outgoing.read())
+            client = BioClient(raw, ctx)
+            client.obj.write(b"GET /?delay=0.3 HTTP/1.1\r\nHost: web.example.com\r\n\r\n")
+            raw.sendall(client.outgoing.read())
             time.sleep(0.15)  # the request is upstream
             with pytest.raises(ssl.SSLWantReadError):
-                obj.unwrap()  # close_notify written; the server's not here yet
-            raw.sendall(outgoing.read())
-            answer = b""
-            while True:
-                try:
-                    chunk = obj.read(65536)
-                except ssl.SSLWantReadError:
-                    data = raw.recv(65536)
-                    if not data:
-                        return answer, False
-                    incoming.write(data)
-                    continue
-                except ssl.SSLZeroReturnError:
-                    return answer, True
-                if not chunk:
-                    return answer, True
-                answer += chunk
+                client.obj.unwrap()  # close_notify written; the server's not here yet
+            raw.sendall(client.outgoing.read())
+            return client.read_to_close()
 
     answer, clean = await asyncio.to_thread(exchange)
     assert answer.startswith(b"HTTP/1.1 200 OK") and clean, (answer[:100], clean)

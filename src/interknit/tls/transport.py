@@ -63,7 +63,7 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
         context: ssl.SSLContext,
         loop: asyncio.AbstractEventLoop,
         handshake_timeout: float,
-        on_failure: Callable[[str], None] | None = None,
+        on_failure: Callable[[str], None],
     ) -> None:
         self._app = app
         self._context = context
@@ -106,7 +106,7 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
             self._eof()
         elif not self._closing:
             self.abort()  # gone in the middle of its handshake
-            self._failed("closed")
+            self._on_failure("closed")
         return True  # closed by close() above or by the application's own
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -144,7 +144,7 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
             self._flush()  # the alert that tells the client why
             self._closing = True
             self._raw.close()
-            self._failed((exc.reason or "unknown").lower())
+            self._on_failure((exc.reason or "unknown").lower())
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -164,11 +164,7 @@ class TlsServerConnection(asyncio.Protocol, asyncio.Transport):
         self._timer = None
         if not self._open and not self._closing:
             self.abort()
-            self._failed("timeout")
-
-    def _failed(self, reason: str) -> None:
-        if self._on_failure is not None:
-            self._on_failure(reason)
+            self._on_failure("timeout")
 
     # Reading
 
